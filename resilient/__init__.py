@@ -1,0 +1,1 @@
+"""Resilience middleware for Python services."""
