@@ -1,1 +1,53 @@
-"""Resilience middleware for Python services."""
+"""Resilience middleware for Python services.
+
+Deadlines that flow through contextvars, retries with jittered backoff and a
+retry budget, circuit breakers, bulkheads, and one :class:`Policy` that fuses
+them, for sync and async functions alike. See the README for a tour.
+"""
+
+from resilient.breaker import (
+    BreakerEvent,
+    BreakerMetrics,
+    BreakerState,
+    BreakerStore,
+    CircuitBreaker,
+    InMemoryBreakerStore,
+)
+from resilient.bulkhead import Bulkhead
+from resilient.deadline import (
+    DEADLINE_HEADER,
+    check_deadline,
+    deadline,
+    format_deadline_header,
+    parse_deadline_header,
+    remaining,
+)
+from resilient.errors import BulkheadFull, CircuitOpenError, DeadlineExceeded, ResilientError
+from resilient.policy import Policy
+from resilient.retry import Backoff, Retry, RetryBudget, RetryEvent, instant_retries
+
+__all__ = [
+    "DEADLINE_HEADER",
+    "Backoff",
+    "BreakerEvent",
+    "BreakerMetrics",
+    "BreakerState",
+    "BreakerStore",
+    "Bulkhead",
+    "BulkheadFull",
+    "CircuitBreaker",
+    "CircuitOpenError",
+    "DeadlineExceeded",
+    "InMemoryBreakerStore",
+    "Policy",
+    "ResilientError",
+    "Retry",
+    "RetryBudget",
+    "RetryEvent",
+    "check_deadline",
+    "deadline",
+    "format_deadline_header",
+    "instant_retries",
+    "parse_deadline_header",
+    "remaining",
+]

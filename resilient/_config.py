@@ -1,0 +1,77 @@
+"""Validation shared by every configuration object.
+
+Configuration is checked once, at construction, so a bad value fails where it
+was written, with a message naming the parameter and the value.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import timedelta
+
+__all__ = ["Duration", "check_int", "check_number", "to_seconds"]
+
+Duration = float | int | timedelta
+"""A length of time: seconds as a number, or a :class:`datetime.timedelta`."""
+
+
+def to_seconds(
+    name: str, value: object, *, allow_zero: bool = True, allow_inf: bool = False
+) -> float:
+    """Return ``value`` as float seconds, or raise naming ``name``.
+
+    >>> to_seconds("timeout", timedelta(milliseconds=250))
+    0.25
+    """
+    if isinstance(value, timedelta):
+        seconds = value.total_seconds()
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        raise TypeError(
+            f"{name} must be seconds as a number or a datetime.timedelta, "
+            f"got {type(value).__name__}: {value!r}"
+        )
+    if math.isnan(seconds):
+        raise ValueError(f"{name} must be a number of seconds, got NaN")
+    if seconds < 0:
+        raise ValueError(f"{name} must not be negative, got {value!r}")
+    if seconds == 0 and not allow_zero:
+        raise ValueError(f"{name} must be greater than zero, got {value!r}")
+    if math.isinf(seconds) and not allow_inf:
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return seconds
+
+
+def check_int(name: str, value: object, *, minimum: int) -> int:
+    """Return ``value`` if it is an int of at least ``minimum``, or raise naming ``name``."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}: {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, got {value!r}")
+    return value
+
+
+def check_number(
+    name: str,
+    value: object,
+    *,
+    minimum: float = -math.inf,
+    maximum: float = math.inf,
+    inclusive: bool = True,
+) -> float:
+    """Return ``value`` as a finite float within bounds, or raise naming ``name``."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}: {value!r}")
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if inclusive:
+        ok = minimum <= number <= maximum
+        bounds = f"between {minimum:g} and {maximum:g}"
+    else:
+        ok = minimum < number < maximum
+        bounds = f"strictly between {minimum:g} and {maximum:g}"
+    if not ok:
+        raise ValueError(f"{name} must be {bounds}, got {value!r}")
+    return number

@@ -1,0 +1,950 @@
+"""Circuit breakers: stop calling a dependency that keeps failing, and probe it to see it recover.
+
+A :class:`CircuitBreaker` watches the outcomes of the calls it guards and moves
+between the states of :class:`BreakerState`::
+
+    CLOSED ──trip──▶ OPEN ──reset_timeout──▶ HALF_OPEN ──success_threshold probes──▶ CLOSED
+                      ▲                          │
+                      └──────any probe fails─────┘
+
+    isolate(): any state ──▶ ISOLATED (held open)      reset(): any state ──▶ CLOSED
+
+* **Closed**: calls go through. It *trips* when ``failure_threshold``
+  consecutive calls fail, or when the share of failures among the recent calls
+  (a sliding window of ``window_size`` calls or ``window_duration`` seconds)
+  reaches ``failure_rate``, once at least ``minimum_calls`` are in the window.
+  Calls slower than ``slow_call_duration`` count as failures even if they
+  returned. Exceptions matched by ``exclude`` are the caller's fault, not the
+  dependency's, and count as successes.
+* **Open**: calls are rejected at once with :class:`~resilient.CircuitOpenError`,
+  whose ``retry_after`` says how many seconds remain until a probe is let through.
+* **Half-open**: ``reset_timeout`` after opening (checked lazily, by the next
+  call or :attr:`CircuitBreaker.state` read), up to ``half_open_max_calls``
+  probe calls run at once, across all threads and asyncio tasks; everyone else
+  is rejected at once with ``retry_after == 0.0``, because a probe slot may free
+  up at any moment and nobody can say when. ``success_threshold`` successful
+  probes close the breaker; one failed probe opens it again.
+* **Isolated**: held open by :meth:`CircuitBreaker.isolate` until
+  :meth:`CircuitBreaker.reset`; rejections carry ``retry_after == math.inf``.
+
+Every state change starts the new state with fresh counters and is reported to
+the ``listeners`` as a :class:`BreakerEvent`; :meth:`CircuitBreaker.metrics`
+returns a :class:`BreakerMetrics` snapshot.
+
+How calls are driven
+--------------------
+The breaker never runs or awaits the protected call. :class:`resilient.Policy`
+drives it through four methods around each attempt: ``_before_call()`` admits
+the attempt (or raises ``CircuitOpenError``) and returns a ticket, and exactly
+one of ``_on_success(ticket)``, ``_on_failure(ticket, exc)`` or
+``_on_abort(ticket)`` reports how it ended. ``_on_abort`` is for cancellation
+and interrupts, which say nothing about the dependency. No lock is held while
+the call runs. A closed breaker with the default configuration takes no lock,
+reads no clock and allocates nothing on a successful call: locks and the clock
+are for failures, timing and state changes. Calling the breaker directly
+(``@breaker``, :meth:`CircuitBreaker.call`, :meth:`CircuitBreaker.acall`) is a
+``Policy`` with this one stage.
+
+Where the state lives
+---------------------
+All mutable state goes through a :class:`BreakerStore`; the default is
+:class:`InMemoryBreakerStore`. The state machine only decides; the store keeps
+state, counters and the sliding window, and makes each step atomic. A store
+shared between processes (Redis, say) would implement the same protocol and
+keep a locally cached ``state`` for the fast path to read, refreshed by its own
+mechanism.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import logging
+import math
+import pickle
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Final, NamedTuple, ParamSpec, Protocol, TypeAlias, TypeVar, cast
+
+from resilient._config import Duration, check_int, check_number, to_seconds
+from resilient.errors import CircuitOpenError
+
+__all__ = [
+    "BreakerEvent",
+    "BreakerMetrics",
+    "BreakerState",
+    "BreakerStore",
+    "CircuitBreaker",
+    "ExcludeRule",
+    "InMemoryBreakerStore",
+    "StoreFactory",
+    "StoreSnapshot",
+    "WindowSpec",
+]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+_logger = logging.getLogger("resilient.breaker")
+
+
+class BreakerState(enum.Enum):
+    """Where a circuit breaker is in its cycle; see :mod:`resilient.breaker`."""
+
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
+    ISOLATED = "isolated"
+
+
+# Module globals are cheaper to read than class attributes on the fast path.
+_CLOSED: Final = BreakerState.CLOSED
+_OPEN: Final = BreakerState.OPEN
+_HALF_OPEN: Final = BreakerState.HALF_OPEN
+_ISOLATED: Final = BreakerState.ISOLATED
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerEvent:
+    """A state change, as passed to each of a breaker's ``listeners``.
+
+    ``reason`` is one of ``"failure_threshold"``, ``"failure_rate"``,
+    ``"reset_timeout elapsed"``, ``"probe failed"``, ``"probes succeeded"``,
+    ``"isolate()"`` and ``"reset()"``. ``at`` is the breaker's clock reading.
+    """
+
+    name: str
+    old_state: BreakerState
+    new_state: BreakerState
+    reason: str
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerMetrics:
+    """A snapshot of a breaker, from :meth:`CircuitBreaker.metrics`.
+
+    The window and consecutive counts belong to the current state and start
+    from zero at each state change. ``failure_rate`` is ``window_failures /
+    window_calls`` (0.0 for an empty window). ``opened_at`` is the clock
+    reading when the breaker opened or was isolated (``None`` otherwise) and
+    ``retry_after`` the seconds a rejected caller is told to wait.
+
+    ``total_failures`` and ``total_rejections`` count since the breaker was
+    created, in this process. They are counted without a lock, so under heavy
+    contention between threads they may fall slightly short. Successes are not
+    counted at all: that would cost every healthy call a write.
+    """
+
+    name: str
+    state: BreakerState
+    consecutive_failures: int
+    window_calls: int
+    window_failures: int
+    failure_rate: float
+    probes_in_flight: int
+    opened_at: float | None
+    retry_after: float
+    total_failures: int
+    total_rejections: int
+
+
+# The store seam ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class WindowSpec:
+    """The shape of the sliding window a store keeps.
+
+    The last ``size`` calls, or the last ``duration`` seconds, or neither (no
+    window: the breaker has no ``failure_rate``). At most one is set.
+    """
+
+    size: int | None = None
+    duration: float | None = None
+
+
+# A NamedTuple, not a frozen dataclass: one is built per recorded outcome, and a
+# frozen dataclass costs about three times as much to build.
+class StoreSnapshot(NamedTuple):
+    """A consistent view of a :class:`BreakerStore`.
+
+    ``epoch`` identifies one stay in one state: it changes on every state
+    change, so an operation that names the epoch it saw cannot act on a state
+    that has since been left and entered again.
+    """
+
+    state: BreakerState
+    epoch: int
+    opened_at: float | None
+    consecutive_failures: int
+    window_calls: int
+    window_failures: int
+    probes_in_flight: int
+    probe_successes: int
+
+
+class BreakerStore(Protocol):
+    """Where a :class:`CircuitBreaker` keeps all its mutable state.
+
+    The breaker decides; the store remembers, and makes each operation atomic.
+    A breaker builds its store by calling its ``store`` factory with a
+    :class:`WindowSpec`. ``now`` is always the breaker's clock reading.
+
+    ``state`` and ``consecutive_failures`` are read on every call, and
+    ``opened_at`` on every rejected call, without any other operation, so they
+    must be plain, cheap reads. A store shared between
+    processes keeps local cached copies that its own mechanism refreshes.
+    """
+
+    @property
+    def state(self) -> BreakerState:
+        """The current state, possibly a locally cached copy."""
+        ...
+
+    @property
+    def consecutive_failures(self) -> int:
+        """Failures since the last success in the closed state, possibly cached."""
+        ...
+
+    @property
+    def opened_at(self) -> float | None:
+        """When the current open or isolated stay began, possibly cached; else ``None``."""
+        ...
+
+    def load(self, now: float) -> StoreSnapshot:
+        """Return the current state and counters, the window as it stands at ``now``."""
+        ...
+
+    def compare_and_set_state(self, epoch: int, new_state: BreakerState, now: float) -> bool:
+        """If the store is still in ``epoch``, move to ``new_state`` with fresh counters.
+
+        Returns whether it moved. ``opened_at`` becomes ``now`` when
+        ``new_state`` is ``OPEN`` or ``ISOLATED``, ``None`` otherwise. Moving to the
+        state it is already in is allowed and just clears the counters.
+        """
+        ...
+
+    def record(self, failed: bool, now: float) -> StoreSnapshot | None:
+        """In the closed state, count one outcome and return the counts after it.
+
+        Returns ``None`` without counting anything when the state is not closed:
+        a call admitted before the breaker opened says nothing new.
+        """
+        ...
+
+    def acquire_probe(self, epoch: int, limit: int) -> bool:
+        """Take a probe slot in the half-open stay ``epoch`` if fewer than ``limit`` are taken."""
+        ...
+
+    def release_probe(self, epoch: int, succeeded: bool) -> int | None:
+        """Give back a probe slot of stay ``epoch``, counting a success if ``succeeded``.
+
+        Returns the successful probes of that stay so far, or ``None`` if the
+        store has left it (the slot went away with it).
+        """
+        ...
+
+
+class _CountWindow:
+    """The last ``size`` outcomes as a ring buffer, with running totals: O(1) per outcome."""
+
+    __slots__ = ("_next", "_outcomes", "calls", "failures")
+
+    def __init__(self, size: int) -> None:
+        self._outcomes = bytearray(size)
+        self._next = 0
+        self.calls = 0
+        self.failures = 0
+
+    def add(self, failed: bool, now: float) -> None:
+        outcomes = self._outcomes
+        position = self._next
+        if self.calls == len(outcomes):
+            self.failures -= outcomes[position]
+        else:
+            self.calls += 1
+        outcomes[position] = failed
+        self.failures += failed
+        self._next = (position + 1) % len(outcomes)
+
+    def counts(self, now: float) -> tuple[int, int]:
+        return self.calls, self.failures
+
+
+class _TimeWindow:
+    """Outcomes of the last ``duration`` seconds, in buckets of ``duration / BUCKETS``.
+
+    An outcome is forgotten when its bucket falls out of the newest
+    ``BUCKETS``, that is between ``duration * (1 - 1/BUCKETS)`` and ``duration``
+    seconds after it happened. Each bucket is emptied once per pass of the
+    clock over it, so upkeep is O(1) amortised per outcome.
+    """
+
+    BUCKETS: Final = 10
+
+    __slots__ = ("_bucket_calls", "_bucket_failures", "_newest", "_width", "calls", "failures")
+
+    def __init__(self, duration: float) -> None:
+        self._width = duration / self.BUCKETS
+        self._bucket_calls = [0] * self.BUCKETS
+        self._bucket_failures = [0] * self.BUCKETS
+        self._newest: int | None = None
+        self.calls = 0
+        self.failures = 0
+
+    def _advance(self, now: float) -> int:
+        """Empty the buckets that fell out of the window by ``now``; return the current slot."""
+        bucket = math.floor(now / self._width)
+        newest = self._newest
+        if newest is None or bucket - newest >= self.BUCKETS:
+            self._bucket_calls = [0] * self.BUCKETS
+            self._bucket_failures = [0] * self.BUCKETS
+            self.calls = self.failures = 0
+            self._newest = newest = bucket
+        elif bucket > newest:
+            for passed in range(newest + 1, bucket + 1):
+                slot = passed % self.BUCKETS
+                self.calls -= self._bucket_calls[slot]
+                self.failures -= self._bucket_failures[slot]
+                self._bucket_calls[slot] = self._bucket_failures[slot] = 0
+            self._newest = newest = bucket
+        # A clock that stepped back files the outcome under the newest bucket.
+        return newest % self.BUCKETS
+
+    def add(self, failed: bool, now: float) -> None:
+        slot = self._advance(now)
+        self._bucket_calls[slot] += 1
+        self._bucket_failures[slot] += failed
+        self.calls += 1
+        self.failures += failed
+
+    def counts(self, now: float) -> tuple[int, int]:
+        self._advance(now)
+        return self.calls, self.failures
+
+
+class InMemoryBreakerStore:
+    """The default :class:`BreakerStore`: state in this process, guarded by one lock.
+
+    The lock is held only for the few operations that change the state or the
+    counters, never while a protected call runs. ``state`` and
+    ``consecutive_failures`` are plain attributes, read without the lock by the
+    breaker's fast path.
+    """
+
+    __slots__ = (
+        "_epoch",
+        "_lock",
+        "_probe_successes",
+        "_probes_in_flight",
+        "_window",
+        "_window_spec",
+        "consecutive_failures",
+        "opened_at",
+        "state",
+    )
+
+    def __init__(self, window: WindowSpec | None = None) -> None:
+        self._window_spec = WindowSpec() if window is None else window
+        self._lock = threading.Lock()
+        self.state = _CLOSED
+        self._epoch = 0
+        self.opened_at: float | None = None
+        self.consecutive_failures = 0
+        self._probes_in_flight = 0
+        self._probe_successes = 0
+        self._window = self._new_window()
+
+    def __repr__(self) -> str:
+        return f"InMemoryBreakerStore(state={self.state.value}, window={self._window_spec!r})"
+
+    def _new_window(self) -> _CountWindow | _TimeWindow | None:
+        spec = self._window_spec
+        if spec.size is not None:
+            return _CountWindow(spec.size)
+        if spec.duration is not None:
+            return _TimeWindow(spec.duration)
+        return None
+
+    def _snapshot(self, now: float) -> StoreSnapshot:
+        calls, failures = (0, 0) if self._window is None else self._window.counts(now)
+        return StoreSnapshot(
+            self.state,
+            self._epoch,
+            self.opened_at,
+            self.consecutive_failures,
+            calls,
+            failures,
+            self._probes_in_flight,
+            self._probe_successes,
+        )
+
+    def load(self, now: float) -> StoreSnapshot:
+        with self._lock:
+            return self._snapshot(now)
+
+    def compare_and_set_state(self, epoch: int, new_state: BreakerState, now: float) -> bool:
+        with self._lock:
+            if epoch != self._epoch:
+                return False
+            self._epoch += 1
+            self.opened_at = now if new_state is _OPEN or new_state is _ISOLATED else None
+            self.consecutive_failures = 0
+            self._probes_in_flight = 0
+            self._probe_successes = 0
+            self._window = self._new_window()
+            # Last, so a lock-free reader that sees the new state also sees fresh counters.
+            self.state = new_state
+            return True
+
+    def record(self, failed: bool, now: float) -> StoreSnapshot | None:
+        with self._lock:
+            if self.state is not _CLOSED:
+                return None
+            self.consecutive_failures = self.consecutive_failures + 1 if failed else 0
+            if self._window is not None:
+                self._window.add(failed, now)
+            return self._snapshot(now)
+
+    def acquire_probe(self, epoch: int, limit: int) -> bool:
+        with self._lock:
+            if epoch != self._epoch or self.state is not _HALF_OPEN:
+                return False
+            if self._probes_in_flight >= limit:
+                return False
+            self._probes_in_flight += 1
+            return True
+
+    def release_probe(self, epoch: int, succeeded: bool) -> int | None:
+        with self._lock:
+            if epoch != self._epoch:
+                return None
+            self._probes_in_flight = max(0, self._probes_in_flight - 1)
+            if succeeded:
+                self._probe_successes += 1
+            return self._probe_successes
+
+
+# The breaker --------------------------------------------------------------------------
+
+ExcludeRule: TypeAlias = (
+    type[BaseException] | tuple[type[BaseException], ...] | Callable[[BaseException], bool] | None
+)
+"""Exceptions that are the caller's fault: a type, a tuple of types, or a predicate."""
+
+StoreFactory: TypeAlias = Callable[[WindowSpec], BreakerStore]
+"""Builds a breaker's :class:`BreakerStore` for a window shape, e.g. ``InMemoryBreakerStore``."""
+
+
+class _Ticket:
+    """What ``_before_call`` hands the after-methods when ``None`` is not enough."""
+
+    __slots__ = ("probe_epoch", "started_at")
+
+    def __init__(self, started_at: float | None, probe_epoch: int | None) -> None:
+        self.started_at = started_at
+        self.probe_epoch = probe_epoch
+
+
+# A closed-state call that needs no timing but whose success must be recorded.
+_UNTIMED: Final = _Ticket(None, None)
+
+_names = itertools.count(1)
+
+
+def _restore_breaker(cls: type[CircuitBreaker], config: dict[str, Any]) -> CircuitBreaker:
+    """Unpickle a breaker: the same configuration, fresh closed state."""
+    return cls(**config)
+
+
+class CircuitBreaker:
+    """Stops calls to a failing dependency and lets probes find out when it recovers.
+
+    >>> payments = CircuitBreaker(name="payments", failure_threshold=5, reset_timeout=30)
+    >>> @payments
+    ... def charge(order): ...
+
+    Keyword-only configuration, checked here:
+
+    * ``name`` — shown in errors, events and ``repr``; default ``"breaker-N"``.
+    * ``failure_threshold`` — consecutive failures that trip it (default 5;
+      ``None`` turns the rule off).
+    * ``failure_rate`` — share of failures, in (0, 1], in the sliding window that
+      trips it (default ``None``: off). The window is the last ``window_size``
+      calls (default 100) or, instead, the last ``window_duration`` seconds. The
+      rate is judged once the window holds ``minimum_calls`` calls (default 10,
+      or ``window_size`` if that is smaller).
+    * ``slow_call_duration`` — calls taking longer than this many seconds count
+      as failures even if they returned (default ``None``: off).
+    * ``reset_timeout`` — seconds from opening until probes are let in (default 30).
+    * ``half_open_max_calls`` — probes allowed to run at once (default 1).
+    * ``success_threshold`` — successful probes that close it (default 1).
+    * ``exclude`` — exception types, or a predicate taking the exception, that
+      are the caller's fault: such a call counts as though it returned (so a
+      slow one is still a slow call). A predicate that raises is logged and
+      taken as ``False``.
+    * ``listeners`` — callables given a :class:`BreakerEvent` on each state
+      change, outside any lock, in the thread that caused it. One that raises
+      is logged to the ``resilient.breaker`` logger and ignored.
+    * ``store`` — factory of the :class:`BreakerStore` (default
+      :class:`InMemoryBreakerStore`).
+    * ``clock`` — monotonic seconds (default :func:`time.monotonic`).
+
+    Durations are seconds or :class:`datetime.timedelta`. At least one of
+    ``failure_threshold`` and ``failure_rate`` must be on.
+
+    A breaker pickles as its configuration: the copy starts closed with fresh
+    counters. ``clock``, ``listeners``, ``exclude`` and ``store`` must then be
+    picklable (module-level functions, not lambdas or closures).
+    """
+
+    __slots__ = (
+        "_clock",
+        "_config",
+        "_failure_rate",
+        "_failure_threshold",
+        "_half_open_max_calls",
+        "_is_excluded",
+        "_listeners",
+        "_minimum_calls",
+        "_name",
+        "_plain",
+        "_policy",
+        "_reset_timeout",
+        "_slow_call_duration",
+        "_store",
+        "_success_threshold",
+        "_total_failures",
+        "_total_rejections",
+    )
+
+    def __init__(
+        self,
+        *,
+        name: str | None = None,
+        failure_threshold: int | None = 5,
+        failure_rate: float | None = None,
+        window_size: int | None = None,
+        window_duration: Duration | None = None,
+        minimum_calls: int | None = None,
+        slow_call_duration: Duration | None = None,
+        reset_timeout: Duration = 30.0,
+        half_open_max_calls: int = 1,
+        success_threshold: int = 1,
+        exclude: ExcludeRule = None,
+        listeners: Iterable[Callable[[BreakerEvent], object]] = (),
+        store: StoreFactory = InMemoryBreakerStore,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if name is None:
+            name = f"breaker-{next(_names)}"
+        elif not isinstance(name, str):
+            raise TypeError(f"name must be a str, got {type(name).__name__}: {name!r}")
+
+        if failure_threshold is not None:
+            failure_threshold = check_int("failure_threshold", failure_threshold, minimum=1)
+        if failure_rate is None:
+            if failure_threshold is None:
+                raise ValueError(
+                    "failure_threshold and failure_rate are both None: the breaker could never "
+                    "trip; set at least one"
+                )
+            for unused, value in (
+                ("window_size", window_size),
+                ("window_duration", window_duration),
+                ("minimum_calls", minimum_calls),
+            ):
+                if value is not None:
+                    raise ValueError(
+                        f"{unused}={value!r} has no effect without failure_rate; set failure_rate"
+                    )
+            window = WindowSpec()
+        else:
+            failure_rate = check_number("failure_rate", failure_rate, minimum=0.0, maximum=1.0)
+            if failure_rate == 0.0:
+                raise ValueError("failure_rate must be greater than 0, got 0.0")
+            window, minimum_calls = _check_window(window_size, window_duration, minimum_calls)
+
+        slow_seconds = (
+            None
+            if slow_call_duration is None
+            else to_seconds("slow_call_duration", slow_call_duration, allow_zero=False)
+        )
+        reset_seconds = to_seconds("reset_timeout", reset_timeout, allow_zero=False)
+        half_open_max_calls = check_int("half_open_max_calls", half_open_max_calls, minimum=1)
+        success_threshold = check_int("success_threshold", success_threshold, minimum=1)
+        listener_tuple = _check_listeners(listeners)
+        if not callable(store):
+            raise TypeError(f"store must be a callable that builds a BreakerStore, got {store!r}")
+        if not callable(clock):
+            raise TypeError(f"clock must be a callable returning seconds, got {clock!r}")
+
+        self._name = name
+        self._failure_threshold = failure_threshold
+        self._failure_rate = failure_rate
+        self._minimum_calls = 0 if minimum_calls is None else minimum_calls
+        self._slow_call_duration = slow_seconds
+        self._reset_timeout = reset_seconds
+        self._half_open_max_calls = half_open_max_calls
+        self._success_threshold = success_threshold
+        self._is_excluded = _exclusion_test(exclude)
+        self._listeners = listener_tuple
+        self._clock = clock
+        self._store: BreakerStore = store(window)
+        # Closed with nothing to time and no window to feed: a success is a no-op.
+        self._plain = slow_seconds is None and failure_rate is None
+        self._total_failures = 0
+        self._total_rejections = 0
+        self._policy: Any = None
+        self._config: dict[str, Any] = {
+            "name": name,
+            "failure_threshold": failure_threshold,
+            "failure_rate": failure_rate,
+            "window_size": window.size,
+            "window_duration": window.duration,
+            "minimum_calls": minimum_calls,
+            "slow_call_duration": slow_seconds,
+            "reset_timeout": reset_seconds,
+            "half_open_max_calls": half_open_max_calls,
+            "success_threshold": success_threshold,
+            "exclude": exclude,
+            "listeners": listener_tuple,
+            "store": store,
+            "clock": clock,
+        }
+
+    # Reading ----------------------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        """The name shown in errors, events and ``repr``."""
+        return self._name
+
+    @property
+    def state(self) -> BreakerState:
+        """The current state; an open breaker whose ``reset_timeout`` has passed turns half-open."""
+        state = self._store.state
+        if state is not _OPEN:
+            return state
+        return self._settle(self._clock()).state
+
+    def metrics(self) -> BreakerMetrics:
+        """A snapshot of the state and counters (see :class:`BreakerMetrics`)."""
+        now = self._clock()
+        snapshot = self._settle(now)
+        calls = snapshot.window_calls
+        return BreakerMetrics(
+            name=self._name,
+            state=snapshot.state,
+            consecutive_failures=snapshot.consecutive_failures,
+            window_calls=calls,
+            window_failures=snapshot.window_failures,
+            failure_rate=snapshot.window_failures / calls if calls else 0.0,
+            probes_in_flight=snapshot.probes_in_flight,
+            opened_at=snapshot.opened_at,
+            retry_after=self._retry_after(snapshot, now),
+            total_failures=self._total_failures,
+            total_rejections=self._total_rejections,
+        )
+
+    def __repr__(self) -> str:
+        return f"CircuitBreaker(name={self._name!r}, state={self.state.value})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        parts: list[tuple[str, object]] = [
+            ("clock", self._clock),
+            ("store", self._config["store"]),
+            ("exclude", self._config["exclude"]),
+        ]
+        parts += [(f"listeners[{i}]", listener) for i, listener in enumerate(self._listeners)]
+        # Pickle's own error would only say "Can't pickle local object"; name the parameter.
+        for parameter, value in parts:
+            try:
+                pickle.dumps(value)
+            except Exception as exc:
+                raise pickle.PicklingError(
+                    f"circuit breaker {self._name!r} cannot be pickled: its {parameter} "
+                    f"{value!r} is not picklable; use a module-level function or class "
+                    "instead of a lambda or closure"
+                ) from exc
+        return (_restore_breaker, (type(self), dict(self._config)))
+
+    # Manual control -----------------------------------------------------------------------
+
+    def isolate(self) -> None:
+        """Hold the breaker open, rejecting every call, until :meth:`reset`."""
+        self._force(_ISOLATED, "isolate()")
+
+    def reset(self) -> None:
+        """Close the breaker and clear its counters, whatever its state."""
+        self._force(_CLOSED, "reset()")
+
+    def _force(self, new_state: BreakerState, reason: str) -> None:
+        store = self._store
+        while True:  # again if another thread changed the state between load and set
+            now = self._clock()
+            snapshot = store.load(now)
+            if new_state is _ISOLATED and snapshot.state is _ISOLATED:
+                return  # keep the original opened_at
+            if store.compare_and_set_state(snapshot.epoch, new_state, now):
+                if snapshot.state is not new_state:
+                    self._emit(snapshot.state, new_state, reason, now)
+                return
+
+    # Sugar: the Policy driver with this one stage -------------------------------------
+
+    def _as_policy(self) -> Any:
+        policy = self._policy
+        if policy is None:
+            # Imported here because resilient.policy imports this module.
+            from resilient.policy import Policy
+
+            policy = self._policy = Policy(breaker=self)
+        return policy
+
+    def __call__(self, fn: Callable[P, R]) -> Callable[P, R]:
+        """Decorate sync or async ``fn`` so that every call goes through this breaker."""
+        return cast(Callable[P, R], self._as_policy()(fn))
+
+    def call(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
+        """Call sync ``fn(*args, **kwargs)`` through this breaker."""
+        return cast(R, self._as_policy().call(fn, *args, **kwargs))
+
+    async def acall(self, fn: Callable[P, Awaitable[R]], /, *args: P.args, **kwargs: P.kwargs) -> R:
+        """Await async ``fn(*args, **kwargs)`` through this breaker."""
+        return cast(R, await self._as_policy().acall(fn, *args, **kwargs))
+
+    # The core protocol, driven by resilient.policy --------------------------------------
+
+    def _before_call(self) -> object:
+        """Admit one call or raise ``CircuitOpenError``; return the ticket for the after-methods.
+
+        The ticket is ``None`` for a closed-state call with nothing to time or
+        record on success, else a ``_Ticket``.
+        """
+        if self._store.state is _CLOSED and self._plain:
+            return None
+        return self._admit()
+
+    def _on_success(self, ticket: object) -> None:
+        """The admitted call returned."""
+        if ticket is None:
+            # Most calls end here: nothing to write unless failures are being counted.
+            if self._store.consecutive_failures:
+                self._finish(None, False)
+            return
+        self._finish(ticket, False)
+
+    def _on_failure(self, ticket: object, exc: BaseException) -> None:
+        """The admitted call raised ``exc``, an ``Exception``; excluded ones count as success."""
+        is_excluded = self._is_excluded
+        if is_excluded is not None and self._excluded(is_excluded, exc):
+            self._on_success(ticket)
+            return
+        self._finish(ticket, True)
+
+    def _on_abort(self, ticket: object) -> None:
+        """The call was cancelled or interrupted: not an outcome at all; frees a probe slot."""
+        if isinstance(ticket, _Ticket) and ticket.probe_epoch is not None:
+            self._store.release_probe(ticket.probe_epoch, False)
+
+    # The state machine ------------------------------------------------------------------
+
+    def _admit(self) -> object:
+        store = self._store
+        state = store.state
+        if state is _CLOSED:
+            return self._closed_ticket()
+        now = self._clock()
+        if state is _OPEN or state is _ISOLATED:
+            # Rejections are the common case while open: decide them without the lock.
+            opened_at = store.opened_at
+            if opened_at is not None:
+                retry_after = (
+                    math.inf if state is _ISOLATED else opened_at + self._reset_timeout - now
+                )
+                if retry_after > 0.0:
+                    self._total_rejections += 1
+                    raise CircuitOpenError(self._name, retry_after)
+        snapshot = self._settle(now)
+        state = snapshot.state
+        if state is _CLOSED:
+            return self._closed_ticket()
+        if state is _HALF_OPEN and store.acquire_probe(snapshot.epoch, self._half_open_max_calls):
+            started_at = None if self._slow_call_duration is None else now
+            return _Ticket(started_at, snapshot.epoch)
+        self._total_rejections += 1
+        raise CircuitOpenError(self._name, self._retry_after(snapshot, now))
+
+    def _closed_ticket(self) -> object:
+        if self._slow_call_duration is None:
+            return _UNTIMED if not self._plain else None
+        return _Ticket(self._clock(), None)
+
+    def _settle(self, now: float) -> StoreSnapshot:
+        """Load the store's snapshot, first turning an open breaker half-open if it is time."""
+        store = self._store
+        snapshot = store.load(now)
+        if snapshot.state is _OPEN and self._retry_after(snapshot, now) == 0.0:
+            if store.compare_and_set_state(snapshot.epoch, _HALF_OPEN, now):
+                self._emit(_OPEN, _HALF_OPEN, "reset_timeout elapsed", now)
+            snapshot = store.load(now)
+        return snapshot
+
+    def _retry_after(self, snapshot: StoreSnapshot, now: float) -> float:
+        if snapshot.state is _ISOLATED:
+            return math.inf
+        if snapshot.state is _OPEN and snapshot.opened_at is not None:
+            return max(0.0, snapshot.opened_at + self._reset_timeout - now)
+        return 0.0
+
+    def _excluded(self, is_excluded: Callable[[BaseException], bool], exc: BaseException) -> bool:
+        try:
+            return is_excluded(exc)
+        except Exception:
+            # A broken predicate must not break the call; counting a failure is the safe side.
+            _logger.exception(
+                "exclude predicate of circuit breaker %r raised on %r; counting a failure",
+                self._name,
+                exc,
+            )
+            return False
+
+    def _finish(self, ticket: object, failed: bool) -> None:
+        """Record the outcome of a call that was not aborted."""
+        now = self._clock()
+        probe_epoch = None
+        if isinstance(ticket, _Ticket):
+            probe_epoch = ticket.probe_epoch
+            started_at = ticket.started_at
+            slow_call_duration = self._slow_call_duration
+            if not failed and started_at is not None and slow_call_duration is not None:
+                failed = now - started_at > slow_call_duration
+        if failed:
+            self._total_failures += 1
+        if probe_epoch is not None:
+            self._finish_probe(probe_epoch, failed, now)
+            return
+        snapshot = self._store.record(failed, now)
+        if snapshot is None:
+            return
+        reason = self._trip_reason(snapshot)
+        if reason is not None and self._store.compare_and_set_state(snapshot.epoch, _OPEN, now):
+            self._emit(_CLOSED, _OPEN, reason, now)
+
+    def _trip_reason(self, snapshot: StoreSnapshot) -> str | None:
+        threshold = self._failure_threshold
+        if threshold is not None and snapshot.consecutive_failures >= threshold:
+            return "failure_threshold"
+        rate = self._failure_rate
+        calls = snapshot.window_calls
+        # Divide rather than multiply: 3 / 10 >= 0.3 holds, 3 >= 0.3 * 10 does not.
+        if (
+            rate is not None
+            and calls >= self._minimum_calls
+            and snapshot.window_failures / calls >= rate
+        ):
+            return "failure_rate"
+        return None
+
+    def _finish_probe(self, epoch: int, failed: bool, now: float) -> None:
+        store = self._store
+        if failed:
+            if store.compare_and_set_state(epoch, _OPEN, now):
+                self._emit(_HALF_OPEN, _OPEN, "probe failed", now)
+            return
+        successes = store.release_probe(epoch, True)
+        if (
+            successes is not None
+            and successes >= self._success_threshold
+            and store.compare_and_set_state(epoch, _CLOSED, now)
+        ):
+            self._emit(_HALF_OPEN, _CLOSED, "probes succeeded", now)
+
+    def _emit(self, old: BreakerState, new: BreakerState, reason: str, now: float) -> None:
+        if not self._listeners:
+            return
+        event = BreakerEvent(self._name, old, new, reason, now)
+        for listener in self._listeners:
+            try:
+                listener(event)
+            except Exception:
+                # Observers must not change what the breaker or the call does.
+                _logger.exception(
+                    "listener %r of circuit breaker %r raised on %s; ignored",
+                    listener,
+                    self._name,
+                    event,
+                )
+
+
+def _check_window(
+    window_size: int | None, window_duration: Duration | None, minimum_calls: int | None
+) -> tuple[WindowSpec, int]:
+    """Validate the failure-rate window; return its shape and the minimum_calls in force."""
+    if window_size is not None and window_duration is not None:
+        raise ValueError(
+            f"window_size={window_size!r} and window_duration={window_duration!r} "
+            "both given; the window counts either calls or seconds, pass one"
+        )
+    if window_duration is not None:
+        window = WindowSpec(
+            duration=to_seconds("window_duration", window_duration, allow_zero=False)
+        )
+    else:
+        size = 100 if window_size is None else check_int("window_size", window_size, minimum=1)
+        window = WindowSpec(size=size)
+    if minimum_calls is None:
+        return window, 10 if window.size is None else min(10, window.size)
+    minimum_calls = check_int("minimum_calls", minimum_calls, minimum=1)
+    if window.size is not None and minimum_calls > window.size:
+        raise ValueError(
+            f"minimum_calls={minimum_calls!r} exceeds window_size={window.size!r}: "
+            "the rate would never be judged; lower minimum_calls"
+        )
+    return window, minimum_calls
+
+
+def _check_listeners(
+    listeners: Iterable[Callable[[BreakerEvent], object]],
+) -> tuple[Callable[[BreakerEvent], object], ...]:
+    if callable(listeners):
+        raise TypeError(f"listeners must be an iterable of callables, got {listeners!r}")
+    try:
+        listener_tuple = tuple(listeners)
+    except TypeError:
+        raise TypeError(f"listeners must be an iterable of callables, got {listeners!r}") from None
+    for i, listener in enumerate(listener_tuple):
+        if not callable(listener):
+            raise TypeError(f"listeners[{i}] must be callable, got {listener!r}")
+    return listener_tuple
+
+
+def _exclusion_test(exclude: ExcludeRule) -> Callable[[BaseException], bool] | None:
+    """Turn ``exclude`` into a predicate, or ``None`` when nothing is excluded."""
+    if exclude is None:
+        return None
+    if isinstance(exclude, type):
+        types: tuple[type[BaseException], ...] = (exclude,)
+    elif isinstance(exclude, tuple):
+        types = exclude
+    elif callable(exclude):
+        return exclude
+    else:
+        raise TypeError(
+            "exclude must be an exception type, a tuple of them, or a predicate, "
+            f"got {type(exclude).__name__}: {exclude!r}"
+        )
+    for kind in types:
+        if not (isinstance(kind, type) and issubclass(kind, BaseException)):
+            raise TypeError(f"exclude must name exception types, got {kind!r} in {exclude!r}")
+    if not types:
+        return None
+
+    def is_excluded(exc: BaseException) -> bool:
+        return isinstance(exc, types)
+
+    return is_excluded

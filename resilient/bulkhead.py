@@ -1,0 +1,402 @@
+"""Bulkheads: cap how many calls run at once, for threads and asyncio tasks alike.
+
+A :class:`Bulkhead` has ``max_concurrent`` slots. A caller takes a slot before
+the protected work and gives it back afterwards::
+
+    db_bulkhead = Bulkhead(max_concurrent=8, max_waiting=32, max_wait=0.5, name="db")
+
+    with db_bulkhead:               # in a thread
+        run_query()
+
+    async with db_bulkhead:         # in an asyncio task
+        await run_query_async()
+
+When every slot is taken, up to ``max_waiting`` more callers wait their turn in
+one first-in-first-out queue; anyone beyond that gets :class:`BulkheadFull` at
+once, so overload is shed instead of piling up. A waiter waits at most until
+the deadline in force (:func:`resilient.deadline.remaining`) and at most
+``max_wait`` seconds when that is given. If its wait ends without a slot it
+gets :class:`DeadlineExceeded` when the deadline ended it and
+:class:`BulkheadFull` when ``max_wait`` did. With neither limit it waits until a
+slot frees.
+
+The same object serves threads and asyncio tasks, on any number of event
+loops in any threads, all queued in one FIFO order. For the explicit form use
+:meth:`Bulkhead.acquire` / :meth:`Bulkhead.acquire_async` and
+:meth:`Bulkhead.release`; :attr:`Bulkhead.active`, :attr:`Bulkhead.waiting` and
+:attr:`Bulkhead.available` report the current state.
+
+How it stays correct without a lock on the fast path
+----------------------------------------------------
+Free slots are tokens in a ``collections.deque``: taking one is ``pop()``,
+giving one back is ``append()``, and both are atomic. A lock is taken only when
+somebody has to wait. The one race that matters is a caller going to sleep
+just as the last busy slot comes back. Both sides write first and read second:
+a waiter *enqueues itself, then looks for a token*; a releaser *appends its
+token, then looks for waiters*. Whichever goes second sees what the other
+wrote, so a token is never left in the pool while a waiter sleeps. Handing a
+token to a waiter, and a waiter giving up, both happen under the lock, so a
+waiter that times out or is cancelled at the moment it is handed a token gives
+that token back to the next waiter or to the pool. A token in flight to a task
+on an event loop that is closed comes back as well: at once when the loop is
+already closed, otherwise when the abandoned task is cancelled or collected.
+
+The queue order is strict among waiters. A newcomer that arrives in the very
+instant a slot is released, before the releaser has seen the queue, can take
+that slot ahead of it; the waiters then keep their order and nothing is lost.
+Taking a free slot ignores the deadline: it costs no time, and the protected
+work is what the deadline is for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import threading
+import time
+from collections import OrderedDict, deque
+from types import TracebackType
+from typing import Final
+
+from resilient._config import Duration, check_int, to_seconds
+from resilient.deadline import remaining
+from resilient.errors import BulkheadFull, DeadlineExceeded
+
+__all__ = ["Bulkhead"]
+
+# A waiter's life: WAITING in the queue, then GRANTED a token (which it then
+# owns, even before it has woken up) or GONE (gave up, or could not be handed
+# one). Changes happen only under the bulkhead's lock.
+_WAITING: Final = 0
+_GRANTED: Final = 1
+_GONE: Final = 2
+
+
+class _Waiter:
+    """One caller waiting in the queue: a thread or an asyncio task."""
+
+    __slots__ = ("future", "loop", "state", "wakeup")
+
+    def __init__(
+        self,
+        *,
+        wakeup: threading.Lock | None = None,
+        future: asyncio.Future[bool] | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        # A thread sleeps on `wakeup`, a lock it already holds, until the
+        # releaser unlocks it; a task awaits `future`, which lives on `loop`.
+        self.wakeup = wakeup
+        self.future = future
+        self.loop = loop
+        self.state = _WAITING
+
+
+def _resolve(future: asyncio.Future[bool], granted: bool) -> None:
+    # Runs on the future's own loop; the waiter may have been cancelled or
+    # timed out already, and then it has given any token back itself.
+    if not future.done():
+        future.set_result(granted)
+
+
+class Bulkhead:
+    """Lets at most ``max_concurrent`` callers run at once; see the module docstring.
+
+    ``max_waiting`` callers beyond those may wait for a slot, first come first
+    served; more are refused with :class:`BulkheadFull`. ``max_wait`` (seconds
+    or a ``timedelta``) bounds each wait; ``None`` leaves only the deadline in
+    force. A wait that ends without a slot raises :class:`DeadlineExceeded`
+    if the deadline ended it, :class:`BulkheadFull` if ``max_wait`` did.
+    Cancelling a waiting task raises ``CancelledError`` and frees its place.
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_lock",
+        "_max_concurrent",
+        "_max_wait",
+        "_max_waiting",
+        "_name",
+        "_tokens",
+        "_waiters",
+    )
+
+    def __init__(
+        self,
+        *,
+        max_concurrent: int,
+        max_waiting: int = 0,
+        max_wait: Duration | None = None,
+        name: str | None = None,
+    ) -> None:
+        self._max_concurrent = check_int("max_concurrent", max_concurrent, minimum=1)
+        self._max_waiting = check_int("max_waiting", max_waiting, minimum=0)
+        self._max_wait = None if max_wait is None else to_seconds("max_wait", max_wait)
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"name must be a str or None, got {type(name).__name__}: {name!r}")
+        self._name = "unnamed" if name is None else name
+        # maxlen is a backstop: even racing over-releases cannot add a slot.
+        self._tokens: deque[None] = deque([None] * max_concurrent, maxlen=max_concurrent)
+        # An OrderedDict is a FIFO queue that can also drop a waiter who gives
+        # up from the middle in O(1).
+        self._waiters: OrderedDict[_Waiter, None] = OrderedDict()
+        # Reentrant because a task abandoned on a closed loop gives its token
+        # back from the garbage collector, which may run while this very
+        # thread holds the lock.
+        self._lock = threading.RLock()
+
+    # -- configuration and state ------------------------------------------
+
+    @property
+    def name(self) -> str:
+        """The name shown in errors and in ``repr``."""
+        return self._name
+
+    @property
+    def max_concurrent(self) -> int:
+        """How many callers may run at once."""
+        return self._max_concurrent
+
+    @property
+    def max_waiting(self) -> int:
+        """How many more callers may wait for a slot."""
+        return self._max_waiting
+
+    @property
+    def max_wait(self) -> float | None:
+        """The most seconds one caller waits, or ``None`` for only the deadline."""
+        return self._max_wait
+
+    @property
+    def active(self) -> int:
+        """How many slots are taken (including ones being handed to a waiter)."""
+        return self._max_concurrent - len(self._tokens)
+
+    @property
+    def waiting(self) -> int:
+        """How many callers are waiting for a slot."""
+        return len(self._waiters)
+
+    @property
+    def available(self) -> int:
+        """How many slots are free."""
+        return len(self._tokens)
+
+    def __repr__(self) -> str:
+        return (
+            f"Bulkhead(name={self._name!r}, active={self.active}, waiting={self.waiting}, "
+            f"max_concurrent={self._max_concurrent}, max_waiting={self._max_waiting})"
+        )
+
+    # -- taking and giving back slots --------------------------------------
+
+    def acquire(self) -> None:
+        """Take a slot, blocking this thread while waiting for one.
+
+        Raises :class:`BulkheadFull` or :class:`DeadlineExceeded` as described
+        in the class docstring. Do not call it on an event loop's thread; use
+        :meth:`acquire_async` there.
+        """
+        # Skipping the fast path while others wait keeps the queue first-come.
+        if not self._waiters:
+            try:
+                self._tokens.pop()
+            except IndexError:
+                pass
+            else:
+                return
+        self._acquire_waiting()
+
+    async def acquire_async(self) -> None:
+        """Take a slot, suspending this task while waiting for one.
+
+        Raises like :meth:`acquire`; if the task is cancelled while waiting,
+        ``CancelledError`` propagates and no slot is taken.
+        """
+        if not self._waiters:
+            try:
+                self._tokens.pop()
+            except IndexError:
+                pass
+            else:
+                return
+        await self._acquire_waiting_async()
+
+    def release(self) -> None:
+        """Give back a slot taken with :meth:`acquire` or :meth:`acquire_async`.
+
+        Raises ``RuntimeError`` when every slot is already free, because then
+        the caller is releasing a slot it never took.
+        """
+        tokens = self._tokens
+        if len(tokens) >= self._max_concurrent:
+            raise RuntimeError(
+                f"bulkhead {self._name!r} was released more times than it was acquired: "
+                f"all {self._max_concurrent} slots are already free"
+            )
+        tokens.append(None)
+        # Appending before looking is what keeps a sleeping waiter from being
+        # missed (see the module docstring).
+        if self._waiters:
+            with self._lock:
+                self._hand_out_tokens()
+
+    def __enter__(self) -> None:
+        self.acquire()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.release()
+
+    async def __aenter__(self) -> None:
+        await self.acquire_async()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.release()
+
+    # -- the slow path: waiting -------------------------------------------
+
+    def _acquire_waiting(self) -> None:
+        started = time.monotonic()
+        limit, deadline_is_limit = self._wait_limit()
+        wakeup = threading.Lock()
+        wakeup.acquire()
+        waiter = _Waiter(wakeup=wakeup)
+        if self._join_queue(waiter, limit, deadline_is_limit, started):
+            return
+        # Lock.acquire cannot take timeouts beyond TIMEOUT_MAX (centuries).
+        timeout = -1.0 if limit > threading.TIMEOUT_MAX else limit
+        try:
+            woken = wakeup.acquire(timeout=timeout)
+        except BaseException:  # e.g. KeyboardInterrupt while blocked
+            self._give_up(waiter)
+            raise
+        if not woken:
+            self._give_up(waiter)
+            raise self._wait_ended(deadline_is_limit, started)
+
+    async def _acquire_waiting_async(self) -> None:
+        started = time.monotonic()
+        limit, deadline_is_limit = self._wait_limit()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[bool] = loop.create_future()
+        waiter = _Waiter(future=future, loop=loop)
+        if self._join_queue(waiter, limit, deadline_is_limit, started):
+            return
+        timer = None if math.isinf(limit) else loop.call_later(limit, _resolve, future, False)
+        try:
+            granted = await future
+        except BaseException:
+            # Cancelled, or GeneratorExit when the task is collected after its
+            # loop was closed: either way, put back any token we were handed.
+            self._give_up(waiter)
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+        if not granted:
+            self._give_up(waiter)
+            raise self._wait_ended(deadline_is_limit, started)
+
+    def _wait_limit(self) -> tuple[float, bool]:
+        """Return how long a waiter may wait, and whether the deadline sets that."""
+        deadline_left = remaining()
+        max_wait = self._max_wait
+        if max_wait is None or deadline_left <= max_wait:
+            return deadline_left, True
+        return max_wait, False
+
+    def _join_queue(
+        self, waiter: _Waiter, limit: float, deadline_is_limit: bool, started: float
+    ) -> bool:
+        """Take a free slot (True) or put ``waiter`` in the queue (False), or raise."""
+        with self._lock:
+            # Serve those already queued first, so that neither a token in
+            # transit nor a queue that is about to shrink turns us away.
+            self._hand_out_tokens()
+            if not self._waiters:
+                try:
+                    self._tokens.pop()
+                except IndexError:
+                    pass
+                else:
+                    return True
+            if len(self._waiters) >= self._max_waiting:
+                raise BulkheadFull(self._name, self._max_concurrent, self._max_waiting)
+            if limit <= 0:
+                raise self._wait_ended(deadline_is_limit, started)
+            self._waiters[waiter] = None
+            # Enqueue first, then look for a token: pairs with release(), which
+            # appends first and then looks for waiters.
+            self._hand_out_tokens()
+            return False
+
+    def _hand_out_tokens(self) -> None:
+        """Give free tokens to waiters, first come first served. Hold the lock."""
+        tokens, waiters = self._tokens, self._waiters
+        while waiters:
+            try:
+                tokens.pop()
+            except IndexError:
+                return
+            waiter, _ = waiters.popitem(last=False)
+            if not self._hand_over(waiter):
+                tokens.append(None)
+
+    def _hand_over(self, waiter: _Waiter) -> bool:
+        """Wake ``waiter`` with a token; False if it cannot take one. Hold the lock."""
+        if waiter.wakeup is not None:
+            waiter.state = _GRANTED
+            waiter.wakeup.release()
+            return True
+        future, loop = waiter.future, waiter.loop
+        assert future is not None
+        assert loop is not None
+        if asyncio._get_running_loop() is loop:
+            # On the waiter's own thread the future can be settled directly,
+            # and a cancelled waiter is seen at once.
+            if future.done():
+                waiter.state = _GONE
+                return False
+            future.set_result(True)
+            waiter.state = _GRANTED
+            return True
+        # From another thread the waiter owns the token from now on; if it
+        # turns out to be cancelled or timed out it gives the token back.
+        waiter.state = _GRANTED
+        try:
+            loop.call_soon_threadsafe(_resolve, future, True)
+        except RuntimeError:  # its loop is closed: nobody will ever take it
+            waiter.state = _GONE
+            return False
+        return True
+
+    def _give_up(self, waiter: _Waiter) -> None:
+        """Take ``waiter`` out of the queue, or give back the token it was handed."""
+        with self._lock:
+            state, waiter.state = waiter.state, _GONE
+            if state == _WAITING:
+                del self._waiters[waiter]
+            elif state == _GRANTED:
+                self._tokens.append(None)
+                self._hand_out_tokens()
+
+    def _wait_ended(self, deadline_is_limit: bool, started: float) -> Exception:
+        waited = time.monotonic() - started
+        if deadline_is_limit:
+            return DeadlineExceeded(
+                f"waited {waited:.3f} s for a slot in bulkhead {self._name!r} until the "
+                f"deadline ran out; all {self._max_concurrent} slots stayed taken"
+            )
+        error = BulkheadFull(self._name, self._max_concurrent, self._max_waiting)
+        error.add_note(f"waited max_wait={self._max_wait:g} s and no slot was freed")
+        return error

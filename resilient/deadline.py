@@ -1,0 +1,236 @@
+"""One deadline that flows everywhere, Go-``context`` style.
+
+A deadline is an absolute ``time.monotonic()`` instant kept in a
+:class:`contextvars.ContextVar`. :func:`deadline` opens a scope that sets it;
+a nested scope can only shorten it (the earlier deadline wins), never extend
+it. Every layer of `resilient` reads it: retries never sleep past it, each
+attempt is clamped to it, and it crosses the wire as a header so a server can
+honour the caller's budget.
+
+In async code (``async with deadline(...)``) the scope cancels the awaited work
+when the deadline passes and raises :class:`DeadlineExceeded` out of the scope;
+a cancellation from outside still arrives as :class:`asyncio.CancelledError`.
+Tasks created inside the scope copy the context, so they inherit the deadline.
+Sync code cannot be interrupted: there the deadline is cooperative, read with
+:func:`remaining` or enforced with :func:`check_deadline`.
+
+Public names: :func:`deadline`, :func:`remaining`, :func:`check_deadline`,
+:class:`DeadlineExceeded`, :data:`DEADLINE_HEADER`, :func:`format_deadline_header`,
+:func:`parse_deadline_header`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from contextvars import ContextVar, Token
+from types import TracebackType
+
+from resilient._config import Duration, to_seconds
+from resilient.errors import DeadlineExceeded
+
+__all__ = [
+    "DEADLINE_HEADER",
+    "DeadlineExceeded",
+    "Scope",
+    "check_deadline",
+    "current",
+    "deadline",
+    "format_deadline_header",
+    "parse_deadline_header",
+    "remaining",
+]
+
+_INF = math.inf
+
+#: The absolute monotonic deadline in force; ``inf`` when there is none.
+_deadline: ContextVar[float] = ContextVar("resilient_deadline", default=_INF)
+
+
+def current() -> float:
+    """Return the deadline in force as an absolute ``time.monotonic()`` value (``inf``: none)."""
+    return _deadline.get()
+
+
+def remaining() -> float:
+    """Return the seconds left before the deadline in force: ``math.inf`` when there is none.
+
+    Never negative: a deadline that has passed leaves ``0.0``.
+    """
+    when = _deadline.get()
+    if when == _INF:
+        return _INF
+    left = when - time.monotonic()
+    return left if left > 0.0 else 0.0
+
+
+def check_deadline() -> None:
+    """Raise :class:`DeadlineExceeded` if the deadline in force has passed.
+
+    The cooperative check for sync code, which cannot be interrupted::
+
+        with resilient.deadline(2.0):
+            for row in rows:
+                resilient.check_deadline()
+                process(row)
+    """
+    when = _deadline.get()
+    if when != _INF and time.monotonic() >= when:
+        raise DeadlineExceeded(
+            "the deadline passed; stop the work in progress or give the call a longer deadline"
+        )
+
+
+class Scope:
+    """A deadline scope; use it through :func:`deadline`.
+
+    ``deadline`` is the absolute monotonic instant in force inside the scope
+    (the earlier of this scope's and the enclosing one's), computed on entry.
+    """
+
+    __slots__ = (
+        "_cancelling",
+        "_expired",
+        "_handle",
+        "_seconds",
+        "_task",
+        "_token",
+        "deadline",
+    )
+
+    def __init__(self, seconds: float) -> None:
+        self._seconds = seconds
+        self._token: Token[float] | None = None
+        self._handle: asyncio.TimerHandle | None = None
+        self._task: asyncio.Task[object] | None = None
+        self._cancelling = 0
+        self._expired = False
+        self.deadline = _INF
+
+    def __repr__(self) -> str:
+        return f"<resilient.deadline seconds={self._seconds!r} deadline={self.deadline!r}>"
+
+    def _enter(self) -> None:
+        if self._token is not None:
+            raise RuntimeError("a deadline scope cannot be entered twice; create a new one")
+        outer = _deadline.get()
+        when = time.monotonic() + self._seconds
+        self.deadline = when if when < outer else outer
+        self._token = _deadline.set(self.deadline)
+
+    def _exit(self) -> None:
+        assert self._token is not None
+        _deadline.reset(self._token)
+
+    def __enter__(self) -> Scope:
+        self._enter()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self._exit()
+
+    async def __aenter__(self) -> Scope:
+        self._enter()
+        if self.deadline != _INF:
+            task = asyncio.current_task()
+            if task is None:  # pragma: no cover - async with always runs inside a task
+                raise RuntimeError("async with deadline() must run inside an asyncio task")
+            loop = task.get_loop()
+            self._task = task
+            self._cancelling = task.cancelling()
+            # The loop's clock need not be time.monotonic(), so convert through "seconds left".
+            self._handle = loop.call_at(
+                loop.time() + (self.deadline - time.monotonic()), self._on_deadline
+            )
+        return self
+
+    def _on_deadline(self) -> None:
+        # The loop runs this only while the task is suspended inside the scope: on exit
+        # the handle is cancelled synchronously, before the task can suspend again.
+        assert self._task is not None
+        self._expired = True
+        self._task.cancel(msg="resilient deadline exceeded")
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self._exit()
+        if self._handle is not None:
+            self._handle.cancel()
+        if self._expired:
+            assert self._task is not None
+            # Only our own cancellation becomes DeadlineExceeded; one from outside
+            # (counted in cancelling()) keeps propagating as CancelledError.
+            if self._task.uncancel() <= self._cancelling and exc_type is asyncio.CancelledError:
+                raise DeadlineExceeded(
+                    f"the deadline of {self._seconds:g} s passed and the work inside "
+                    "the scope was cancelled"
+                ) from exc
+
+
+def deadline(seconds: Duration) -> Scope:
+    """Open a scope in which the work must finish within ``seconds``.
+
+    ``seconds`` is a number or a :class:`datetime.timedelta`; ``math.inf`` means no
+    deadline of this scope's own (an enclosing one still applies). A nested scope
+    never extends an enclosing one::
+
+        with resilient.deadline(2.0):
+            with resilient.deadline(10.0):
+                resilient.remaining()   # <= 2.0
+
+        async with resilient.deadline(0.5):
+            await slow()                # cancelled at 0.5 s: DeadlineExceeded
+    """
+    return Scope(to_seconds("seconds", seconds, allow_inf=True))
+
+
+# Deadline propagation over the wire -------------------------------------------------
+
+#: The request header that carries the caller's remaining budget, in milliseconds.
+DEADLINE_HEADER = "resilient-timeout-ms"
+
+_MAX_HEADER_DIGITS = 12
+
+
+def format_deadline_header(seconds: float) -> str:
+    """Encode a remaining budget as the header value: whole milliseconds, rounded down.
+
+    Rounding down keeps the server's budget within the caller's. ``inf`` has no
+    encoding (send no header); negative and NaN are refused.
+    """
+    if math.isnan(seconds) or seconds < 0:
+        raise ValueError(f"seconds must be a non-negative number, got {seconds!r}")
+    if math.isinf(seconds):
+        raise ValueError("an infinite budget has no header encoding; send no header instead")
+    return str(int(seconds * 1000.0))
+
+
+def parse_deadline_header(value: str | bytes, *, maximum: float = 300.0) -> float:
+    """Decode a header value into seconds left, strictly.
+
+    Only ASCII digits are accepted (no sign, spaces, underscores or other
+    scripts' digits, which :func:`int` would take); the result is clamped to
+    ``maximum`` seconds so a caller cannot make a server hold work forever.
+    ``0`` means the budget is already spent: the caller will not wait for the answer.
+    """
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("ascii")
+        except UnicodeDecodeError:
+            raise ValueError(f"{DEADLINE_HEADER} must be ASCII digits, got {value!r}") from None
+    if not value or not (value.isascii() and value.isdigit()):
+        raise ValueError(f"{DEADLINE_HEADER} must be ASCII digits (milliseconds), got {value!r}")
+    if len(value) > _MAX_HEADER_DIGITS:
+        return maximum
+    seconds = int(value) / 1000.0
+    return seconds if seconds < maximum else maximum

@@ -1,0 +1,78 @@
+"""The errors `resilient` raises, as one tree.
+
+Every error is a :class:`ResilientError`, so one ``except`` clause catches
+anything the toolkit itself decided to raise. The tree::
+
+    ResilientError
+    ├── DeadlineExceeded        (also a builtin TimeoutError)
+    ├── CircuitOpenError        (.retry_after seconds, .breaker name)
+    └── BulkheadFull            (.max_concurrent, .max_waiting)
+
+When retries run out the caller gets the *last original exception*, not a
+wrapper; what happened is attached to it with :meth:`BaseException.add_note`.
+
+Every error pickles (so it crosses process pools), and its message says what
+happened and what to do about it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+__all__ = ["BulkheadFull", "CircuitOpenError", "DeadlineExceeded", "ResilientError"]
+
+
+class ResilientError(Exception):
+    """Base class of every error raised by `resilient` itself."""
+
+
+class DeadlineExceeded(ResilientError, TimeoutError):
+    """The deadline in force ran out before the work finished.
+
+    It is also a :class:`TimeoutError`, so code that already handles timeouts
+    handles it too.
+    """
+
+    def __init__(self, message: str = "the deadline was exceeded") -> None:
+        super().__init__(message)
+
+
+class CircuitOpenError(ResilientError):
+    """The circuit breaker is open: the call was rejected without being made.
+
+    ``retry_after`` is the number of seconds until the breaker lets a probe
+    through (``math.inf`` when it is held open by ``isolate()``).
+    """
+
+    def __init__(self, name: str, retry_after: float) -> None:
+        # No super().__init__(message): rejections are frequent while a breaker is
+        # open, so the message is only formatted if someone reads it.
+        self.name = name
+        self.retry_after = retry_after
+
+    def __str__(self) -> str:
+        if math.isinf(self.retry_after):
+            hint = "it is held open until reset() is called"
+        else:
+            hint = f"retry in {self.retry_after:.3f} s, when it lets a probe call through"
+        return f"circuit breaker {self.name!r} is open; the call was not made: {hint}"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.name, self.retry_after), self.__dict__)
+
+
+class BulkheadFull(ResilientError):
+    """The bulkhead had no free slot and no room in its waiting queue."""
+
+    def __init__(self, name: str, max_concurrent: int, max_waiting: int) -> None:
+        self.name = name
+        self.max_concurrent = max_concurrent
+        self.max_waiting = max_waiting
+        super().__init__(
+            f"bulkhead {name!r} is full: {max_concurrent} calls running and "
+            f"{max_waiting} waiting; shed load or raise max_concurrent/max_waiting"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.name, self.max_concurrent, self.max_waiting), self.__dict__)

@@ -1,0 +1,458 @@
+"""``Policy``: bulkhead, deadline, retry, breaker and attempt timeout fused into one wrapper.
+
+The stages always apply in this order, outermost first::
+
+    bulkhead → total deadline (timeout) → retry → breaker → attempt deadline → call
+
+Any subset may be given. The stages are not a stack of nested decorators: one
+driver loop runs them, consulting each stage's decision core (see
+:mod:`resilient.retry` and :mod:`resilient.breaker`), so a healthy call pays for
+a few attribute reads and no per-call allocation. There is one driver for sync
+functions and one for async functions; they differ only where one sleeps and
+the other awaits, and in how an attempt is bounded: a sync attempt gets a
+cooperative deadline (sync code cannot be interrupted), an async attempt is
+cancelled when its deadline passes.
+
+``Retry`` and ``CircuitBreaker`` used alone as decorators are a ``Policy`` with
+one stage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import math
+import time
+import types
+from collections.abc import Awaitable, Callable, Coroutine, Generator
+from typing import Any, Protocol, TypeVar, cast, overload
+
+from resilient._config import Duration, to_seconds
+from resilient.breaker import CircuitBreaker
+from resilient.bulkhead import Bulkhead
+from resilient.deadline import _deadline
+from resilient.errors import CircuitOpenError, DeadlineExceeded
+from resilient.retry import Retry, refuse_generators
+
+__all__ = ["Policy"]
+
+T = TypeVar("T")
+
+_INF = math.inf
+_monotonic = time.monotonic
+# Looked up at call time, so this project's tests can replace them.
+_sleep = time.sleep
+_async_sleep = asyncio.sleep
+
+
+class BreakerStage(Protocol):
+    """The core protocol a circuit breaker offers the driver (see :mod:`resilient.breaker`)."""
+
+    def _before_call(self) -> object: ...
+    def _on_success(self, ticket: object) -> None: ...
+    def _on_failure(self, ticket: object, exc: BaseException) -> None: ...
+    def _on_abort(self, ticket: object) -> None: ...
+
+
+class _Canceller:
+    """Cancels a task when an async attempt's deadline passes, and remembers that it did."""
+
+    __slots__ = ("fired", "task")
+
+    def __init__(self, task: asyncio.Task[Any]) -> None:
+        self.task = task
+        self.fired = False
+
+    def __call__(self) -> None:
+        self.fired = True
+        self.task.cancel(msg="resilient attempt deadline exceeded")
+
+
+@types.coroutine
+def _resume(coro: Coroutine[Any, Any, T], pending: Any) -> Generator[Any, Any, T]:
+    """Await the rest of ``coro``, whose first step already ran and yielded ``pending``.
+
+    The driver steps a coroutine once by hand: most healthy async calls that
+    finish without suspending never need a cancellation timer, which costs more
+    than the rest of the Policy together. Only a coroutine that suspends gets one.
+    """
+    while True:
+        try:
+            yield pending
+        except GeneratorExit:
+            coro.close()
+            raise
+        except BaseException as exc:
+            try:
+                pending = coro.throw(exc)
+            except StopIteration as stop:
+                return cast(T, stop.value)
+            continue
+        # The task resumes a suspended coroutine with send(None); `yield from` does that.
+        return (yield from coro.__await__())
+
+
+async def _as_coroutine(awaitable: Awaitable[T]) -> T:
+    return await awaitable
+
+
+class Policy:
+    """Resilience stages fused into one wrapper, for sync and async functions.
+
+    >>> policy = Policy(
+    ...     bulkhead=Bulkhead(max_concurrent=10),
+    ...     timeout=2.0,                  # total budget for the call, retries included
+    ...     retry=Retry(attempts=3),
+    ...     breaker=CircuitBreaker(failure_threshold=5),
+    ...     attempt_timeout=0.5,          # each try, clamped to the total budget
+    ... )
+    >>> @policy
+    ... def fetch(key: str) -> str: ...
+
+    ``breaker`` may also be a ``pybreaker.CircuitBreaker``: its own rules,
+    listeners and storage keep working.
+    """
+
+    __slots__ = ("_breaker", "attempt_timeout", "breaker", "bulkhead", "retry", "timeout")
+
+    def __init__(
+        self,
+        *,
+        bulkhead: Bulkhead | None = None,
+        timeout: Duration | None = None,
+        retry: Retry | None = None,
+        breaker: CircuitBreaker | Any | None = None,
+        attempt_timeout: Duration | None = None,
+    ) -> None:
+        if bulkhead is not None and not isinstance(bulkhead, Bulkhead):
+            raise TypeError(f"bulkhead must be a resilient.Bulkhead, got {bulkhead!r}")
+        if retry is not None and not isinstance(retry, Retry):
+            raise TypeError(f"retry must be a resilient.Retry, got {retry!r}")
+        self.bulkhead = bulkhead
+        self.timeout = None if timeout is None else to_seconds("timeout", timeout, allow_inf=True)
+        self.retry = retry
+        self.attempt_timeout = (
+            None
+            if attempt_timeout is None
+            else to_seconds("attempt_timeout", attempt_timeout, allow_zero=False, allow_inf=True)
+        )
+        if self.timeout == _INF:
+            self.timeout = None
+        if self.attempt_timeout == _INF:
+            self.attempt_timeout = None
+        self.breaker = breaker
+        self._breaker: BreakerStage | None = _breaker_stage(breaker)
+
+    def __repr__(self) -> str:
+        stages = [
+            f"{name}={value!r}"
+            for name in ("bulkhead", "timeout", "retry", "breaker", "attempt_timeout")
+            if (value := getattr(self, name)) is not None
+        ]
+        return f"Policy({', '.join(stages)})"
+
+    # Decorating ---------------------------------------------------------------------
+
+    @overload
+    def __call__(
+        self, fn: Callable[..., Coroutine[Any, Any, T]]
+    ) -> Callable[..., Coroutine[Any, Any, T]]: ...
+    @overload
+    def __call__(self, fn: Callable[..., T]) -> Callable[..., T]: ...
+    def __call__(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """Wrap ``fn``; the wrapper keeps its name, docstring, signature and sync/async kind."""
+        refuse_generators(fn, "Policy")
+        run_sync = self._run_sync
+        run_async = self._run_async
+        if inspect.iscoroutinefunction(fn):
+
+            @functools.wraps(fn)
+            async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
+                return await run_async(fn, args, kwargs)
+
+            return async_wrapper
+
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            return run_sync(fn, args, kwargs)
+
+        return wrapper
+
+    def call(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        """Call sync ``fn(*args, **kwargs)`` through the policy, without decorating it."""
+        return cast(T, self._run_sync(fn, args, kwargs))
+
+    async def acall(self, fn: Callable[..., Awaitable[T]], /, *args: Any, **kwargs: Any) -> T:
+        """Await async ``fn(*args, **kwargs)`` through the policy, without decorating it."""
+        return cast(T, await self._run_async(fn, args, kwargs))
+
+    # The sync driver ------------------------------------------------------------------
+
+    def _run_sync(
+        self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        bulkhead = self.bulkhead
+        if bulkhead is not None:
+            bulkhead.acquire()
+        try:
+            retry = self.retry
+            breaker = self._breaker
+            timeout = self.timeout
+            attempt_timeout = self.attempt_timeout
+            outer = total = _deadline.get()
+            if timeout is not None:
+                now = _monotonic()
+                if now + timeout < total:
+                    total = now + timeout
+            started = 0.0
+            if retry is not None:
+                started = retry.clock()
+                retry._admit(started)
+            state: Any = None
+            last_error: Exception | None = None
+            while True:
+                token = None
+                if total != _INF or attempt_timeout is not None:
+                    now = _monotonic()
+                    if now >= total:
+                        raise _deadline_error(state, last_error, timeout, retry)
+                    limit = total
+                    if attempt_timeout is not None and now + attempt_timeout < total:
+                        limit = now + attempt_timeout
+                    if limit < outer:
+                        token = _deadline.set(limit)
+                try:
+                    ticket = None if breaker is None else breaker._before_call()
+                except CircuitOpenError as rejected:
+                    if last_error is None:
+                        raise
+                    raise _rejected(rejected, retry, state, last_error) from last_error
+                try:
+                    result = fn(*args, **kwargs)
+                except Exception as exc:
+                    if breaker is not None:
+                        breaker._on_failure(ticket, exc)
+                    if retry is None:
+                        raise
+                    if token is not None:
+                        _deadline.reset(token)
+                        token = None
+                    if state is None:
+                        state = retry._new_state(started)
+                    delay = _next_delay(retry, state, total, exc=exc)
+                    if delay is None:
+                        retry._give_up(state, exc)
+                        raise
+                    last_error = exc
+                except BaseException:
+                    if breaker is not None:
+                        breaker._on_abort(ticket)
+                    raise
+                else:
+                    if breaker is not None:
+                        breaker._on_success(ticket)
+                    if retry is None or retry.on_result is None:
+                        return result
+                    if token is not None:
+                        _deadline.reset(token)
+                        token = None
+                    if state is None:
+                        state = retry._new_state(started)
+                    delay = _next_delay(retry, state, total, result=result)
+                    if delay is None:
+                        return result
+                    last_error = None
+                finally:
+                    if token is not None:
+                        _deadline.reset(token)
+                if delay > 0.0:
+                    _sleep(delay)
+        finally:
+            if bulkhead is not None:
+                bulkhead.release()
+
+    # The async driver -----------------------------------------------------------------
+
+    async def _run_async(
+        self, fn: Callable[..., Awaitable[Any]], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        bulkhead = self.bulkhead
+        if bulkhead is not None:
+            await bulkhead.acquire_async()
+        try:
+            retry = self.retry
+            breaker = self._breaker
+            timeout = self.timeout
+            attempt_timeout = self.attempt_timeout
+            # Only the policy's own limits need a cancellation timer: an enclosing
+            # `async with deadline()` scope cancels the work itself.
+            timed = timeout is not None or attempt_timeout is not None
+            outer = total = _deadline.get()
+            if timeout is not None:
+                now = _monotonic()
+                if now + timeout < total:
+                    total = now + timeout
+            started = 0.0
+            if retry is not None:
+                started = retry.clock()
+                retry._admit(started)
+            state: Any = None
+            last_error: Exception | None = None
+            while True:
+                token = None
+                limit = total
+                if total != _INF or attempt_timeout is not None:
+                    now = _monotonic()
+                    if now >= total:
+                        raise _deadline_error(state, last_error, timeout, retry)
+                    if attempt_timeout is not None and now + attempt_timeout < total:
+                        limit = now + attempt_timeout
+                    if limit < outer:
+                        token = _deadline.set(limit)
+                try:
+                    ticket = None if breaker is None else breaker._before_call()
+                except CircuitOpenError as rejected:
+                    if last_error is None:
+                        raise
+                    raise _rejected(rejected, retry, state, last_error) from last_error
+                try:
+                    coro = fn(*args, **kwargs)
+                    if type(coro) is not types.CoroutineType:
+                        coro = _as_coroutine(coro)
+                    try:
+                        pending = coro.send(None)
+                    except StopIteration as stop:
+                        result = stop.value
+                    else:
+                        if timed:
+                            result = await _bounded(coro, pending, limit, attempt_timeout, total)
+                        else:
+                            result = await _resume(coro, pending)
+                except Exception as exc:
+                    if breaker is not None:
+                        breaker._on_failure(ticket, exc)
+                    if retry is None:
+                        raise
+                    if token is not None:
+                        _deadline.reset(token)
+                        token = None
+                    if state is None:
+                        state = retry._new_state(started)
+                    delay = _next_delay(retry, state, total, exc=exc)
+                    if delay is None:
+                        retry._give_up(state, exc)
+                        raise
+                    last_error = exc
+                except BaseException:
+                    if breaker is not None:
+                        breaker._on_abort(ticket)
+                    raise
+                else:
+                    if breaker is not None:
+                        breaker._on_success(ticket)
+                    if retry is None or retry.on_result is None:
+                        return result
+                    if token is not None:
+                        _deadline.reset(token)
+                        token = None
+                    if state is None:
+                        state = retry._new_state(started)
+                    delay = _next_delay(retry, state, total, result=result)
+                    if delay is None:
+                        return result
+                    last_error = None
+                finally:
+                    if token is not None:
+                        _deadline.reset(token)
+                if delay > 0.0:
+                    await _async_sleep(delay)
+        finally:
+            if bulkhead is not None:
+                bulkhead.release()
+
+
+async def _bounded(
+    coro: Coroutine[Any, Any, T],
+    pending: Any,
+    limit: float,
+    attempt_timeout: float | None,
+    total: float,
+) -> T:
+    """Finish a suspended attempt, cancelling it when ``limit`` passes."""
+    task = asyncio.current_task()
+    assert task is not None
+    loop = task.get_loop()
+    canceller = _Canceller(task)
+    cancelling = task.cancelling()
+    handle = loop.call_at(loop.time() + (limit - _monotonic()), canceller)
+    try:
+        return await _resume(coro, pending)
+    except asyncio.CancelledError:
+        # Ours became a timeout; a cancellation from outside keeps propagating.
+        if canceller.fired and task.uncancel() <= cancelling:
+            if limit < total:
+                raise DeadlineExceeded(
+                    f"the attempt took longer than attempt_timeout={attempt_timeout:g} s "
+                    "and was cancelled"
+                ) from None
+            raise DeadlineExceeded(
+                "the call's deadline passed while an attempt was running; it was cancelled"
+            ) from None
+        raise
+    finally:
+        handle.cancel()
+        if canceller.fired and task.cancelling() > cancelling:
+            # The timer fired but the coroutine swallowed the cancellation and returned.
+            task.uncancel()
+
+
+def _next_delay(
+    retry: Retry, state: Any, total: float, *, exc: Exception | None = None, result: Any = None
+) -> float | None:
+    # The retry core runs on its own (injectable) clock; express the deadline on it.
+    now = retry.clock()
+    deadline = _INF if total == _INF else now + (total - _monotonic())
+    if exc is not None:
+        return retry._next_delay(state, now=now, deadline=deadline, exc=exc)
+    return retry._next_delay(state, now=now, deadline=deadline, result=result)
+
+
+def _deadline_error(
+    state: Any, last_error: Exception | None, timeout: float | None, retry: Retry | None
+) -> Exception:
+    """What to raise when the deadline has passed before the next attempt could start."""
+    if last_error is not None and retry is not None:
+        # Retries ran out of time: the caller gets the last original error, annotated.
+        retry._give_up(state, last_error)
+        return last_error
+    if timeout is not None:
+        message = f"the call's timeout of {timeout:g} s passed before an attempt could start"
+    else:
+        message = "the deadline passed before an attempt could start"
+    return DeadlineExceeded(message)
+
+
+def _rejected(
+    rejected: CircuitOpenError, retry: Retry | None, state: Any, last_error: Exception
+) -> CircuitOpenError:
+    """An open breaker ends the retries at once; say so on the error, chained to the last one."""
+    if retry is not None:
+        retry._give_up(state, rejected)
+    return rejected
+
+
+def _breaker_stage(breaker: object) -> BreakerStage | None:
+    if breaker is None:
+        return None
+    if isinstance(breaker, CircuitBreaker):
+        return breaker
+    import pybreaker
+
+    if isinstance(breaker, pybreaker.CircuitBreaker):
+        from resilient._pybreaker import PyBreakerStage
+
+        return PyBreakerStage(breaker)
+    raise TypeError(
+        f"breaker must be a resilient.CircuitBreaker or a pybreaker.CircuitBreaker, got {breaker!r}"
+    )

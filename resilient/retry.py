@@ -1,0 +1,902 @@
+"""Retries that know when to stop: backoff, a shared retry budget, and the deadline.
+
+A failed attempt is tried again only when all of these hold:
+
+* the failure is worth retrying: the exception matches ``on`` (or the return
+  value matches ``on_result``);
+* attempts remain (``attempts``, and the tenacity ``stop`` strategy if given);
+* the wait before the next attempt ends before the deadline in force;
+* the :class:`RetryBudget` has room. The budget (Finagle's design) caps retries
+  at a share of recent calls plus a small reserve, so when a dependency is down
+  its callers stop multiplying the load on it with retries.
+
+Otherwise the caller gets the *last original exception*, not a wrapper, with a
+note (:meth:`BaseException.add_note`) saying how many attempts were made and
+why retrying stopped. Exceptions that are not :class:`Exception` (cancellation,
+``KeyboardInterrupt``, ``SystemExit``) are never retried.
+
+Waits come from :class:`Backoff` (exponential growth with the jitter kinds of
+the AWS Architecture Blog's "Exponential Backoff And Jitter") or from a tenacity
+``wait`` strategy; ``on``, ``on_result`` and ``stop`` accept tenacity strategies
+too, so existing tenacity configuration carries over.
+
+:class:`Retry` holds configuration and the decision core only: it never calls
+the function and never sleeps. :class:`resilient.Policy` drives it, and
+``@Retry(...)`` is a ``Policy`` with a single stage. :func:`instant_retries`
+makes every wait zero, so test suites that exercise retries stay fast.
+
+Public names: :class:`Retry`, :class:`Backoff`, :class:`RetryBudget`,
+:class:`RetryEvent`, :class:`RetryHook`, :func:`instant_retries`,
+:func:`refuse_generators`.
+"""
+
+from __future__ import annotations
+
+import enum
+import inspect
+import math
+import random as _random
+import sys
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, ParamSpec, Protocol, TypeAlias, TypeVar, cast
+
+from resilient._config import Duration, check_int, check_number, to_seconds
+
+if TYPE_CHECKING:
+    from tenacity import BaseRetrying, RetryCallState
+    from tenacity.retry import retry_base
+    from tenacity.stop import stop_base
+    from tenacity.wait import wait_base
+
+__all__ = [
+    "Backoff",
+    "ExceptionFilter",
+    "Jitter",
+    "ResultFilter",
+    "Retry",
+    "RetryBudget",
+    "RetryEvent",
+    "RetryHook",
+    "RetryState",
+    "StopReason",
+    "instant_retries",
+    "refuse_generators",
+]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+Jitter: TypeAlias = Literal["full", "equal", "decorrelated", "none"]
+"""How :class:`Backoff` randomises waits; see :class:`Backoff`."""
+
+ExceptionFilter: TypeAlias = (
+    "type[BaseException] | tuple[type[BaseException], ...] | Callable[[Exception], bool]"
+    " | retry_base"
+)
+"""What ``Retry(on=...)`` accepts: exception type(s), a predicate, or a tenacity strategy."""
+
+ResultFilter: TypeAlias = "Callable[[Any], bool] | retry_base"
+"""What ``Retry(on_result=...)`` accepts: a predicate on the return value or a tenacity strategy."""
+
+StopReason: TypeAlias = Literal[
+    "not retryable", "attempts exhausted", "stop condition", "deadline", "retry budget exhausted"
+]
+"""Why :meth:`Retry._next_delay` declined to retry, as recorded on :class:`RetryState`."""
+
+_JITTERS: tuple[Jitter, ...] = ("full", "equal", "decorrelated", "none")
+_LARGEST_FLOAT = sys.float_info.max
+_BUDGET_SLICES = 10
+
+
+# Testing switch ---------------------------------------------------------------------
+
+# How many instant_retries() blocks are open, in any thread. A plain int read on the
+# failure path; the lock only guards the (rare) updates.
+_instant_depth = 0
+_instant_lock = threading.Lock()
+
+
+@contextmanager
+def instant_retries() -> Iterator[None]:
+    """Make every retry wait zero seconds while the block runs, process-wide.
+
+    Attempts, the stop strategy, the deadline and the retry budget still apply:
+    only the waiting goes, so a test suite exercises the real retry decisions
+    without sleeping. It affects every thread and task, which is what a test
+    wants; blocks may nest. As a pytest fixture::
+
+        @pytest.fixture(autouse=True)
+        def _fast_retries():
+            with resilient.instant_retries():
+                yield
+    """
+    global _instant_depth
+    with _instant_lock:
+        _instant_depth += 1
+    try:
+        yield
+    finally:
+        with _instant_lock:
+            _instant_depth -= 1
+
+
+def refuse_generators(fn: Callable[..., object], what: str) -> None:
+    """Raise :class:`TypeError` if ``fn`` is a generator or async generator function.
+
+    Retrying a generator would run it again from the start and replay the items
+    the caller had already received. ``what`` names the wrapper in the message.
+    """
+    if inspect.isasyncgenfunction(fn):
+        kind = "an async generator function"
+    elif inspect.isgeneratorfunction(fn):
+        kind = "a generator function"
+    else:
+        return
+    name = getattr(fn, "__qualname__", repr(fn))
+    raise TypeError(
+        f"{what} cannot wrap {name}: it is {kind}, and retrying it would replay the items "
+        "it had already yielded. Wrap the code that produces each item instead, or a "
+        "regular function that returns them all."
+    )
+
+
+# Backoff ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, init=False)
+class Backoff:
+    """Exponentially growing waits between attempts, capped and jittered.
+
+    The wait before retry ``n`` (1-based) grows from ``initial`` by
+    ``multiplier`` per retry up to ``max_delay``: ``min(max_delay, initial *
+    multiplier ** (n - 1))``, then ``jitter`` randomises it so that many clients
+    failing together do not retry in lockstep (definitions from the AWS
+    Architecture Blog, "Exponential Backoff And Jitter"):
+
+    * ``"full"`` (default): uniform between 0 and the exponential value.
+    * ``"equal"``: half the exponential value, plus uniform up to the other half.
+    * ``"decorrelated"``: uniform between ``initial`` and three times the
+      previous wait, capped at ``max_delay``; ``multiplier`` is not used.
+    * ``"none"``: exactly the exponential value.
+
+    Waits are never negative and never exceed ``max_delay``, however many retries.
+
+    >>> Backoff(initial=0.5, jitter="none").delay(3, previous=0.0, random=lambda: 0.0)
+    2.0
+    """
+
+    initial: float
+    multiplier: float
+    max_delay: float
+    jitter: Jitter
+    # Retries after which the exponential value has reached max_delay; capping the
+    # exponent there keeps multiplier ** n from overflowing at huge attempt numbers.
+    _growth_steps: int = field(init=False, repr=False, compare=False)
+
+    def __init__(
+        self,
+        *,
+        initial: Duration = 0.1,
+        multiplier: float = 2.0,
+        max_delay: Duration = 10.0,
+        jitter: Jitter = "full",
+    ) -> None:
+        initial_s = to_seconds("initial", initial)
+        growth = check_number("multiplier", multiplier, minimum=1.0)
+        cap = to_seconds("max_delay", max_delay)
+        if cap < initial_s:
+            raise ValueError(
+                f"max_delay must be at least initial ({initial_s:g} s), got {max_delay!r}"
+            )
+        if not isinstance(jitter, str):
+            raise TypeError(f"jitter must be a string, got {type(jitter).__name__}: {jitter!r}")
+        if jitter not in _JITTERS:
+            raise ValueError(
+                f"jitter must be one of {', '.join(map(repr, _JITTERS))}, got {jitter!r}"
+            )
+        if jitter == "decorrelated" and initial_s == 0:
+            raise ValueError(
+                "initial must be greater than zero with jitter='decorrelated': "
+                "its waits grow from initial, so they would all be 0"
+            )
+        if initial_s == 0 or growth == 1.0 or initial_s == cap:
+            steps = 0
+        else:
+            # One step beyond the computed one, in case rounding leaves it a hair short.
+            steps = math.ceil((math.log(cap) - math.log(initial_s)) / math.log(growth)) + 1
+        object.__setattr__(self, "initial", initial_s)
+        object.__setattr__(self, "multiplier", growth)
+        object.__setattr__(self, "max_delay", cap)
+        object.__setattr__(self, "jitter", jitter)
+        object.__setattr__(self, "_growth_steps", steps)
+
+    def delay(self, attempt: int, previous: float, random: Callable[[], float]) -> float:
+        """Return the seconds to wait before retry number ``attempt`` (1-based).
+
+        ``previous`` is the wait before the previous retry (0.0 before the first);
+        only ``"decorrelated"`` jitter uses it. ``random`` returns floats in
+        [0, 1), like :func:`random.random`.
+        """
+        cap = self.max_delay
+        jitter = self.jitter
+        if jitter == "decorrelated":
+            low = self.initial
+            high = (previous if previous > low else low) * 3.0
+            if high > _LARGEST_FLOAT:
+                high = _LARGEST_FLOAT
+            value = low + random() * (high - low)
+        else:
+            steps = attempt - 1
+            if steps > self._growth_steps:
+                steps = self._growth_steps
+            elif steps < 0:
+                steps = 0
+            try:
+                ceiling = self.initial * self.multiplier**steps
+            except OverflowError:
+                # Only for extreme settings (say initial=1e-300, multiplier=1e200), where the
+                # power overflows before the product reaches max_delay.
+                ceiling = cap
+            if ceiling > cap:
+                ceiling = cap
+            if jitter == "full":
+                value = random() * ceiling
+            elif jitter == "equal":
+                half = ceiling / 2.0
+                value = half + random() * half
+            else:
+                value = ceiling
+        # Clamped here too, so a random source that strays outside [0, 1) (or returns
+        # NaN) cannot break the bounds the driver relies on.
+        if value > cap:
+            return cap
+        return value if value > 0.0 else 0.0
+
+
+# Retry budget -----------------------------------------------------------------------
+
+
+class RetryBudget:
+    """A cap on retries shared by all calls through one :class:`Retry` (Finagle's design).
+
+    Over a sliding ``window`` the budget allows ``ratio * calls +
+    min_retries_per_second * window`` retries, counting every call made through
+    the ``Retry`` in that window. With the defaults (Finagle's), 20% of calls may
+    be retried, plus 10 retries a second so that a quiet service can still retry.
+    When the budget is spent, a failing call's error propagates at once: when a
+    dependency is down, retries would only multiply the load on it.
+
+    The window is a ring of ``10`` slices; a slice's counts expire as a whole, so
+    a call stops counting between ``0.9 * window`` and ``window`` after it was made.
+
+    :meth:`deposit` (once per call, on the success path too) takes no lock, so
+    two threads counting a call at the same instant may lose one of the two
+    increments. That makes the budget very slightly stricter, never looser, and
+    keeps a healthy call from contending on a lock. :meth:`try_withdraw` (once
+    per retry) takes a lock, so retries are counted exactly.
+
+    Pass ``now`` values from the same clock as ``clock``; ``clock`` is only read
+    by :meth:`available` when it is called without ``now``.
+    """
+
+    __slots__ = (
+        "_calls",
+        "_clock",
+        "_current",
+        "_index",
+        "_lock",
+        "_min_retries_per_second",
+        "_ratio",
+        "_reserve",
+        "_retries",
+        "_slice_end",
+        "_slice_width",
+        "_window",
+    )
+
+    def __init__(
+        self,
+        *,
+        ratio: float = 0.2,
+        min_retries_per_second: float = 10,
+        window: Duration = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._ratio = check_number("ratio", ratio, minimum=0.0)
+        self._min_retries_per_second = check_number(
+            "min_retries_per_second", min_retries_per_second, minimum=0.0
+        )
+        self._window = to_seconds("window", window, allow_zero=False)
+        if not callable(clock):
+            raise TypeError(f"clock must be a callable returning seconds, got {clock!r}")
+        self._clock = clock
+        self._reserve = self._min_retries_per_second * self._window
+        self._slice_width = self._window / _BUDGET_SLICES
+        self._calls = [0] * _BUDGET_SLICES
+        self._retries = [0] * _BUDGET_SLICES
+        # Absolute number of the current slice (now // slice width), its position in
+        # the ring, and when it ends. The first deposit starts the ring.
+        self._index = -(2**62)
+        self._current = 0
+        self._slice_end = -math.inf
+        self._lock = threading.Lock()
+
+    @property
+    def ratio(self) -> float:
+        """The share of calls in the window that may be retried."""
+        return self._ratio
+
+    @property
+    def min_retries_per_second(self) -> float:
+        """Retries a second allowed whatever the traffic, so a quiet service can retry."""
+        return self._min_retries_per_second
+
+    @property
+    def window(self) -> float:
+        """Seconds over which calls and retries are counted."""
+        return self._window
+
+    @property
+    def clock(self) -> Callable[[], float]:
+        """The clock :meth:`available` reads when not given ``now``."""
+        return self._clock
+
+    def __repr__(self) -> str:
+        return (
+            f"RetryBudget(ratio={self._ratio:g}, "
+            f"min_retries_per_second={self._min_retries_per_second:g}, window={self._window:g})"
+        )
+
+    def deposit(self, now: float) -> None:
+        """Count one call made at ``now``. O(1) and lock-free (see the class docstring)."""
+        if now >= self._slice_end:
+            with self._lock:
+                self._advance(now)
+        self._calls[self._current] += 1
+
+    def try_withdraw(self, now: float) -> bool:
+        """Count one retry at ``now`` if the budget allows it; return whether it did."""
+        with self._lock:
+            self._advance(now)
+            if sum(self._retries) + 1 > self._allowance():
+                return False
+            self._retries[self._current] += 1
+            return True
+
+    def available(self, now: float | None = None) -> int:
+        """Return how many retries the budget would allow now (for metrics and tests)."""
+        if now is None:
+            now = self._clock()
+        with self._lock:
+            self._advance(now)
+            room = self._allowance() - sum(self._retries)
+        return max(0, math.floor(room))
+
+    def _allowance(self) -> float:
+        limit = self._ratio * sum(self._calls) + self._reserve
+        # ratio * calls is rounded (0.29 * 100 == 28.999999999999996); tolerate that
+        # so the allowance is the whole number the formula means.
+        return limit * (1.0 + 1e-12)
+
+    def _advance(self, now: float) -> None:
+        """Move the ring to the slice holding ``now``, clearing expired slices. Hold the lock."""
+        if now < self._slice_end:
+            return  # already current (another thread advanced it first)
+        width = self._slice_width
+        index = math.floor(now / width)
+        if index <= self._index:
+            # now is past the slice's end yet rounds into it: it belongs to the next one.
+            index = self._index + 1
+        passed = index - self._index
+        calls = self._calls
+        retries = self._retries
+        if passed >= _BUDGET_SLICES:
+            for position in range(_BUDGET_SLICES):
+                calls[position] = 0
+                retries[position] = 0
+        else:
+            for step in range(1, passed + 1):
+                position = (self._index + step) % _BUDGET_SLICES
+                calls[position] = 0
+                retries[position] = 0
+        self._index = index
+        self._current = index % _BUDGET_SLICES
+        self._slice_end = (index + 1) * width
+
+
+def _admit_nothing(now: float) -> None:
+    """``Retry._admit`` when there is no budget to deposit into."""
+
+
+# Events and per-call state ------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RetryEvent:
+    """What a :class:`RetryHook` learns before each retry."""
+
+    attempt: int
+    """The attempt that just failed, 1-based (the retry about to happen is ``attempt + 1``)."""
+    delay: float
+    """Seconds the driver will wait before the next attempt."""
+    exception: Exception | None
+    """The exception the attempt raised; ``None`` when its result was retried."""
+    result: object
+    """The value the attempt returned when ``on_result`` asked for a retry; else ``None``."""
+    elapsed: float
+    """Seconds since the call's retry state began (see :meth:`Retry._new_state`)."""
+
+
+class RetryHook(Protocol):
+    """A callable run before each retry sleep: ``Retry(on_retry=hook)``.
+
+    It runs synchronously in the calling thread or task, before the wait, so
+    keep it fast (log, count). An exception it raises propagates to the caller,
+    chained to the attempt's error, and stops the retries.
+    """
+
+    def __call__(self, event: RetryEvent, /) -> object: ...
+
+
+class RetryState:
+    """One call's progress through its retries; the driver creates it on the first failure.
+
+    Not user API: the driver threads it through :meth:`Retry._next_delay` and
+    :meth:`Retry._give_up`. It belongs to one call, so calls running at the same
+    time in different threads or tasks never share attempt numbers.
+    """
+
+    __slots__ = ("_tenacity", "attempt", "last_delay", "started", "stop_reason", "waited")
+
+    def __init__(self, started: float) -> None:
+        self.started = started
+        #: Attempts made so far (each _next_delay call records one).
+        self.attempt = 0
+        #: Seconds of waiting granted so far.
+        self.waited = 0.0
+        #: The last wait granted (decorrelated jitter grows from it).
+        self.last_delay = 0.0
+        #: Why the last decision was to stop; None while retrying.
+        self.stop_reason: StopReason | None = None
+        # The tenacity view of this call, made on first use and updated in place.
+        self._tenacity: RetryCallState | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"<RetryState attempt={self.attempt} waited={self.waited:g} "
+            f"stop_reason={self.stop_reason!r}>"
+        )
+
+
+# Retry ------------------------------------------------------------------------------
+
+
+class _Default(enum.Enum):
+    """Marks a parameter that was not passed, where ``None`` means something."""
+
+    DEFAULT = enum.auto()
+
+    def __repr__(self) -> str:
+        return "<default>"
+
+
+_DEFAULT = _Default.DEFAULT
+
+
+def _is_tenacity(value: object, module: str, base: str) -> bool:
+    """Whether ``value`` is a ``module.base`` instance, e.g. a ``tenacity.stop.stop_base``.
+
+    A tenacity strategy can only exist once tenacity has been imported, so
+    recognising one never needs the import, which would add ~50 ms to ``import
+    resilient`` for users who never touch tenacity.
+    """
+    loaded = sys.modules.get(module)
+    return loaded is not None and isinstance(value, getattr(loaded, base))
+
+
+def _tenacity() -> Any:
+    """The tenacity module, once a tenacity strategy has shown that it is imported."""
+    return sys.modules["tenacity"]
+
+
+def _describe(value: object) -> str:
+    """A short readable name for an ``on`` / ``on_result`` / ``stop`` setting."""
+    if isinstance(value, type):
+        if value.__module__ == "builtins":
+            return value.__qualname__
+        return f"{value.__module__}.{value.__qualname__}"
+    if isinstance(value, tuple):
+        return f"({', '.join(_describe(item) for item in value)})"
+    name = getattr(value, "__qualname__", None)
+    if isinstance(name, str):
+        return name
+    kind = type(value)
+    return f"{kind.__module__}.{kind.__qualname__}(...)"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, init=False, eq=False, repr=False)
+class Retry:
+    """Retry a failing call, with backoff, a retry budget and respect for the deadline.
+
+    >>> retry = Retry(attempts=4, on=(ConnectionError, TimeoutError))
+    >>> @retry
+    ... def fetch(key: str) -> bytes: ...
+
+    * ``attempts``: total tries, at least 1 (1 means no retries). Default 3, or
+      no limit when ``stop`` is given (the stop strategy then decides); pass
+      both to apply both, whichever stops first.
+    * ``on``: which exceptions to retry: an exception type, a tuple of types,
+      a predicate ``(exception) -> bool``, or a tenacity retry strategy such as
+      ``tenacity.retry_if_exception_type(...)``. Exceptions that are not
+      :class:`Exception` (cancellation, ``KeyboardInterrupt``...) are never
+      retried, whatever ``on`` says.
+    * ``on_result``: retry when the call *returns* a value this predicate (or
+      tenacity strategy such as ``tenacity.retry_if_result(...)``) accepts; when
+      retries run out the last value is returned.
+    * ``backoff``: the waits (default ``Backoff()``); or ``wait``, a tenacity
+      wait strategy such as ``tenacity.wait_exponential(...)``, not both.
+    * ``stop``: a tenacity stop strategy (``stop_after_attempt``,
+      ``stop_after_delay``...), consulted after each failed attempt with the
+      upcoming wait known, as tenacity does.
+    * ``budget``: the :class:`RetryBudget`, shared by all calls through this
+      ``Retry`` (default: a new one per ``Retry``, on ``clock``). ``None``
+      disables it.
+    * ``on_retry``: a :class:`RetryHook` or a sequence of them, called with a
+      :class:`RetryEvent` before each wait.
+    * ``clock`` and ``random``: time in seconds and uniform floats in [0, 1);
+      inject them to test.
+
+    Tenacity strategies see a ``tenacity.RetryCallState`` whose ``fn``, ``args``
+    and ``kwargs`` are empty; its times come from ``clock``.
+
+    ``Retry`` never sleeps or calls the function itself: :class:`resilient.Policy`
+    drives it, and this object is a ``Policy`` stage.
+    """
+
+    attempts: int | None
+    on: ExceptionFilter
+    on_result: ResultFilter | None
+    backoff: Backoff | None
+    wait: wait_base | None
+    stop: stop_base | None
+    budget: RetryBudget | None
+    on_retry: RetryHook | Sequence[RetryHook] | None
+    clock: Callable[[], float]
+    random: Callable[[], float]
+    # Called by the driver once per call; the budget's deposit, bound here so the
+    # success path pays for one call and nothing else.
+    _admit: Callable[[float], None] = field(init=False)
+    _on_types: tuple[type[BaseException], ...] | None = field(init=False)
+    _on_is_tenacity: bool = field(init=False)
+    _on_result_is_tenacity: bool = field(init=False)
+    _hooks: tuple[RetryHook, ...] = field(init=False)
+    # Set when any strategy is tenacity's: the retry_object their call state carries.
+    _tenacity_retrying: BaseRetrying | None = field(init=False)
+
+    def __init__(
+        self,
+        *,
+        attempts: int | _Default | None = _DEFAULT,
+        on: ExceptionFilter = Exception,
+        on_result: ResultFilter | None = None,
+        backoff: Backoff | None = None,
+        wait: wait_base | None = None,
+        stop: stop_base | None = None,
+        budget: RetryBudget | _Default | None = _DEFAULT,
+        on_retry: RetryHook | Sequence[RetryHook] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        random: Callable[[], float] = _random.random,
+    ) -> None:
+        on_is_tenacity = on_result_is_tenacity = False
+
+        if stop is not None and not _is_tenacity(stop, "tenacity.stop", "stop_base"):
+            raise TypeError(
+                "stop must be a tenacity stop strategy such as "
+                f"tenacity.stop_after_delay(10), got {stop!r}"
+            )
+        if isinstance(attempts, _Default):
+            attempts = 3 if stop is None else None
+        elif attempts is None:
+            if stop is None:
+                raise ValueError(
+                    "attempts=None (no limit) needs a stop strategy, or the call could "
+                    "retry forever; pass attempts=N or stop=..."
+                )
+        else:
+            check_int("attempts", attempts, minimum=1)
+
+        on_types: tuple[type[BaseException], ...] | None = None
+        if isinstance(on, type):
+            if not issubclass(on, BaseException):
+                raise TypeError(f"on must be an exception type, got the class {on!r}")
+            on_types = (on,)
+        elif isinstance(on, tuple):
+            if not on:
+                raise ValueError("on must name at least one exception type, got ()")
+            for item in on:
+                if not (isinstance(item, type) and issubclass(item, BaseException)):
+                    raise TypeError(
+                        f"on must be a tuple of exception types, got {on!r} (holding {item!r})"
+                    )
+            on_types = on
+        elif _is_tenacity(on, "tenacity.retry", "retry_base"):
+            on_is_tenacity = True
+        elif not callable(on):
+            raise TypeError(
+                "on must be an exception type, a tuple of them, a predicate taking the "
+                f"exception, or a tenacity retry strategy, got {on!r}"
+            )
+
+        if on_result is not None:
+            if _is_tenacity(on_result, "tenacity.retry", "retry_base"):
+                on_result_is_tenacity = True
+            elif isinstance(on_result, type) or not callable(on_result):
+                raise TypeError(
+                    "on_result must be a predicate taking the return value, a tenacity retry "
+                    f"strategy such as tenacity.retry_if_result(...), or None, got {on_result!r}"
+                )
+
+        if wait is not None:
+            if not _is_tenacity(wait, "tenacity.wait", "wait_base"):
+                raise TypeError(
+                    "wait must be a tenacity wait strategy such as "
+                    f"tenacity.wait_exponential(), got {wait!r}"
+                )
+            if backoff is not None:
+                raise ValueError(
+                    f"give backoff or wait, not both: got backoff={backoff!r} and wait={wait!r}"
+                )
+        elif backoff is None:
+            backoff = _DEFAULT_BACKOFF
+        elif not isinstance(backoff, Backoff):
+            raise TypeError(f"backoff must be a resilient.Backoff, got {backoff!r}")
+
+        if not callable(clock):
+            raise TypeError(f"clock must be a callable returning seconds, got {clock!r}")
+        if not callable(random):
+            raise TypeError(f"random must be a callable returning floats in [0, 1), got {random!r}")
+
+        if isinstance(budget, _Default):
+            budget = RetryBudget(clock=clock)
+        elif budget is not None and not isinstance(budget, RetryBudget):
+            raise TypeError(f"budget must be a resilient.RetryBudget or None, got {budget!r}")
+
+        if on_retry is None:
+            hooks: tuple[RetryHook, ...] = ()
+        elif isinstance(on_retry, list | tuple):
+            hooks = tuple(on_retry)
+        else:
+            hooks = (cast(RetryHook, on_retry),)
+        for hook in hooks:
+            if not callable(hook):
+                raise TypeError(
+                    f"on_retry must be a callable taking a RetryEvent, or a sequence of them, "
+                    f"got {on_retry!r}"
+                )
+
+        retrying = None
+        if on_is_tenacity or on_result_is_tenacity or wait is not None or stop is not None:
+            tenacity = _tenacity()
+            retrying = tenacity.Retrying(
+                stop=stop if stop is not None else tenacity.stop_never,
+                wait=wait if wait is not None else tenacity.wait_none(),
+            )
+
+        setattr_ = object.__setattr__
+        setattr_(self, "attempts", attempts)
+        setattr_(self, "on", on)
+        setattr_(self, "on_result", on_result)
+        setattr_(self, "backoff", backoff)
+        setattr_(self, "wait", wait)
+        setattr_(self, "stop", stop)
+        setattr_(self, "budget", budget)
+        setattr_(self, "on_retry", on_retry)
+        setattr_(self, "clock", clock)
+        setattr_(self, "random", random)
+        setattr_(self, "_admit", _admit_nothing if budget is None else budget.deposit)
+        setattr_(self, "_on_types", on_types)
+        setattr_(self, "_on_is_tenacity", on_is_tenacity)
+        setattr_(self, "_on_result_is_tenacity", on_result_is_tenacity)
+        setattr_(self, "_hooks", hooks)
+        setattr_(self, "_tenacity_retrying", retrying)
+
+    def __repr__(self) -> str:
+        parts = [f"attempts={self.attempts!r}", f"on={_describe(self.on)}"]
+        if self.on_result is not None:
+            parts.append(f"on_result={_describe(self.on_result)}")
+        if self.wait is not None:
+            parts.append(f"wait={_describe(self.wait)}")
+        else:
+            parts.append(f"backoff={self.backoff!r}")
+        if self.stop is not None:
+            parts.append(f"stop={_describe(self.stop)}")
+        parts.append(f"budget={self.budget!r}")
+        if self._hooks:
+            parts.append(f"on_retry={', '.join(_describe(hook) for hook in self._hooks)}")
+        return f"Retry({', '.join(parts)})"
+
+    # Using it alone: a single-stage Policy --------------------------------------------
+
+    def __call__(self, fn: Callable[P, R]) -> Callable[P, R]:
+        """Decorate ``fn`` (sync or async) to retry it; generators are refused."""
+        refuse_generators(fn, "Retry")
+        from resilient.policy import Policy
+
+        return cast(Callable[P, R], Policy(retry=self)(fn))
+
+    def call(self, fn: Callable[..., R], /, *args: Any, **kwargs: Any) -> R:
+        """Call sync ``fn(*args, **kwargs)`` with retries, without decorating it."""
+        from resilient.policy import Policy
+
+        return Policy(retry=self).call(fn, *args, **kwargs)
+
+    async def acall(self, fn: Callable[..., Awaitable[R]], /, *args: Any, **kwargs: Any) -> R:
+        """Await async ``fn(*args, **kwargs)`` with retries, without decorating it."""
+        from resilient.policy import Policy
+
+        return await Policy(retry=self).acall(fn, *args, **kwargs)
+
+    # The decision core, for the driver --------------------------------------------------
+
+    def _new_state(self, started: float) -> RetryState:
+        """Per-call state, made by the driver on a call's first failure.
+
+        ``started`` (on ``clock``) is when the call began; elapsed times and
+        tenacity's ``stop_after_delay`` count from it.
+        """
+        return RetryState(started)
+
+    def _next_delay(
+        self,
+        state: RetryState,
+        *,
+        now: float,
+        deadline: float = math.inf,
+        exc: BaseException | None = None,
+        result: object = None,
+    ) -> float | None:
+        """Record one failed attempt; return the seconds to wait before the next, or ``None``.
+
+        Pass ``exc`` when the attempt raised, else ``result``. ``now`` and
+        ``deadline`` (absolute, ``math.inf`` for none) are on ``clock``. ``None``
+        means stop: ``state.stop_reason`` says why. Before returning a wait it
+        calls the ``on_retry`` hooks.
+        """
+        state.attempt = attempt = state.attempt + 1
+        retrying = self._tenacity_retrying
+        view = None if retrying is None else self._tenacity_view(retrying, state, now, exc, result)
+        failure: Exception | None = None
+        if exc is not None:
+            if not isinstance(exc, Exception):
+                # Cancellation and interpreter exits must propagate, whatever `on` says.
+                state.stop_reason = "not retryable"
+                return None
+            failure = exc
+            on_types = self._on_types
+            if on_types is not None:
+                retryable = isinstance(exc, on_types)
+            elif self._on_is_tenacity:
+                retryable = bool(cast("retry_base", self.on)(cast("RetryCallState", view)))
+            else:
+                retryable = bool(cast(Callable[[Exception], bool], self.on)(exc))
+        elif self.on_result is None:
+            retryable = False
+        elif self._on_result_is_tenacity:
+            retryable = bool(cast("retry_base", self.on_result)(cast("RetryCallState", view)))
+        else:
+            retryable = bool(cast(Callable[[Any], bool], self.on_result)(result))
+        if not retryable:
+            state.stop_reason = "not retryable"
+            return None
+
+        attempts = self.attempts
+        if attempts is not None and attempt >= attempts:
+            state.stop_reason = "attempts exhausted"
+            return None
+
+        wait = self.wait
+        if _instant_depth:
+            delay = 0.0
+        elif wait is not None:
+            delay = float(wait(cast("RetryCallState", view)))
+            if not 0.0 <= delay < math.inf:
+                raise ValueError(
+                    f"wait strategy {_describe(wait)} returned {delay!r}; "
+                    "a wait must be a finite number of seconds, at least 0"
+                )
+        else:
+            delay = cast(Backoff, self.backoff).delay(attempt, state.last_delay, self.random)
+
+        stop = self.stop
+        if stop is not None:
+            checked = cast("RetryCallState", view)
+            checked.upcoming_sleep = delay
+            if stop(checked):
+                state.stop_reason = "stop condition"
+                return None
+
+        # A retry that would start at or after the deadline could only fail with it.
+        if now + delay >= deadline:
+            state.stop_reason = "deadline"
+            return None
+
+        budget = self.budget
+        if budget is not None and not budget.try_withdraw(now):
+            state.stop_reason = "retry budget exhausted"
+            return None
+
+        state.waited += delay
+        state.last_delay = delay
+        state.stop_reason = None
+        if self._hooks:
+            event = RetryEvent(
+                attempt=attempt,
+                delay=delay,
+                exception=failure,
+                result=None if failure is not None else result,
+                elapsed=now - state.started,
+            )
+            for hook in self._hooks:
+                hook(event)
+        return delay
+
+    def _give_up(self, state: RetryState, exc: BaseException) -> None:
+        """Note on ``exc`` why retrying stopped, unless it simply was not retryable at once.
+
+        A state whose last decision was to retry means the driver stopped for the
+        deadline (it passed during the wait).
+        """
+        reason = state.stop_reason or "deadline"
+        attempts = state.attempt
+        if reason == "not retryable" and attempts <= 1:
+            return
+        if reason == "attempts exhausted":
+            why = f"attempts exhausted (attempts={self.attempts})"
+        elif reason == "retry budget exhausted":
+            why = (
+                "retry budget exhausted: too many recent calls through this Retry were "
+                f"retried ({self.budget!r})"
+            )
+        elif reason == "deadline":
+            why = "the deadline would pass before the next attempt could start"
+        elif reason == "stop condition":
+            why = f"the stop strategy {_describe(self.stop)} said to stop"
+        else:
+            why = f"{_describe(type(exc))} is not retryable (on={_describe(self.on)})"
+        plural = "" if attempts == 1 else "s"
+        exc.add_note(
+            f"resilient.Retry: gave up after {attempts} attempt{plural} "
+            f"({state.waited:.2f} s waiting in total): {why}"
+        )
+
+    def _tenacity_view(
+        self,
+        retrying: BaseRetrying,
+        state: RetryState,
+        now: float,
+        exc: BaseException | None,
+        result: object,
+    ) -> RetryCallState:
+        """This attempt as a ``tenacity.RetryCallState``, for tenacity strategies."""
+        tenacity = _tenacity()
+        view = state._tenacity
+        if view is None:
+            view = tenacity.RetryCallState(retrying, None, (), {})
+            view.start_time = state.started
+            state._tenacity = view
+        view.attempt_number = state.attempt
+        if exc is not None:
+            view.outcome = tenacity.Future.construct(state.attempt, exc, True)
+        else:
+            view.outcome = tenacity.Future.construct(state.attempt, result, False)
+        view.outcome_timestamp = now
+        view.idle_for = state.waited
+        view.upcoming_sleep = 0.0
+        return view
+
+
+_DEFAULT_BACKOFF = Backoff()

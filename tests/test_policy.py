@@ -1,0 +1,600 @@
+"""Policy: the fused driver of bulkhead, deadline, retry, breaker and attempt timeout."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pybreaker
+import pytest
+
+import resilient
+from resilient import policy as policy_module
+from resilient._pybreaker import PyBreakerOpenError
+
+
+@pytest.fixture(autouse=True)
+def waits(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """Record retry waits instead of sleeping them (tests that need real time opt out)."""
+    waits: list[float] = []
+
+    async def fake_async_sleep(delay: float) -> None:
+        waits.append(delay)
+
+    monkeypatch.setattr(policy_module, "_sleep", waits.append)
+    monkeypatch.setattr(policy_module, "_async_sleep", fake_async_sleep)
+    return waits
+
+
+def flaky(failures: int, error: type[Exception] = ConnectionError) -> Any:
+    """A function that fails `failures` times, then returns the number of calls."""
+    calls = {"n": 0}
+
+    def fn() -> int:
+        calls["n"] += 1
+        if calls["n"] <= failures:
+            raise error(f"failure {calls['n']}")
+        return calls["n"]
+
+    fn.calls = calls  # type: ignore[attr-defined]
+    return fn
+
+
+def no_budget_retry(**kwargs: Any) -> resilient.Retry:
+    kwargs.setdefault("attempts", 3)
+    return resilient.Retry(budget=None, **kwargs)
+
+
+# Decorating -----------------------------------------------------------------------------
+
+
+def test_wrapper_keeps_name_doc_signature_and_kind() -> None:
+    """Introspection sees the wrapped function, sync and async alike."""
+    policy = resilient.Policy(retry=no_budget_retry())
+
+    @policy
+    def fetch(key: str, *, fresh: bool = False) -> str:
+        """Fetch a key."""
+        return key
+
+    @policy
+    async def afetch(key: str) -> str:
+        """Fetch a key, async."""
+        return key
+
+    assert fetch.__name__ == "fetch"
+    assert fetch.__doc__ == "Fetch a key."
+    assert inspect.signature(fetch) == inspect.signature(fetch.__wrapped__)
+    assert list(inspect.signature(fetch).parameters) == ["key", "fresh"]
+    assert not inspect.iscoroutinefunction(fetch)
+    assert inspect.iscoroutinefunction(afetch)
+    assert afetch.__name__ == "afetch"
+    assert fetch("k", fresh=True) == "k"
+
+
+def test_methods_bind_self() -> None:
+    """A decorated method receives its instance."""
+
+    class Client:
+        def __init__(self) -> None:
+            self.base = "x"
+
+        @resilient.Policy(retry=no_budget_retry())
+        def get(self, key: str) -> str:
+            return self.base + key
+
+        @resilient.Policy(retry=no_budget_retry())
+        async def aget(self, key: str) -> str:
+            return self.base + key
+
+    client = Client()
+    assert client.get("1") == "x1"
+    assert asyncio.run(client.aget("2")) == "x2"
+
+
+def test_generators_are_refused() -> None:
+    """A retried generator would replay items it already yielded."""
+
+    def gen() -> Iterator[int]:
+        yield 1
+
+    async def agen() -> Any:
+        yield 1
+
+    with pytest.raises(TypeError, match="generator"):
+        resilient.Policy(retry=no_budget_retry())(gen)
+    with pytest.raises(TypeError, match="generator"):
+        resilient.Policy(retry=no_budget_retry())(agen)
+
+
+def test_call_and_acall_run_inline() -> None:
+    """policy.call / policy.acall apply the stages without decorating."""
+    policy = resilient.Policy(retry=no_budget_retry())
+    fn = flaky(2)
+    assert policy.call(fn) == 3
+
+    async def add(a: int, b: int) -> int:
+        return a + b
+
+    assert asyncio.run(policy.acall(add, 1, b=2)) == 3
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"timeout": -1}, "timeout"),
+        ({"attempt_timeout": 0}, "attempt_timeout"),
+        ({"attempt_timeout": float("nan")}, "attempt_timeout"),
+        ({"retry": 3}, "retry"),
+        ({"bulkhead": 3}, "bulkhead"),
+        ({"breaker": object()}, "breaker"),
+    ],
+)
+def test_bad_configuration_names_the_parameter(kwargs: dict[str, Any], match: str) -> None:
+    """Every bad value is refused at construction, naming the parameter."""
+    with pytest.raises((TypeError, ValueError), match=match):
+        resilient.Policy(**kwargs)
+
+
+# Retry through the driver --------------------------------------------------------------
+
+
+def test_retry_until_success_sync(waits: list[float]) -> None:
+    """Two failures then a success: the caller sees the result, after two waits."""
+    fn = flaky(2)
+    assert resilient.Policy(retry=no_budget_retry())(fn)() == 3
+    assert len(waits) == 2
+
+
+async def test_retry_until_success_async() -> None:
+    """The async driver retries the same way."""
+    calls = 0
+
+    @resilient.Policy(retry=no_budget_retry())
+    async def fn() -> int:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0)
+        if calls < 3:
+            raise ConnectionError("down")
+        return calls
+
+    assert await fn() == 3
+
+
+def test_exhausted_retries_raise_the_last_original_error_with_notes() -> None:
+    """No wrapper: the last exception itself, annotated with what happened."""
+    fn = flaky(10)
+    with pytest.raises(ConnectionError, match="failure 3") as caught:
+        resilient.Policy(retry=no_budget_retry())(fn)()
+    notes = "\n".join(caught.value.__notes__)
+    assert "3 attempts" in notes
+    assert fn.calls["n"] == 3
+
+
+def test_errors_not_matching_on_are_not_retried() -> None:
+    """Only the configured exception types are retried."""
+    fn = flaky(1, error=KeyError)
+    with pytest.raises(KeyError):
+        resilient.Policy(retry=no_budget_retry(on=ConnectionError))(fn)()
+    assert fn.calls["n"] == 1
+
+
+def test_result_retry_returns_last_result_when_exhausted() -> None:
+    """A result predicate retries; when attempts run out the last result is returned."""
+    results = iter([None, None, None, 4])
+
+    @resilient.Policy(retry=no_budget_retry(on_result=lambda r: r is None))
+    def fn() -> int | None:
+        return next(results)
+
+    assert fn() is None
+    assert next(results) == 4
+
+
+def test_keyboard_interrupt_is_neither_retried_nor_counted() -> None:
+    """Interrupts pass straight through; the breaker does not count them."""
+    breaker = resilient.CircuitBreaker(failure_threshold=1)
+    calls = 0
+
+    @resilient.Policy(retry=no_budget_retry(), breaker=breaker)
+    def fn() -> None:
+        nonlocal calls
+        calls += 1
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fn()
+    assert calls == 1
+    assert breaker.state == resilient.BreakerState.CLOSED
+
+
+async def test_cancellation_is_neither_retried_nor_counted() -> None:
+    """A cancelled call propagates CancelledError; breaker and bulkhead are left clean."""
+    breaker = resilient.CircuitBreaker(failure_threshold=1)
+    bulkhead = resilient.Bulkhead(max_concurrent=1)
+    started = asyncio.Event()
+    calls = 0
+
+    @resilient.Policy(bulkhead=bulkhead, retry=no_budget_retry(), breaker=breaker)
+    async def fn() -> None:
+        nonlocal calls
+        calls += 1
+        started.set()
+        await asyncio.sleep(10)
+
+    task = asyncio.create_task(fn())
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert calls == 1
+    assert breaker.state == resilient.BreakerState.CLOSED
+    assert bulkhead.available == 1
+
+
+def test_concurrent_threads_keep_their_own_attempt_counts() -> None:
+    """Per-call state is per call: 16 threads each fail twice then succeed with attempts=3."""
+    local = threading.local()
+    barrier = threading.Barrier(16)
+    policy = resilient.Policy(retry=no_budget_retry())
+
+    @policy
+    def fn() -> int:
+        local.calls = getattr(local, "calls", 0) + 1
+        if local.calls == 1:
+            barrier.wait()
+        if local.calls < 3:
+            raise ConnectionError("down")
+        return local.calls
+
+    results: list[int] = []
+
+    def worker() -> None:
+        results.append(fn())
+
+    threads = [threading.Thread(target=worker) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == [3] * 16
+
+
+async def test_concurrent_tasks_keep_their_own_attempt_counts() -> None:
+    """The same for 50 asyncio tasks interleaving their attempts."""
+    policy = resilient.Policy(retry=no_budget_retry())
+
+    async def one() -> int:
+        calls = 0
+
+        async def attempt() -> int:
+            nonlocal calls
+            calls += 1
+            await asyncio.sleep(0)
+            if calls < 3:
+                raise ConnectionError("down")
+            return calls
+
+        return await policy.acall(attempt)
+
+    assert await asyncio.gather(*(one() for _ in range(50))) == [3] * 50
+
+
+# Breaker inside retry ------------------------------------------------------------------
+
+
+def test_breaker_sees_every_attempt_and_stops_the_retries() -> None:
+    """Retry wraps the breaker: each attempt counts, and once open the call fails fast."""
+    breaker = resilient.CircuitBreaker(failure_threshold=2, reset_timeout=60)
+    fn = flaky(10)
+    with pytest.raises(resilient.CircuitOpenError) as caught:
+        resilient.Policy(retry=no_budget_retry(attempts=5), breaker=breaker)(fn)()
+    assert fn.calls["n"] == 2
+    assert isinstance(caught.value.__cause__, ConnectionError)
+    assert breaker.state == resilient.BreakerState.OPEN
+
+
+def test_open_breaker_rejects_without_calling() -> None:
+    """An open circuit fails fast with retry_after, and the function is not called."""
+    breaker = resilient.CircuitBreaker(failure_threshold=1, reset_timeout=30)
+    fn = flaky(10)
+    wrapped = resilient.Policy(breaker=breaker)(fn)
+    with pytest.raises(ConnectionError):
+        wrapped()
+    with pytest.raises(resilient.CircuitOpenError) as caught:
+        wrapped()
+    assert 0 < caught.value.retry_after <= 30
+    assert fn.calls["n"] == 1
+
+
+# Deadlines -----------------------------------------------------------------------------
+
+
+def test_attempt_timeout_is_a_cooperative_deadline_for_sync_code() -> None:
+    """A sync attempt sees the shorter of its own and the total deadline."""
+    seen: list[float] = []
+
+    @resilient.Policy(timeout=5.0, attempt_timeout=0.5)
+    def fn() -> None:
+        seen.append(resilient.remaining())
+
+    fn()
+    assert 0.4 < seen[0] <= 0.5
+    assert resilient.remaining() == float("inf")
+
+
+def test_timeout_clamps_to_an_enclosing_deadline() -> None:
+    """The policy's timeout never extends the caller's deadline."""
+    seen: list[float] = []
+
+    @resilient.Policy(timeout=5.0)
+    def fn() -> None:
+        seen.append(resilient.remaining())
+
+    with resilient.deadline(0.3):
+        fn()
+    assert seen[0] <= 0.3
+
+
+def test_expired_deadline_raises_before_calling() -> None:
+    """No attempt starts once the deadline has passed."""
+    fn = flaky(0)
+    with resilient.deadline(0), pytest.raises(resilient.DeadlineExceeded):
+        resilient.Policy(retry=no_budget_retry())(fn)()
+    assert fn.calls["n"] == 0
+
+
+@pytest.mark.parametrize("waits", [None])
+def test_sync_retries_stay_within_the_deadline_plus_one_attempt(waits: None) -> None:
+    """A 1 s deadline around a slowly failing sync call ends by 1 s + the attempt in flight."""
+    attempt_seconds = 0.15
+
+    @resilient.Policy(
+        timeout=1.0,
+        retry=resilient.Retry(
+            attempts=100,
+            budget=None,
+            backoff=resilient.Backoff(initial=0.05, max_delay=0.2, jitter="none"),
+        ),
+    )
+    def slow_failure() -> None:
+        time.sleep(attempt_seconds)
+        raise ConnectionError("slow failure")
+
+    started = time.monotonic()
+    with pytest.raises(ConnectionError) as caught:
+        slow_failure()
+    elapsed = time.monotonic() - started
+    assert elapsed <= 1.0 + attempt_seconds + 0.05
+    assert "deadline" in "\n".join(caught.value.__notes__)
+
+
+@pytest.mark.parametrize("waits", [None])
+async def test_async_retries_end_within_the_deadline(waits: None) -> None:
+    """A 1 s deadline around a slowly failing async call ends within 1 s: the attempt is cut."""
+
+    @resilient.Policy(
+        retry=resilient.Retry(
+            attempts=100,
+            budget=None,
+            backoff=resilient.Backoff(initial=0.05, max_delay=0.2, jitter="none"),
+        )
+    )
+    async def slow_failure() -> None:
+        await asyncio.sleep(0.3)
+        raise ConnectionError("slow failure")
+
+    started = time.monotonic()
+    with pytest.raises((ConnectionError, resilient.DeadlineExceeded)):
+        async with resilient.deadline(1.0):
+            await slow_failure()
+    assert time.monotonic() - started <= 1.05
+
+
+async def test_async_attempt_timeout_cancels_and_retries() -> None:
+    """Each async attempt is cancelled at attempt_timeout; the breaker counts it as a failure."""
+    breaker = resilient.CircuitBreaker(failure_threshold=10)
+    calls = 0
+
+    @resilient.Policy(retry=no_budget_retry(attempts=3), breaker=breaker, attempt_timeout=0.02)
+    async def hangs() -> None:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(10)
+
+    started = time.monotonic()
+    with pytest.raises(resilient.DeadlineExceeded, match="attempt_timeout") as caught:
+        await hangs()
+    assert calls == 3
+    assert time.monotonic() - started < 1.0
+    assert "3 attempts" in "\n".join(caught.value.__notes__)
+    assert breaker.metrics().consecutive_failures == 3
+    assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
+
+
+async def test_async_timeout_bounds_the_whole_call() -> None:
+    """timeout= cancels a hanging async call even without retries."""
+
+    @resilient.Policy(timeout=0.03)
+    async def hangs() -> None:
+        await asyncio.sleep(10)
+
+    with pytest.raises(resilient.DeadlineExceeded, match="deadline"):
+        await hangs()
+
+
+async def test_suspending_coroutines_get_values_and_errors_back() -> None:
+    """A coroutine that suspends many times sees awaited values and exceptions as usual."""
+
+    async def produce(value: int) -> int:
+        await asyncio.sleep(0)
+        return value
+
+    async def fail() -> None:
+        await asyncio.sleep(0)
+        raise ValueError("inner")
+
+    @resilient.Policy(timeout=5.0, attempt_timeout=1.0)
+    async def fn() -> int:
+        total = 0
+        for i in range(5):
+            total += await produce(i)
+        try:
+            await fail()
+        except ValueError:
+            total += 100
+        return total
+
+    assert await fn() == 110
+
+
+async def test_swallowed_timeout_leaves_no_pending_cancellation() -> None:
+    """If the function swallows the attempt's cancellation, no stray cancel leaks out."""
+
+    @resilient.Policy(attempt_timeout=0.01)
+    async def stubborn() -> str:
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            return "swallowed"
+        return "slept"  # pragma: no cover
+
+    assert await stubborn() == "swallowed"
+    await asyncio.sleep(0.02)
+    assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
+
+
+async def test_outer_cancellation_is_not_a_timeout() -> None:
+    """A cancel from outside stays CancelledError even with an attempt timer armed."""
+    started = asyncio.Event()
+
+    @resilient.Policy(attempt_timeout=5.0, retry=no_budget_retry())
+    async def fn() -> None:
+        started.set()
+        await asyncio.sleep(10)
+
+    task = asyncio.create_task(fn())
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+async def test_awaitable_returned_by_plain_function_works_with_acall() -> None:
+    """acall accepts a plain function that returns an awaitable (e.g. a future)."""
+    loop = asyncio.get_running_loop()
+
+    def make_future() -> asyncio.Future[int]:
+        future: asyncio.Future[int] = loop.create_future()
+        loop.call_soon(future.set_result, 7)
+        return future
+
+    assert await resilient.Policy(attempt_timeout=1.0).acall(make_future) == 7
+
+
+# Bulkhead ------------------------------------------------------------------------------
+
+
+def test_bulkhead_limits_concurrency_and_sheds_load() -> None:
+    """max_concurrent run, the rest are rejected at once with BulkheadFull."""
+    bulkhead = resilient.Bulkhead(max_concurrent=2)
+    release = threading.Event()
+    inside = threading.Barrier(3)
+
+    @resilient.Policy(bulkhead=bulkhead)
+    def hold() -> None:
+        inside.wait()
+        release.wait()
+
+    threads = [threading.Thread(target=hold) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    inside.wait()
+    with pytest.raises(resilient.BulkheadFull):
+        hold()
+    release.set()
+    for thread in threads:
+        thread.join()
+    assert bulkhead.available == 2
+
+
+# pybreaker as the breaker stage --------------------------------------------------------
+
+
+class Recorder(pybreaker.CircuitBreakerListener):  # type: ignore[misc]
+    def __init__(self) -> None:
+        self.changes: list[tuple[str, str]] = []
+        self.failures = 0
+
+    def state_change(self, cb: Any, old_state: Any, new_state: Any) -> None:
+        self.changes.append((old_state.name, new_state.name))
+
+    def failure(self, cb: Any, exc: BaseException) -> None:
+        self.failures += 1
+
+
+def test_pybreaker_rules_and_listeners_keep_working() -> None:
+    """A pybreaker breaker trips by its own fail_max and tells its listeners."""
+    listener = Recorder()
+    breaker = pybreaker.CircuitBreaker(
+        fail_max=2, reset_timeout=60, listeners=[listener], throw_new_error_on_trip=False
+    )
+    fn = flaky(10)
+    wrapped = resilient.Policy(breaker=breaker)(fn)
+    for _ in range(2):
+        with pytest.raises(ConnectionError):
+            wrapped()
+    with pytest.raises(pybreaker.CircuitBreakerError) as caught:
+        wrapped()
+    assert isinstance(caught.value, resilient.CircuitOpenError)
+    assert isinstance(caught.value, PyBreakerOpenError)
+    assert 0 < caught.value.retry_after <= 60
+    assert fn.calls["n"] == 2
+    assert listener.failures == 2
+    assert listener.changes == [("closed", "open")]
+
+
+def test_pybreaker_trip_error_and_excluded_exceptions() -> None:
+    """throw_new_error_on_trip and exclude keep pybreaker's meaning."""
+    breaker = pybreaker.CircuitBreaker(fail_max=1, reset_timeout=60, exclude=[KeyError])
+    wrapped = resilient.Policy(breaker=breaker)(flaky(10, error=KeyError))
+    for _ in range(3):
+        with pytest.raises(KeyError):
+            wrapped()
+    assert breaker.current_state == "closed"
+    failing = resilient.Policy(breaker=breaker)(flaky(10))
+    with pytest.raises(resilient.CircuitOpenError) as caught:
+        failing()
+    assert isinstance(caught.value.__cause__, pybreaker.CircuitBreakerError)
+    assert breaker.current_state == "open"
+
+
+def test_pybreaker_half_open_admits_one_probe_and_closes() -> None:
+    """After reset_timeout one trial call runs; concurrent callers are rejected, not queued."""
+    breaker = pybreaker.CircuitBreaker(fail_max=1, reset_timeout=60)
+    breaker.open()
+    breaker.half_open()
+    probing = threading.Event()
+    release = threading.Event()
+
+    @resilient.Policy(breaker=breaker)
+    def probe() -> str:
+        probing.set()
+        release.wait()
+        return "ok"
+
+    results: list[str] = []
+    thread = threading.Thread(target=lambda: results.append(probe()))
+    thread.start()
+    probing.wait()
+    with pytest.raises(resilient.CircuitOpenError):
+        probe()
+    release.set()
+    thread.join()
+    assert results == ["ok"]
+    assert breaker.current_state == "closed"

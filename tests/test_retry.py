@@ -1,0 +1,891 @@
+"""Tests for resilient.retry: backoff, the retry budget, and the retry decision core.
+
+The core is driven directly, the way resilient.Policy drives it, with a fake
+clock and a fixed random source; nothing here sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import inspect
+import math
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from datetime import timedelta
+
+import pytest
+import tenacity
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
+from resilient.retry import (
+    Backoff,
+    Retry,
+    RetryBudget,
+    RetryEvent,
+    instant_retries,
+    refuse_generators,
+)
+
+
+class FakeClock:
+    """A clock that only moves when told to."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def fixed(value: float):  # type: ignore[no-untyped-def]
+    """A random source that always returns ``value``."""
+    return lambda: value
+
+
+def failures(retry: Retry, exc: BaseException, *, now: float = 0.0) -> list[float | None]:
+    """Feed ``exc`` to a fresh state until the core stops; return every decision."""
+    state = retry._new_state(now)
+    decisions: list[float | None] = []
+    while True:
+        delay = retry._next_delay(state, now=now, deadline=math.inf, exc=exc)
+        decisions.append(delay)
+        if delay is None or len(decisions) > 50:
+            return decisions
+
+
+# Backoff ----------------------------------------------------------------------------
+
+
+def test_backoff_without_jitter_grows_exponentially_up_to_max_delay() -> None:
+    """jitter='none' waits initial * multiplier**(n-1), never decreasing, capped at max_delay."""
+    backoff = Backoff(initial=0.5, multiplier=3.0, max_delay=10.0, jitter="none")
+    delays = [backoff.delay(n, 0.0, fixed(0.7)) for n in range(1, 7)]
+    assert delays == [0.5, 1.5, 4.5, 10.0, 10.0, 10.0]
+    assert delays == sorted(delays)
+
+
+def test_full_jitter_is_uniform_between_zero_and_the_exponential_value() -> None:
+    """jitter='full' scales the exponential value by the random draw, so 0 <= wait < value."""
+    backoff = Backoff(initial=1.0, multiplier=2.0, max_delay=100.0, jitter="full")
+    assert backoff.delay(3, 0.0, fixed(0.0)) == 0.0
+    assert backoff.delay(3, 0.0, fixed(0.25)) == 1.0
+    assert backoff.delay(3, 0.0, fixed(0.999)) == pytest.approx(3.996)
+
+
+def test_equal_jitter_keeps_at_least_half_the_exponential_value() -> None:
+    """jitter='equal' waits half the exponential value plus a random share of the other half."""
+    backoff = Backoff(initial=1.0, multiplier=2.0, max_delay=100.0, jitter="equal")
+    assert backoff.delay(3, 0.0, fixed(0.0)) == 2.0
+    assert backoff.delay(3, 0.0, fixed(0.5)) == 3.0
+    assert backoff.delay(3, 0.0, fixed(0.999)) < 4.0
+
+
+def test_decorrelated_jitter_grows_from_three_times_the_previous_wait() -> None:
+    """jitter='decorrelated' draws between initial and 3 * previous, capped at max_delay."""
+    backoff = Backoff(initial=1.0, max_delay=20.0, jitter="decorrelated")
+    # Before the first retry there is no previous wait: the range is [initial, 3 * initial].
+    assert backoff.delay(1, 0.0, fixed(0.0)) == 1.0
+    assert backoff.delay(1, 0.0, fixed(0.5)) == 2.0
+    assert backoff.delay(2, 4.0, fixed(0.5)) == 6.5  # 1 + 0.5 * (12 - 1)
+    assert backoff.delay(5, 15.0, fixed(0.9)) == 20.0  # 1 + 0.9 * 44, capped
+    assert backoff.delay(5, 15.0, fixed(0.0)) == 1.0  # attempt and multiplier play no part
+
+
+@pytest.mark.parametrize("jitter", ["full", "equal", "decorrelated", "none"])
+@pytest.mark.parametrize("attempt", [10_000, 10**9])
+def test_huge_attempt_numbers_neither_overflow_nor_exceed_max_delay(
+    jitter: str, attempt: int
+) -> None:
+    """The exponent is capped, so attempt 10**9 yields a wait within max_delay, not an error."""
+    backoff = Backoff(initial=0.1, multiplier=2.0, max_delay=30.0, jitter=jitter)  # type: ignore[arg-type]
+    delay = backoff.delay(attempt, 30.0, fixed(0.999999))
+    assert 0.0 <= delay <= 30.0
+    assert delay > 29.0  # the exponential value has reached the cap long ago
+
+
+def test_extreme_growth_settings_do_not_overflow() -> None:
+    """Even when multiplier**n overflows before reaching max_delay, the wait is max_delay."""
+    backoff = Backoff(initial=1e-300, multiplier=1e200, max_delay=1e300, jitter="none")
+    assert backoff.delay(2, 0.0, fixed(0.5)) == pytest.approx(1e-100)
+    assert backoff.delay(4, 0.0, fixed(0.5)) == 1e300
+    assert backoff.delay(10**9, 0.0, fixed(0.5)) == 1e300
+    decorrelated = Backoff(initial=1.0, max_delay=1e308, jitter="decorrelated")
+    assert decorrelated.delay(2, 1e308, fixed(0.5)) <= 1e308
+
+
+@pytest.mark.parametrize("jitter", ["full", "equal", "decorrelated", "none"])
+@pytest.mark.parametrize("draw", [-0.5, 1.5, math.nan])
+def test_a_misbehaving_random_source_cannot_break_the_bounds(jitter: str, draw: float) -> None:
+    """Draws outside [0, 1), or NaN, still give a wait between 0 and max_delay."""
+    backoff = Backoff(initial=1.0, multiplier=2.0, max_delay=5.0, jitter=jitter)  # type: ignore[arg-type]
+    for attempt in (0, 1, 2, 5):
+        assert 0.0 <= backoff.delay(attempt, 4.0, fixed(draw)) <= 5.0
+
+
+def test_zero_initial_backoff_never_waits() -> None:
+    """initial=0 means no waiting (multiplying zero stays zero), for every attempt."""
+    backoff = Backoff(initial=0, jitter="none")
+    assert [backoff.delay(n, 0.0, fixed(0.5)) for n in (1, 2, 10**9)] == [0.0, 0.0, 0.0]
+
+
+@given(
+    initial=st.floats(min_value=0.0, max_value=1e6),
+    multiplier=st.floats(min_value=1.0, max_value=1e6),
+    extra=st.floats(min_value=0.0, max_value=1e6),
+    jitter=st.sampled_from(["full", "equal", "decorrelated", "none"]),
+    attempt=st.integers(min_value=-5, max_value=10**12),
+    previous=st.floats(min_value=0.0, max_value=1e308),
+    draw=st.floats(min_value=0.0, max_value=1.0, exclude_max=True),
+)
+def test_backoff_delay_is_always_between_zero_and_max_delay(
+    initial: float,
+    multiplier: float,
+    extra: float,
+    jitter: str,
+    attempt: int,
+    previous: float,
+    draw: float,
+) -> None:
+    """For any valid settings and any attempt, the wait is in [0, max_delay] and finite."""
+    assume(not (jitter == "decorrelated" and initial == 0.0))
+    backoff = Backoff(
+        initial=initial,
+        multiplier=multiplier,
+        max_delay=initial + extra,
+        jitter=jitter,  # type: ignore[arg-type]
+    )
+    delay = backoff.delay(attempt, previous, fixed(draw))
+    assert 0.0 <= delay <= backoff.max_delay
+
+
+@given(
+    initial=st.floats(min_value=1e-6, max_value=10.0),
+    multiplier=st.floats(min_value=1.0, max_value=10.0),
+    extra=st.floats(min_value=0.0, max_value=1e4),
+)
+def test_backoff_without_jitter_never_shrinks(
+    initial: float, multiplier: float, extra: float
+) -> None:
+    """Without jitter each retry waits at least as long as the one before."""
+    backoff = Backoff(
+        initial=initial, multiplier=multiplier, max_delay=initial + extra, jitter="none"
+    )
+    delays = [backoff.delay(n, 0.0, fixed(0.5)) for n in range(1, 80)]
+    assert delays == sorted(delays)
+
+
+def test_backoff_accepts_timedelta_and_is_frozen() -> None:
+    """Durations may be timedeltas; the object cannot be changed after construction."""
+    backoff = Backoff(initial=timedelta(milliseconds=250), max_delay=timedelta(seconds=2))
+    assert (backoff.initial, backoff.max_delay) == (0.25, 2.0)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        backoff.initial = 1.0  # type: ignore[misc]
+    assert backoff == Backoff(initial=0.25, max_delay=2)
+    assert "initial=0.25" in repr(backoff)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "pattern"),
+    [
+        ({"initial": -1}, ValueError, r"initial must not be negative, got -1"),
+        ({"initial": "1"}, TypeError, r"initial must be seconds"),
+        ({"multiplier": 0.5}, ValueError, r"multiplier must be between 1 and .*got 0\.5"),
+        ({"multiplier": math.inf}, ValueError, r"multiplier must be a finite number"),
+        ({"initial": 5, "max_delay": 1}, ValueError, r"max_delay must be at least initial.*got 1"),
+        ({"max_delay": math.inf}, ValueError, r"max_delay must be finite"),
+        ({"jitter": "gaussian"}, ValueError, r"jitter must be one of .*'full'.*got 'gaussian'"),
+        ({"jitter": None}, TypeError, r"jitter must be a string, got NoneType"),
+        (
+            {"initial": 0, "jitter": "decorrelated"},
+            ValueError,
+            r"initial must be greater than zero with jitter='decorrelated'",
+        ),
+    ],
+)
+def test_backoff_config_errors_name_the_parameter(
+    kwargs: dict[str, object], error: type[Exception], pattern: str
+) -> None:
+    """Each bad Backoff setting fails at construction with a message naming it."""
+    with pytest.raises(error, match=pattern):
+        Backoff(**kwargs)  # type: ignore[arg-type]
+
+
+# Retry budget -----------------------------------------------------------------------
+
+
+def test_budget_reserve_allows_min_retries_per_second_times_window() -> None:
+    """With no calls at all, min_retries_per_second * window retries are allowed."""
+    budget = RetryBudget(ratio=0.2, min_retries_per_second=1, window=5.0)
+    assert [budget.try_withdraw(0.0) for _ in range(6)] == [True] * 5 + [False]
+
+
+def test_budget_allows_ratio_of_calls_in_the_window() -> None:
+    """Each call deposits `ratio` of a retry: 10 calls at 20% allow exactly 2 retries."""
+    budget = RetryBudget(ratio=0.2, min_retries_per_second=0, window=10.0)
+    for _ in range(10):
+        budget.deposit(1.0)
+    assert budget.available(1.0) == 2
+    assert [budget.try_withdraw(1.5) for _ in range(3)] == [True, True, False]
+    assert budget.available(1.5) == 0
+
+
+def test_budget_allowance_is_not_lost_to_float_rounding() -> None:
+    """0.29 * 100 calls allow 29 retries, although the product rounds to 28.999..."""
+    budget = RetryBudget(ratio=0.29, min_retries_per_second=0)
+    for _ in range(100):
+        budget.deposit(0.0)
+    assert budget.available(0.0) == 29
+
+
+def test_budget_old_calls_and_retries_expire_slice_by_slice() -> None:
+    """Calls older than the window stop earning retries; spent retries stop counting too."""
+    budget = RetryBudget(ratio=0.5, min_retries_per_second=0, window=10.0)
+    for _ in range(4):
+        budget.deposit(0.5)  # slice [0, 1)
+    for _ in range(2):
+        budget.deposit(5.5)  # slice [5, 6)
+    assert budget.available(9.9) == 3
+    # At 10.0 the ring moves to slice [10, 11), which reuses the oldest one: its 4 calls go.
+    assert budget.available(10.0) == 1
+    assert budget.try_withdraw(10.0)
+    assert not budget.try_withdraw(10.0)
+    # Much later everything has expired: nothing earned, nothing spent.
+    assert budget.available(100.0) == 0
+    for _ in range(2):
+        budget.deposit(100.0)
+    assert budget.try_withdraw(100.0)
+
+
+def test_budget_spent_retries_expire_with_their_slice() -> None:
+    """Retries spent more than a window ago stop counting against the budget."""
+    budget = RetryBudget(ratio=0.0, min_retries_per_second=0.5, window=10.0)
+    assert [budget.try_withdraw(0.5) for _ in range(6)] == [True] * 5 + [False]
+    assert not budget.try_withdraw(5.0)
+    assert budget.available(9.9) == 0
+    assert budget.available(10.0) == 5
+
+
+def test_budget_skipping_a_few_slices_clears_only_those() -> None:
+    """Moving on by less than a window keeps the slices still inside it."""
+    budget = RetryBudget(ratio=1.0, min_retries_per_second=0, window=10.0)
+    budget.deposit(0.0)
+    budget.deposit(3.0)
+    budget.deposit(6.0)
+    assert budget.available(6.0) == 3
+    assert budget.available(13.5) == 1  # slices [0,1) and [3,4) expired, [6,7) remains
+
+
+def test_budget_call_at_a_slice_end_lands_in_the_next_slice_despite_rounding() -> None:
+    """A call exactly at a slice's end counts in the next slice even when now / width rounds down.
+
+    With 0.1 s slices, 4.3 / 0.1 == 42.99999999999999 although 4.3 is where slice 42 ends.
+    """
+    budget = RetryBudget(ratio=1.0, min_retries_per_second=0, window=1.0)
+    budget.deposit(4.25)  # slice 42
+    budget.deposit(4.3)  # slice 43
+    assert budget.available(5.25) == 1  # slice 42 has expired, slice 43 has not
+
+
+def test_budget_available_reads_its_clock_when_not_given_now() -> None:
+    """available() without `now` uses the budget's clock."""
+    clock = FakeClock(0.0)
+    budget = RetryBudget(ratio=1.0, min_retries_per_second=0, window=1.0, clock=clock)
+    budget.deposit(0.0)
+    assert budget.available() == 1
+    clock.now = 5.0
+    assert budget.available() == 0
+    assert budget.clock is clock
+
+
+def test_budget_exposes_its_settings() -> None:
+    """The settings are readable, window accepts a timedelta, and repr shows them."""
+    budget = RetryBudget(ratio=0.1, min_retries_per_second=2, window=timedelta(seconds=30))
+    assert (budget.ratio, budget.min_retries_per_second, budget.window) == (0.1, 2.0, 30.0)
+    assert repr(budget) == "RetryBudget(ratio=0.1, min_retries_per_second=2, window=30)"
+
+
+def test_budget_counts_deposits_from_many_threads_without_over_counting() -> None:
+    """Lock-free deposits may lose an increment under a race but never invent one."""
+    budget = RetryBudget(ratio=1.0, min_retries_per_second=0, window=10.0)
+
+    def deposit_many() -> None:
+        for _ in range(2000):
+            budget.deposit(1.0)
+
+    threads = [threading.Thread(target=deposit_many) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert 0 < budget.available(1.0) <= 8000
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "pattern"),
+    [
+        ({"ratio": -0.1}, ValueError, r"ratio must be between 0 and"),
+        ({"ratio": "0.2"}, TypeError, r"ratio must be a number"),
+        ({"min_retries_per_second": -1}, ValueError, r"min_retries_per_second must be between"),
+        ({"window": 0}, ValueError, r"window must be greater than zero"),
+        ({"clock": 5}, TypeError, r"clock must be a callable"),
+    ],
+)
+def test_budget_config_errors_name_the_parameter(
+    kwargs: dict[str, object], error: type[Exception], pattern: str
+) -> None:
+    """Each bad RetryBudget setting fails at construction with a message naming it."""
+    with pytest.raises(error, match=pattern):
+        RetryBudget(**kwargs)  # type: ignore[arg-type]
+
+
+# Retry: attempts, predicates, waits -------------------------------------------------
+
+
+def test_attempts_counts_total_tries() -> None:
+    """attempts=3 allows two retries; the third failure stops with 'attempts exhausted'."""
+    retry = Retry(attempts=3, backoff=Backoff(initial=1.0, jitter="none"), budget=None)
+    state = retry._new_state(0.0)
+    exc = ConnectionError("down")
+    assert retry._next_delay(state, now=0.0, exc=exc) == 1.0
+    assert retry._next_delay(state, now=1.0, exc=exc) == 2.0
+    assert retry._next_delay(state, now=3.0, exc=exc) is None
+    assert (state.attempt, state.waited, state.stop_reason) == (3, 3.0, "attempts exhausted")
+
+
+def test_one_attempt_means_no_retries() -> None:
+    """attempts=1 never retries, even a retryable error."""
+    assert failures(Retry(attempts=1), ConnectionError()) == [None]
+
+
+def test_default_is_three_attempts_retrying_any_exception() -> None:
+    """Retry() retries any Exception, up to 3 attempts in total."""
+    retry = Retry(random=fixed(0.5))
+    decisions = failures(retry, LookupError())
+    assert decisions == [0.05, 0.1, None]
+
+
+@pytest.mark.parametrize(
+    "on",
+    [
+        ConnectionError,
+        (KeyError, ConnectionError),
+        lambda exc: "retry me" in str(exc),
+        tenacity.retry_if_exception_type(ConnectionError),
+        tenacity.retry_if_exception_message(match="retry me"),
+    ],
+)
+def test_every_form_of_on_selects_retryable_exceptions(on: object) -> None:
+    """on= as a type, tuple, predicate or tenacity strategy retries matching errors only."""
+    retry = Retry(attempts=2, on=on, budget=None, random=fixed(0.5))  # type: ignore[arg-type]
+    assert failures(retry, ConnectionError("retry me")) == [0.05, None]
+    state = retry._new_state(0.0)
+    assert retry._next_delay(state, now=0.0, exc=ValueError("no")) is None
+    assert state.stop_reason == "not retryable"
+
+
+@pytest.mark.parametrize(
+    "on_result",
+    [lambda value: value is None, tenacity.retry_if_result(lambda value: value is None)],
+)
+def test_on_result_retries_matching_return_values(on_result: object) -> None:
+    """on_result (predicate or tenacity strategy) retries unwanted results, not others."""
+    retry = Retry(attempts=3, on_result=on_result, budget=None, random=fixed(0.5))  # type: ignore[arg-type]
+    state = retry._new_state(0.0)
+    assert retry._next_delay(state, now=0.0, result=None) == 0.05
+    assert retry._next_delay(state, now=0.1, result="ok") is None
+    assert state.stop_reason == "not retryable"
+    exhausted = retry._new_state(0.0)
+    assert [retry._next_delay(exhausted, now=0.0, result=None) for _ in range(3)] == [
+        0.05,
+        0.1,
+        None,
+    ]
+    assert exhausted.stop_reason == "attempts exhausted"
+
+
+def test_results_are_not_retried_without_on_result() -> None:
+    """With on_result=None a returned value is never a reason to retry."""
+    retry = Retry()
+    state = retry._new_state(0.0)
+    assert retry._next_delay(state, now=0.0, result=None) is None
+    assert retry.on_result is None
+
+
+def test_tenacity_exception_strategy_does_not_retry_results() -> None:
+    """A tenacity exception strategy given as on_result sees a successful outcome: no retry."""
+    retry = Retry(on_result=tenacity.retry_if_exception_type(), budget=None)
+    state = retry._new_state(0.0)
+    assert retry._next_delay(state, now=0.0, result=None) is None
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        KeyboardInterrupt(),
+        SystemExit(1),
+        GeneratorExit(),
+        asyncio.CancelledError(),
+    ],
+)
+@pytest.mark.parametrize(
+    "on", [BaseException, lambda exc: True, tenacity.retry_always, (BaseException,)]
+)
+def test_base_exceptions_are_never_retried(exc: BaseException, on: object) -> None:
+    """Cancellation and interpreter exits are refused whatever `on` says."""
+    retry = Retry(on=on)  # type: ignore[arg-type]
+    state = retry._new_state(0.0)
+    assert retry._next_delay(state, now=0.0, exc=exc) is None
+    assert state.stop_reason == "not retryable"
+    retry._give_up(state, exc)
+    assert not getattr(exc, "__notes__", [])
+
+
+def test_tenacity_wait_fixed_and_wait_exponential_set_the_delays() -> None:
+    """wait= uses tenacity's wait strategy, with tenacity's attempt numbering."""
+    fixed_wait = Retry(attempts=3, wait=tenacity.wait_fixed(0.3), budget=None)
+    assert failures(fixed_wait, OSError()) == [0.3, 0.3, None]
+    exponential = Retry(
+        attempts=5, wait=tenacity.wait_exponential(multiplier=0.5, max=3), budget=None
+    )
+    assert exponential.backoff is None
+    assert failures(exponential, OSError()) == [0.5, 1.0, 2.0, 3.0, None]
+
+
+def test_tenacity_stop_after_attempt_replaces_the_attempts_default() -> None:
+    """With stop= and no attempts=, the stop strategy alone decides when to stop."""
+    retry = Retry(stop=tenacity.stop_after_attempt(5), random=fixed(0.0), budget=None)
+    assert retry.attempts is None
+    decisions = failures(retry, OSError())
+    assert decisions == [0.0, 0.0, 0.0, 0.0, None]
+
+
+def test_attempts_none_means_no_limit_with_a_stop_strategy() -> None:
+    """attempts=None passed explicitly with stop= leaves the limit to the stop strategy."""
+    retry = Retry(attempts=None, stop=tenacity.stop_after_attempt(3), random=fixed(0.0))
+    assert failures(retry, OSError()) == [0.0, 0.0, None]
+
+
+def test_attempts_and_stop_both_apply_when_both_given() -> None:
+    """attempts= passed explicitly keeps applying next to stop=; the first to stop wins."""
+    retry = Retry(attempts=2, stop=tenacity.stop_after_attempt(5), random=fixed(0.0))
+    state = retry._new_state(0.0)
+    assert retry._next_delay(state, now=0.0, exc=OSError()) == 0.0
+    assert retry._next_delay(state, now=0.0, exc=OSError()) is None
+    assert state.stop_reason == "attempts exhausted"
+
+
+def test_tenacity_stop_after_delay_counts_from_the_state_start_on_the_retry_clock() -> None:
+    """stop_after_delay measures seconds since _new_state(started), on the injected clock."""
+    retry = Retry(stop=tenacity.stop_after_delay(10), wait=tenacity.wait_fixed(1), budget=None)
+    state = retry._new_state(100.0)
+    assert retry._next_delay(state, now=105.0, exc=OSError()) == 1.0
+    assert retry._next_delay(state, now=109.9, exc=OSError()) == 1.0
+    assert retry._next_delay(state, now=110.0, exc=OSError()) is None
+    assert state.stop_reason == "stop condition"
+
+
+def test_tenacity_strategies_see_a_faithful_call_state() -> None:
+    """A tenacity strategy sees attempt number, outcome, idle time, upcoming sleep, elapsed."""
+    seen: list[tuple[object, ...]] = []
+
+    class Recording(tenacity.stop.stop_base):
+        def __call__(self, retry_state: tenacity.RetryCallState) -> bool:
+            outcome = retry_state.outcome
+            assert outcome is not None
+            seen.append(
+                (
+                    retry_state.attempt_number,
+                    outcome.failed,
+                    outcome.exception() if outcome.failed else outcome.result(),
+                    retry_state.idle_for,
+                    retry_state.upcoming_sleep,
+                    retry_state.seconds_since_start,
+                    isinstance(retry_state.retry_object, tenacity.BaseRetrying),
+                )
+            )
+            return False
+
+    error = OSError("boom")
+    retry = Retry(
+        attempts=3,
+        on_result=lambda value: value == "again",
+        stop=Recording(),
+        wait=tenacity.wait_fixed(2),
+        budget=None,
+    )
+    state = retry._new_state(10.0)
+    assert retry._next_delay(state, now=11.0, exc=error) == 2.0
+    assert retry._next_delay(state, now=14.0, result="again") == 2.0
+    assert seen == [
+        (1, True, error, 0.0, 2.0, 1.0, True),
+        (2, False, "again", 2.0, 2.0, 4.0, True),
+    ]
+
+
+def test_a_wait_strategy_returning_a_negative_wait_is_reported() -> None:
+    """A wait strategy must return finite seconds >= 0; anything else is a ValueError."""
+    retry = Retry(wait=tenacity.wait_fixed(-1), budget=None)
+    state = retry._new_state(0.0)
+    with pytest.raises(ValueError, match=r"wait strategy .*wait_fixed.* returned -1\.0"):
+        retry._next_delay(state, now=0.0, exc=OSError())
+
+
+def test_decorrelated_jitter_grows_from_this_call_previous_wait() -> None:
+    """The Retry feeds each call's own previous wait to decorrelated jitter."""
+    retry = Retry(
+        attempts=4,
+        backoff=Backoff(initial=1.0, max_delay=100.0, jitter="decorrelated"),
+        random=fixed(0.5),
+        budget=None,
+    )
+    assert failures(retry, OSError()) == [2.0, 3.5, 5.75, None]
+
+
+def test_per_call_states_are_independent_when_interleaved() -> None:
+    """Two calls failing at the same time keep their own attempt counts and waits."""
+    retry = Retry(
+        attempts=3,
+        backoff=Backoff(initial=1.0, jitter="decorrelated", max_delay=100.0),
+        random=fixed(0.5),
+        budget=None,
+    )
+    first, second = retry._new_state(0.0), retry._new_state(0.0)
+    assert retry._next_delay(first, now=0.0, exc=OSError()) == 2.0
+    assert retry._next_delay(first, now=2.0, exc=OSError()) == 3.5
+    assert retry._next_delay(second, now=2.0, exc=OSError()) == 2.0
+    assert retry._next_delay(first, now=5.5, exc=OSError()) is None
+    assert retry._next_delay(second, now=5.5, exc=OSError()) == 3.5
+    assert (first.attempt, first.waited) == (3, 5.5)
+    assert (second.attempt, second.waited) == (2, 5.5)
+    assert second.stop_reason is None
+    assert repr(first) == "<RetryState attempt=3 waited=5.5 stop_reason='attempts exhausted'>"
+
+
+# Deadline and budget ------------------------------------------------------------------
+
+
+def test_a_wait_that_would_end_at_or_after_the_deadline_stops_now() -> None:
+    """The core never grants a wait that ends at or after the deadline: it stops at once."""
+    budget = RetryBudget(min_retries_per_second=1, window=10.0)
+    retry = Retry(attempts=5, backoff=Backoff(initial=1.0, jitter="none"), budget=budget)
+    state = retry._new_state(0.0)
+    assert retry._next_delay(state, now=0.0, deadline=1.5, exc=OSError()) == 1.0
+    assert retry._next_delay(state, now=1.0, deadline=3.0, exc=OSError()) is None
+    assert state.stop_reason == "deadline"
+    assert budget.available(1.0) == 9  # the refused retry took nothing from the budget
+
+
+def test_exhausted_budget_stops_retries_at_once() -> None:
+    """When the shared budget is spent, the next failure is not retried."""
+    budget = RetryBudget(ratio=0.5, min_retries_per_second=0)
+    retry = Retry(attempts=10, budget=budget, random=fixed(0.0))
+    retry._admit(0.0)
+    retry._admit(0.0)
+    state = retry._new_state(0.0)
+    assert retry._next_delay(state, now=0.0, exc=OSError()) == 0.0
+    assert retry._next_delay(state, now=0.0, exc=OSError()) is None
+    assert state.stop_reason == "retry budget exhausted"
+
+
+def test_budget_is_shared_by_calls_through_the_same_retry_only() -> None:
+    """The default budget belongs to one Retry: its calls share it, another Retry has its own."""
+    clock = FakeClock(0.0)
+    retry = Retry(attempts=1000, clock=clock, random=fixed(0.0))
+    other = Retry()
+    assert retry.budget is not None
+    assert retry.budget is not other.budget
+    assert retry.budget.clock is clock
+    # Default budget: 10 retries/s over 10 s, and nothing earned from calls yet.
+    granted = 0
+    for _ in range(200):
+        state = retry._new_state(0.0)
+        if retry._next_delay(state, now=0.0, exc=OSError()) is not None:
+            granted += 1
+    assert granted == 100
+
+
+def test_admit_without_a_budget_does_nothing() -> None:
+    """budget=None disables the budget; _admit still works and retries are unlimited by it."""
+    retry = Retry(attempts=500, budget=None, random=fixed(0.0))
+    retry._admit(0.0)
+    decisions = failures(retry, OSError())
+    assert len(decisions) == 51  # failures() gives up after 50 retries
+
+
+# Notes ----------------------------------------------------------------------------------
+
+
+def test_give_up_notes_how_many_attempts_and_how_long() -> None:
+    """Running out of attempts adds a note with the count, the time waited and the reason."""
+    retry = Retry(attempts=3, backoff=Backoff(initial=0.1, jitter="none"), budget=None)
+    exc = ConnectionError("down")
+    state = retry._new_state(0.0)
+    while retry._next_delay(state, now=0.0, exc=exc) is not None:
+        pass
+    retry._give_up(state, exc)
+    assert exc.__notes__ == [
+        "resilient.Retry: gave up after 3 attempts (0.30 s waiting in total): "
+        "attempts exhausted (attempts=3)"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("retry", "deadline", "expected"),
+    [
+        (
+            Retry(attempts=1),
+            math.inf,
+            "gave up after 1 attempt (0.00 s waiting in total): attempts exhausted (attempts=1)",
+        ),
+        (
+            Retry(budget=RetryBudget(ratio=0, min_retries_per_second=0)),
+            math.inf,
+            "retry budget exhausted: too many recent calls through this Retry were retried "
+            "(RetryBudget(ratio=0, min_retries_per_second=0, window=10))",
+        ),
+        (Retry(), 0.0, "the deadline would pass before the next attempt could start"),
+        (
+            Retry(stop=tenacity.stop_after_attempt(1)),
+            math.inf,
+            "the stop strategy tenacity.stop.stop_after_attempt(...) said to stop",
+        ),
+    ],
+)
+def test_give_up_note_says_why_retrying_stopped(
+    retry: Retry, deadline: float, expected: str
+) -> None:
+    """Each way of running out (attempts, budget, deadline, stop strategy) is named."""
+    exc = OSError()
+    state = retry._new_state(0.0)
+    assert retry._next_delay(state, now=0.0, deadline=deadline, exc=exc) is None
+    retry._give_up(state, exc)
+    assert len(exc.__notes__) == 1
+    assert exc.__notes__[0].startswith("resilient.Retry: gave up after 1 attempt")
+    assert exc.__notes__[0].endswith(expected)
+
+
+def test_no_note_when_the_first_failure_is_not_retryable() -> None:
+    """An error that was never retryable propagates untouched."""
+    retry = Retry(on=ConnectionError)
+    exc = ValueError("bad input")
+    state = retry._new_state(0.0)
+    assert retry._next_delay(state, now=0.0, exc=exc) is None
+    retry._give_up(state, exc)
+    assert not hasattr(exc, "__notes__")
+
+
+def test_note_when_a_later_failure_is_not_retryable() -> None:
+    """After retries, a non-retryable error still says how many attempts were made."""
+    retry = Retry(on=ConnectionError, random=fixed(0.5), budget=None)
+    state = retry._new_state(0.0)
+    assert retry._next_delay(state, now=0.0, exc=ConnectionError()) == 0.05
+    exc = ValueError("bad input")
+    assert retry._next_delay(state, now=0.0, exc=exc) is None
+    retry._give_up(state, exc)
+    assert exc.__notes__ == [
+        "resilient.Retry: gave up after 2 attempts (0.05 s waiting in total): "
+        "ValueError is not retryable (on=ConnectionError)"
+    ]
+
+
+def test_give_up_after_a_granted_wait_blames_the_deadline() -> None:
+    """When the driver gives up although the core granted a wait, the deadline passed."""
+    retry = Retry(random=fixed(0.5))
+    state = retry._new_state(0.0)
+    exc = OSError()
+    assert retry._next_delay(state, now=0.0, exc=exc) == 0.05
+    retry._give_up(state, exc)
+    assert exc.__notes__ == [
+        "resilient.Retry: gave up after 1 attempt (0.05 s waiting in total): "
+        "the deadline would pass before the next attempt could start"
+    ]
+
+
+# Hooks ----------------------------------------------------------------------------------
+
+
+def test_on_retry_hooks_receive_a_frozen_event_before_each_wait() -> None:
+    """Every hook gets a RetryEvent per retry, in order; none when the core gives up."""
+    events: list[RetryEvent] = []
+    also: list[int] = []
+    retry = Retry(
+        attempts=3,
+        on_result=lambda value: value == "bad",
+        on_retry=[events.append, lambda event: also.append(event.attempt)],
+        backoff=Backoff(initial=1.0, jitter="none"),
+        budget=None,
+    )
+    error = OSError("first")
+    state = retry._new_state(10.0)
+    assert retry._next_delay(state, now=10.5, exc=error) == 1.0
+    assert retry._next_delay(state, now=12.0, result="bad") == 2.0
+    assert retry._next_delay(state, now=14.0, exc=error) is None
+    assert events == [
+        RetryEvent(attempt=1, delay=1.0, exception=error, result=None, elapsed=0.5),
+        RetryEvent(attempt=2, delay=2.0, exception=None, result="bad", elapsed=2.0),
+    ]
+    assert also == [1, 2]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        events[0].delay = 0.0  # type: ignore[misc]
+
+
+def test_a_failing_hook_propagates() -> None:
+    """An exception raised by a hook reaches the caller instead of being swallowed."""
+
+    def broken(event: RetryEvent) -> None:
+        raise RuntimeError("hook bug")
+
+    retry = Retry(on_retry=broken)
+    with pytest.raises(RuntimeError, match="hook bug"):
+        retry._next_delay(retry._new_state(0.0), now=0.0, exc=OSError())
+
+
+# instant_retries ----------------------------------------------------------------------
+
+
+def test_instant_retries_makes_every_wait_zero_but_keeps_the_rules() -> None:
+    """Inside instant_retries() waits are 0; attempts still apply; afterwards waits return."""
+    retry = Retry(attempts=3, backoff=Backoff(initial=5.0, jitter="none"), budget=None)
+    tenacious = Retry(attempts=2, wait=tenacity.wait_fixed(7), budget=None)
+    with instant_retries():
+        assert failures(retry, OSError()) == [0.0, 0.0, None]
+        with instant_retries():
+            assert failures(tenacious, OSError()) == [0.0, None]
+        assert failures(tenacious, OSError()) == [0.0, None]
+    assert failures(retry, OSError()) == [5.0, 10.0, None]
+
+
+def test_instant_retries_applies_to_other_threads_and_keeps_the_deadline() -> None:
+    """The switch is process-wide; an already-passed deadline still stops retries."""
+    retry = Retry(backoff=Backoff(initial=5.0, jitter="none"), budget=None)
+    seen: list[float | None] = []
+
+    def worker() -> None:
+        state = retry._new_state(0.0)
+        seen.append(retry._next_delay(state, now=0.0, deadline=1.0, exc=OSError()))
+        seen.append(retry._next_delay(state, now=1.0, deadline=1.0, exc=OSError()))
+
+    with instant_retries():
+        thread = threading.Thread(target=worker)
+        thread.start()
+        thread.join()
+    assert seen == [0.0, None]
+
+
+# Generators -----------------------------------------------------------------------------
+
+
+def generate() -> Iterator[int]:
+    yield 1
+
+
+async def agenerate() -> AsyncIterator[int]:
+    yield 1
+
+
+@pytest.mark.parametrize(
+    ("fn", "kind"),
+    [(generate, "a generator function"), (agenerate, "an async generator function")],
+)
+def test_generators_are_refused_because_retrying_would_replay_items(
+    fn: Callable[[], object], kind: str
+) -> None:
+    """Retry() and refuse_generators refuse generator functions, saying why."""
+    name = fn.__qualname__
+    with pytest.raises(TypeError, match=rf"^Retry cannot wrap {name}: it is {kind}, .*replay"):
+        Retry()(fn)
+    with pytest.raises(TypeError, match=rf"^Policy cannot wrap {name}: it is {kind}"):
+        refuse_generators(fn, "Policy")
+
+
+def test_regular_and_coroutine_functions_are_not_refused() -> None:
+    """Plain functions and coroutine functions pass the generator check."""
+
+    async def coroutine() -> int:
+        return 1
+
+    refuse_generators(len, "Retry")
+    refuse_generators(coroutine, "Retry")
+
+
+# Configuration ---------------------------------------------------------------------------
+
+
+def not_a_wait(retry_state: object) -> float:
+    return 1.0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "pattern"),
+    [
+        ({"attempts": 0}, ValueError, r"attempts must be at least 1, got 0"),
+        ({"attempts": 2.5}, TypeError, r"attempts must be an int, got float"),
+        ({"attempts": None}, ValueError, r"attempts=None \(no limit\) needs a stop strategy"),
+        ({"on": int}, TypeError, r"on must be an exception type, got the class <class 'int'>"),
+        ({"on": ()}, ValueError, r"on must name at least one exception type, got \(\)"),
+        ({"on": (ValueError, "x")}, TypeError, r"on must be a tuple of exception types.*'x'"),
+        ({"on": 42}, TypeError, r"on must be an exception type, .* got 42"),
+        ({"on_result": 42}, TypeError, r"on_result must be a predicate .* got 42"),
+        ({"on_result": ValueError}, TypeError, r"on_result must be a predicate"),
+        ({"backoff": 1.0}, TypeError, r"backoff must be a resilient.Backoff, got 1.0"),
+        ({"wait": not_a_wait}, TypeError, r"wait must be a tenacity wait strategy"),
+        (
+            {"wait": tenacity.wait_fixed(1), "backoff": Backoff()},
+            ValueError,
+            r"give backoff or wait, not both: got backoff=Backoff\(",
+        ),
+        ({"stop": lambda state: True}, TypeError, r"stop must be a tenacity stop strategy"),
+        ({"budget": 0.2}, TypeError, r"budget must be a resilient.RetryBudget or None, got 0.2"),
+        ({"on_retry": 42}, TypeError, r"on_retry must be a callable .* got 42"),
+        ({"on_retry": [print, 42]}, TypeError, r"on_retry must be a callable .* got \["),
+        ({"clock": 0}, TypeError, r"clock must be a callable returning seconds, got 0"),
+        ({"random": 0.5}, TypeError, r"random must be a callable returning floats"),
+    ],
+)
+def test_retry_config_errors_name_the_parameter(
+    kwargs: dict[str, object], error: type[Exception], pattern: str
+) -> None:
+    """Each bad Retry setting fails at construction with a message naming it."""
+    with pytest.raises(error, match=pattern):
+        Retry(**kwargs)  # type: ignore[arg-type]
+
+
+def test_retry_is_frozen_and_its_repr_shows_the_settings() -> None:
+    """Retry cannot be changed after construction, and its repr reads like its config."""
+    retry = Retry(
+        attempts=4,
+        on=(ConnectionError, TimeoutError),
+        on_result=tenacity.retry_if_result(lambda value: value is None),
+        wait=tenacity.wait_fixed(1),
+        stop=tenacity.stop_after_delay(5),
+        budget=None,
+        on_retry=print,
+    )
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        retry.attempts = 5  # type: ignore[misc]
+    assert repr(retry) == (
+        "Retry(attempts=4, on=(ConnectionError, TimeoutError), "
+        "on_result=tenacity.retry.retry_if_result(...), wait=tenacity.wait.wait_fixed(...), "
+        "stop=tenacity.stop.stop_after_delay(...), budget=None, on_retry=print)"
+    )
+    plain = Retry(on=lambda exc: True)
+    assert repr(plain).startswith(
+        "Retry(attempts=3, on=test_retry_is_frozen_and_its_repr_shows_the_settings.<locals>."
+        "<lambda>, backoff=Backoff(initial=0.1, multiplier=2.0, max_delay=10.0, jitter='full'), "
+        "budget=RetryBudget(ratio=0.2, min_retries_per_second=10, window=10))"
+    )
+
+
+def test_signature_shows_which_defaults_depend_on_other_parameters() -> None:
+    """help(Retry) shows attempts and budget as <default>: they depend on stop and clock."""
+    parameters = inspect.signature(Retry).parameters
+    assert repr(parameters["attempts"].default) == "<default>"
+    assert repr(parameters["budget"].default) == "<default>"
+
+
+def test_non_builtin_exception_types_are_shown_with_their_module() -> None:
+    """Notes and repr name an exception type the way it is imported."""
+    retry = Retry(on=tenacity.TryAgain, budget=None)
+    assert "on=tenacity.TryAgain" in repr(retry)
