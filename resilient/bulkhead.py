@@ -190,6 +190,20 @@ class Bulkhead:
 
     # -- taking and giving back slots --------------------------------------
 
+    def try_acquire(self) -> bool:
+        """Take a free slot if there is one and nobody is waiting; never wait.
+
+        Returns whether a slot was taken (give it back with :meth:`release`).
+        """
+        # Skipping the free slot while others wait keeps the queue first-come.
+        if not self._waiters:
+            try:
+                self._tokens.pop()
+            except IndexError:
+                return False
+            return True
+        return False
+
     def acquire(self) -> None:
         """Take a slot, blocking this thread while waiting for one.
 
@@ -197,15 +211,8 @@ class Bulkhead:
         in the class docstring. Do not call it on an event loop's thread; use
         :meth:`acquire_async` there.
         """
-        # Skipping the fast path while others wait keeps the queue first-come.
-        if not self._waiters:
-            try:
-                self._tokens.pop()
-            except IndexError:
-                pass
-            else:
-                return
-        self._acquire_waiting()
+        if not self.try_acquire():
+            self._acquire_waiting()
 
     async def acquire_async(self) -> None:
         """Take a slot, suspending this task while waiting for one.
@@ -213,14 +220,8 @@ class Bulkhead:
         Raises like :meth:`acquire`; if the task is cancelled while waiting,
         ``CancelledError`` propagates and no slot is taken.
         """
-        if not self._waiters:
-            try:
-                self._tokens.pop()
-            except IndexError:
-                pass
-            else:
-                return
-        await self._acquire_waiting_async()
+        if not self.try_acquire():
+            await self._acquire_waiting_async()
 
     def release(self) -> None:
         """Give back a slot taken with :meth:`acquire` or :meth:`acquire_async`.
