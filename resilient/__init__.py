@@ -2,7 +2,9 @@
 
 Deadlines that flow through contextvars, retries with jittered backoff and a
 retry budget, circuit breakers, bulkheads, and one :class:`Policy` that fuses
-them, for sync and async functions alike. See the README for a tour.
+them, for sync and async functions alike; and the routing pieces beside the
+call path: a consistent hash ring and a sharded map for per-key state. See the
+README for a tour.
 """
 
 from resilient.breaker import (
@@ -23,12 +25,15 @@ from resilient.deadline import (
     remaining,
 )
 from resilient.errors import BulkheadFull, CircuitOpenError, DeadlineExceeded, ResilientError
+from resilient.hashring import BoundedLoadRing, EmptyRingError, HashRing
 from resilient.policy import Policy
 from resilient.retry import Backoff, Retry, RetryBudget, RetryEvent, instant_retries
+from resilient.shardmap import ShardedMap
 
 __all__ = [
     "DEADLINE_HEADER",
     "Backoff",
+    "BoundedLoadRing",
     "BreakerEvent",
     "BreakerMetrics",
     "BreakerState",
@@ -38,12 +43,15 @@ __all__ = [
     "CircuitBreaker",
     "CircuitOpenError",
     "DeadlineExceeded",
+    "EmptyRingError",
+    "HashRing",
     "InMemoryBreakerStore",
     "Policy",
     "ResilientError",
     "Retry",
     "RetryBudget",
     "RetryEvent",
+    "ShardedMap",
     "check_deadline",
     "deadline",
     "format_deadline_header",

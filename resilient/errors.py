@@ -6,7 +6,8 @@ anything the toolkit itself decided to raise. The tree::
     ResilientError
     ├── DeadlineExceeded        (also a builtin TimeoutError)
     ├── CircuitOpenError        (.retry_after seconds, .breaker name)
-    └── BulkheadFull            (.max_concurrent, .max_waiting)
+    ├── BulkheadFull            (.max_concurrent, .max_waiting)
+    └── EmptyRingError          (also a builtin LookupError; in resilient.hashring)
 
 When retries run out the caller gets the *last original exception*, not a
 wrapper; what happened is attached to it with :meth:`BaseException.add_note`.

@@ -373,11 +373,11 @@ def _bounded_attempt(
     suspending (a cache hit, say) never needs the cancellation timer, which costs
     more than the rest of the Policy together. Only a suspended attempt gets one.
     """
-    coro: Coroutine[Any, Any, T]
-    if type(awaitable) is types.CoroutineType:
-        coro = awaitable
-    else:
-        coro = _as_coroutine(awaitable)
+    coro = (
+        cast(Coroutine[Any, Any, T], awaitable)
+        if type(awaitable) is types.CoroutineType
+        else _as_coroutine(awaitable)
+    )
     try:
         pending = coro.send(None)
     except StopIteration as stop:
