@@ -707,7 +707,7 @@ class CircuitBreaker:
 
     def __call__(self, fn: Callable[P, R]) -> Callable[P, R]:
         """Decorate sync or async ``fn`` so that every call goes through this breaker."""
-        return cast(Callable[P, R], self._as_policy()(fn))
+        return cast("Callable[P, R]", self._as_policy()(fn))
 
     def call(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
         """Call sync ``fn(*args, **kwargs)`` through this breaker."""

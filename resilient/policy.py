@@ -26,20 +26,23 @@ import math
 import time
 import types
 from collections.abc import Awaitable, Callable, Coroutine, Generator
-from typing import Any, Protocol, TypeVar, cast, overload
+from typing import Any, ParamSpec, Protocol, TypeVar, cast
 
 from resilient._config import Duration, to_seconds
 from resilient.breaker import CircuitBreaker
 from resilient.bulkhead import Bulkhead
 from resilient.deadline import _deadline
 from resilient.errors import CircuitOpenError, DeadlineExceeded
-from resilient.retry import Retry, refuse_generators
+from resilient.retry import Retry, RetryState, refuse_generators
 
 __all__ = ["Policy"]
 
+P = ParamSpec("P")
+R = TypeVar("R")
 T = TypeVar("T")
 
 _INF = math.inf
+_CoroutineType = types.CoroutineType
 _monotonic = time.monotonic
 # Looked up at call time, so this project's tests can replace them.
 _sleep = time.sleep
@@ -154,33 +157,29 @@ class Policy:
 
     # Decorating ---------------------------------------------------------------------
 
-    @overload
-    def __call__(
-        self, fn: Callable[..., Coroutine[Any, Any, T]]
-    ) -> Callable[..., Coroutine[Any, Any, T]]: ...
-    @overload
-    def __call__(self, fn: Callable[..., T]) -> Callable[..., T]: ...
-    def __call__(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+    def __call__(self, fn: Callable[P, R]) -> Callable[P, R]:
         """Wrap ``fn``; the wrapper keeps its name, docstring, signature and sync/async kind."""
         refuse_generators(fn, "Policy")
         if inspect.iscoroutinefunction(fn):
-            return functools.wraps(fn)(self._async_driver(fn))
-        return functools.wraps(fn)(self._sync_driver(fn))
+            return cast("Callable[P, R]", functools.wraps(fn)(self._async_driver(fn)))
+        return cast("Callable[P, R]", functools.wraps(fn)(self._sync_driver(fn)))
 
-    def call(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+    def call(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
         """Call sync ``fn(*args, **kwargs)`` through the policy, without decorating it."""
-        return cast(T, self._sync_driver(fn)(*args, **kwargs))
+        return cast(R, self._sync_driver(fn)(*args, **kwargs))
 
-    async def acall(self, fn: Callable[..., Awaitable[T]], /, *args: Any, **kwargs: Any) -> T:
+    async def acall(self, fn: Callable[P, Awaitable[R]], /, *args: P.args, **kwargs: P.kwargs) -> R:
         """Await async ``fn(*args, **kwargs)`` through the policy, without decorating it."""
-        return cast(T, await self._async_driver(fn)(*args, **kwargs))
+        return cast(R, await self._async_driver(fn)(*args, **kwargs))
 
     # The drivers ----------------------------------------------------------------------
     #
     # Each driver is a closure over the stages, built once per decorated function:
     # closure cells are cheaper to read than attributes, and the wrapper *is* the
     # driver, so a call pays for one Python frame. The two drivers are the same loop;
-    # they differ in sleeping vs awaiting and in how an attempt is bounded.
+    # they differ in sleeping vs awaiting and in how an attempt is bounded. What
+    # happens after an attempt (breaker bookkeeping, the retry decision) lives in
+    # _after_error and _after_result, shared by both.
 
     def _sync_driver(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         bulkhead = self.bulkhead
@@ -190,15 +189,17 @@ class Policy:
         attempt_timeout = self.attempt_timeout
         clock = None if retry is None else retry.clock
         admit = None if retry is None else retry._admit
+        bounded = timeout is not None or attempt_timeout is not None
 
         def run(*args: Any, **kwargs: Any) -> Any:
             if bulkhead is not None:
                 bulkhead.acquire()
             try:
                 outer = total = _deadline.get()
-                if timeout is not None:
+                now = 0.0
+                if bounded or total != _INF:
                     now = _monotonic()
-                    if now + timeout < total:
+                    if timeout is not None and now + timeout < total:
                         total = now + timeout
                 if admit is not None:
                     started = clock()  # type: ignore[misc]
@@ -207,8 +208,9 @@ class Policy:
                 last_error: Exception | None = None
                 while True:
                     token = None
-                    if total != _INF or attempt_timeout is not None:
-                        now = _monotonic()
+                    if bounded or total != _INF:
+                        if state is not None:
+                            now = _monotonic()
                         if now >= total:
                             raise _deadline_error(state, last_error, timeout, retry)
                         limit = total
@@ -229,14 +231,8 @@ class Policy:
                             breaker._on_failure(ticket, exc)
                         if retry is None:
                             raise
-                        if token is not None:
-                            _deadline.reset(token)
-                            token = None
-                        if state is None:
-                            state = retry._new_state(started)
-                        delay = _next_delay(retry, state, total, exc=exc)
+                        state, delay = _after_error(retry, state, started, total, exc)
                         if delay is None:
-                            retry._give_up(state, exc)
                             raise
                         last_error = exc
                     except BaseException:
@@ -248,12 +244,7 @@ class Policy:
                             breaker._on_success(ticket)
                         if retry is None or retry.on_result is None:
                             return result
-                        if token is not None:
-                            _deadline.reset(token)
-                            token = None
-                        if state is None:
-                            state = retry._new_state(started)
-                        delay = _next_delay(retry, state, total, result=result)
+                        state, delay = _after_result(retry, state, started, total, result)
                         if delay is None:
                             return result
                         last_error = None
@@ -278,16 +269,17 @@ class Policy:
         admit = None if retry is None else retry._admit
         # Only the policy's own limits need a cancellation timer: an enclosing
         # `async with deadline()` scope cancels the work itself.
-        timed = timeout is not None or attempt_timeout is not None
+        bounded = timeout is not None or attempt_timeout is not None
 
         async def run(*args: Any, **kwargs: Any) -> Any:
             if bulkhead is not None and not bulkhead.try_acquire():
                 await bulkhead.acquire_async()
             try:
                 outer = total = _deadline.get()
-                if timeout is not None:
+                now = 0.0
+                if bounded or total != _INF:
                     now = _monotonic()
-                    if now + timeout < total:
+                    if timeout is not None and now + timeout < total:
                         total = now + timeout
                 if admit is not None:
                     started = clock()  # type: ignore[misc]
@@ -297,8 +289,9 @@ class Policy:
                 while True:
                     token = None
                     limit = total
-                    if total != _INF or attempt_timeout is not None:
-                        now = _monotonic()
+                    if bounded or total != _INF:
+                        if state is not None:
+                            now = _monotonic()
                         if now >= total:
                             raise _deadline_error(state, last_error, timeout, retry)
                         if attempt_timeout is not None and now + attempt_timeout < total:
@@ -312,25 +305,34 @@ class Policy:
                             raise
                         raise _rejected(rejected, retry, state, last_error) from last_error
                     try:
-                        if timed:
-                            result = await _bounded_attempt(
-                                fn(*args, **kwargs), limit, attempt_timeout, total
-                            )
+                        awaitable = fn(*args, **kwargs)
+                        if bounded:
+                            # Step the coroutine once by hand: one that finishes without
+                            # suspending (a cache hit, say) never needs the cancellation
+                            # timer, which costs more than the rest of the Policy together.
+                            if type(awaitable) is not _CoroutineType:
+                                awaitable = _as_coroutine(awaitable)
+                            try:
+                                pending = awaitable.send(None)
+                            except StopIteration as stop:
+                                result = stop.value
+                            else:
+                                result = await _timed_rest(
+                                    awaitable,
+                                    pending,
+                                    limit,
+                                    attempt_timeout,
+                                    total,
+                                )
                         else:
-                            result = await fn(*args, **kwargs)
+                            result = await awaitable
                     except Exception as exc:
                         if breaker is not None:
                             breaker._on_failure(ticket, exc)
                         if retry is None:
                             raise
-                        if token is not None:
-                            _deadline.reset(token)
-                            token = None
-                        if state is None:
-                            state = retry._new_state(started)
-                        delay = _next_delay(retry, state, total, exc=exc)
+                        state, delay = _after_error(retry, state, started, total, exc)
                         if delay is None:
-                            retry._give_up(state, exc)
                             raise
                         last_error = exc
                     except BaseException:
@@ -342,12 +344,7 @@ class Policy:
                             breaker._on_success(ticket)
                         if retry is None or retry.on_result is None:
                             return result
-                        if token is not None:
-                            _deadline.reset(token)
-                            token = None
-                        if state is None:
-                            state = retry._new_state(started)
-                        delay = _next_delay(retry, state, total, result=result)
+                        state, delay = _after_result(retry, state, started, total, result)
                         if delay is None:
                             return result
                         last_error = None
@@ -361,28 +358,6 @@ class Policy:
                     bulkhead.release()
 
         return run
-
-
-@types.coroutine
-def _bounded_attempt(
-    awaitable: Awaitable[T], limit: float, attempt_timeout: float | None, total: float
-) -> Generator[Any, Any, T]:
-    """Await one attempt, cancelling it if it is still suspended when ``limit`` passes.
-
-    The first step of the coroutine runs by hand: a call that finishes without
-    suspending (a cache hit, say) never needs the cancellation timer, which costs
-    more than the rest of the Policy together. Only a suspended attempt gets one.
-    """
-    coro = (
-        cast(Coroutine[Any, Any, T], awaitable)
-        if type(awaitable) is types.CoroutineType
-        else _as_coroutine(awaitable)
-    )
-    try:
-        pending = coro.send(None)
-    except StopIteration as stop:
-        return cast(T, stop.value)
-    return (yield from _timed_rest(coro, pending, limit, attempt_timeout, total))
 
 
 @types.coroutine
@@ -421,15 +396,32 @@ def _timed_rest(
             task.uncancel()
 
 
-def _next_delay(
-    retry: Retry, state: Any, total: float, *, exc: Exception | None = None, result: Any = None
-) -> float | None:
-    # The retry core runs on its own (injectable) clock; express the deadline on it.
+def _after_error(
+    retry: Retry, state: RetryState | None, started: float, total: float, exc: Exception
+) -> tuple[RetryState, float | None]:
+    """Decide on a failed attempt: the wait before the next one, or ``None`` to give up."""
+    if state is None:
+        state = retry._new_state(started)
     now = retry.clock()
-    deadline = _INF if total == _INF else now + (total - _monotonic())
-    if exc is not None:
-        return retry._next_delay(state, now=now, deadline=deadline, exc=exc)
-    return retry._next_delay(state, now=now, deadline=deadline, result=result)
+    delay = retry._next_delay(state, now=now, deadline=_on_clock(now, total), exc=exc)
+    if delay is None:
+        retry._give_up(state, exc)
+    return state, delay
+
+
+def _after_result(
+    retry: Retry, state: RetryState | None, started: float, total: float, result: Any
+) -> tuple[RetryState, float | None]:
+    """Decide on a returned value: the wait before retrying it, or ``None`` to return it."""
+    if state is None:
+        state = retry._new_state(started)
+    now = retry.clock()
+    return state, retry._next_delay(state, now=now, deadline=_on_clock(now, total), result=result)
+
+
+def _on_clock(now: float, total: float) -> float:
+    """Express the monotonic deadline ``total`` on the retry's own (injectable) clock."""
+    return _INF if total == _INF else now + (total - _monotonic())
 
 
 def _deadline_error(

@@ -726,7 +726,7 @@ class Retry:
         refuse_generators(fn, "Retry")
         from resilient.policy import Policy
 
-        return cast(Callable[P, R], Policy(retry=self)(fn))
+        return cast("Callable[P, R]", Policy(retry=self)(fn))
 
     def call(self, fn: Callable[..., R], /, *args: Any, **kwargs: Any) -> R:
         """Call sync ``fn(*args, **kwargs)`` with retries, without decorating it."""
@@ -782,13 +782,13 @@ class Retry:
             elif self._on_is_tenacity:
                 retryable = bool(cast("retry_base", self.on)(cast("RetryCallState", view)))
             else:
-                retryable = bool(cast(Callable[[Exception], bool], self.on)(exc))
+                retryable = bool(cast("Callable[[Exception], bool]", self.on)(exc))
         elif self.on_result is None:
             retryable = False
         elif self._on_result_is_tenacity:
             retryable = bool(cast("retry_base", self.on_result)(cast("RetryCallState", view)))
         else:
-            retryable = bool(cast(Callable[[Any], bool], self.on_result)(result))
+            retryable = bool(cast("Callable[[Any], bool]", self.on_result)(result))
         if not retryable:
             state.stop_reason = "not retryable"
             return None

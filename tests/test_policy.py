@@ -598,3 +598,189 @@ def test_pybreaker_half_open_admits_one_probe_and_closes() -> None:
     thread.join()
     assert results == ["ok"]
     assert breaker.current_state == "closed"
+
+
+# Standalone stages are one-stage policies ----------------------------------------------
+
+
+def test_retry_and_breaker_work_alone_sync_and_async() -> None:
+    """@Retry, @CircuitBreaker, .call and .acall behave like a Policy with that stage."""
+    retry = no_budget_retry()
+    assert retry(flaky(2))() == 3
+    assert retry.call(flaky(1)) == 2
+    breaker = resilient.CircuitBreaker(failure_threshold=1)
+    assert breaker.call(lambda: "ok") == "ok"
+
+    async def answer(value: int) -> int:
+        await asyncio.sleep(0)
+        return value
+
+    assert asyncio.run(retry.acall(answer, 5)) == 5
+    assert asyncio.run(breaker.acall(answer, 6)) == 6
+    assert inspect.iscoroutinefunction(retry(answer))
+    assert inspect.iscoroutinefunction(breaker(answer))
+
+
+def test_policy_repr_names_its_stages() -> None:
+    """repr shows the configured stages and nothing else."""
+    text = repr(resilient.Policy(timeout=2.0, attempt_timeout=0.5))
+    assert text.startswith("Policy(")
+    assert "timeout=2.0" in text
+    assert "attempt_timeout=0.5" in text
+    assert "retry" not in text
+
+
+def test_infinite_timeouts_mean_none() -> None:
+    """math.inf for timeout or attempt_timeout is the same as not setting it."""
+    policy = resilient.Policy(timeout=float("inf"), attempt_timeout=float("inf"))
+    assert policy.timeout is None
+    assert policy.attempt_timeout is None
+    assert policy.call(lambda: resilient.remaining()) == float("inf")
+
+
+def test_deadline_passing_during_a_wait_returns_the_last_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """If the deadline passes while waiting, the caller gets the last error, annotated."""
+
+    def oversleep(delay: float) -> None:
+        time.sleep(0.06)  # the wait overruns the 50 ms budget left
+
+    monkeypatch.setattr(policy_module, "_sleep", oversleep)
+    retry = resilient.Retry(
+        attempts=5, budget=None, backoff=resilient.Backoff(initial=0.001, jitter="none")
+    )
+    fn = flaky(10)
+    with pytest.raises(ConnectionError, match="failure 1") as caught:
+        resilient.Policy(timeout=0.05, retry=retry)(fn)()
+    assert fn.calls["n"] == 1
+    assert "deadline" in "\n".join(caught.value.__notes__)
+
+
+async def test_async_result_retry_and_open_breaker_after_retries() -> None:
+    """The async driver retries on results, and stops at once when the breaker opens."""
+    values = iter([None, 2])
+
+    @resilient.Policy(retry=no_budget_retry(on_result=lambda value: value is None))
+    async def eventually() -> int | None:
+        return next(values)
+
+    assert await eventually() == 2
+
+    breaker = resilient.CircuitBreaker(failure_threshold=1, reset_timeout=60)
+    calls = 0
+
+    @resilient.Policy(retry=no_budget_retry(attempts=5), breaker=breaker)
+    async def down() -> None:
+        nonlocal calls
+        calls += 1
+        raise ConnectionError("down")
+
+    with pytest.raises(resilient.CircuitOpenError) as caught:
+        await down()
+    assert calls == 1
+    assert isinstance(caught.value.__cause__, ConnectionError)
+    assert "gave up" in "\n".join(caught.value.__notes__)
+
+
+async def test_async_deadline_passed_before_the_first_attempt() -> None:
+    """An async call under an expired deadline raises without running."""
+    calls = 0
+
+    @resilient.Policy(timeout=5.0)
+    async def fn() -> None:
+        nonlocal calls
+        calls += 1
+
+    with resilient.deadline(0), pytest.raises(resilient.DeadlineExceeded, match="before"):
+        await fn()
+    assert calls == 0
+
+
+async def test_async_bulkhead_waits_for_a_slot() -> None:
+    """A task that finds the bulkhead busy waits for a slot instead of failing."""
+    bulkhead = resilient.Bulkhead(max_concurrent=1, max_waiting=1)
+    release = asyncio.Event()
+
+    @resilient.Policy(bulkhead=bulkhead)
+    async def hold(tag: str) -> str:
+        await release.wait()
+        return tag
+
+    first = asyncio.create_task(hold("first"))
+    await asyncio.sleep(0)
+    second = asyncio.create_task(hold("second"))
+    await asyncio.sleep(0)
+    assert bulkhead.waiting == 1
+    release.set()
+    assert await asyncio.gather(first, second) == ["first", "second"]
+    assert bulkhead.available == 1
+
+
+async def test_closing_a_suspended_attempt_closes_the_inner_coroutine() -> None:
+    """Closing the outer coroutine mid-attempt closes the wrapped one (its finally runs)."""
+    cleaned = []
+    loop = asyncio.get_running_loop()
+    never: asyncio.Future[None] = loop.create_future()
+
+    @resilient.Policy(attempt_timeout=5.0)
+    async def fn() -> None:
+        try:
+            await never
+        finally:
+            cleaned.append(True)
+
+    coro = fn()
+    coro.send(None)  # runs until the attempt suspends on `never`
+    coro.close()
+    assert cleaned == [True]
+
+
+async def test_exceptions_thrown_into_a_suspended_attempt_reach_it() -> None:
+    """A future failing while the attempt waits raises inside the wrapped coroutine."""
+    loop = asyncio.get_running_loop()
+
+    @resilient.Policy(attempt_timeout=5.0)
+    async def fn() -> str:
+        future: asyncio.Future[None] = loop.create_future()
+        loop.call_soon(future.set_exception, KeyError("inner"))
+        try:
+            await future
+        except KeyError:
+            await asyncio.sleep(0)
+            return "handled"
+        return "not reached"  # pragma: no cover
+
+    assert await fn() == "handled"
+
+
+async def test_bounded_call_that_never_suspends_returns_its_value() -> None:
+    """With a timeout, a coroutine that finishes at once still returns (no timer needed)."""
+    breaker = resilient.CircuitBreaker(failure_threshold=1)
+
+    @resilient.Policy(timeout=5.0, attempt_timeout=1.0, breaker=breaker)
+    async def cached(key: str) -> str:
+        return key.upper()
+
+    assert await cached("hit") == "HIT"
+    with pytest.raises(ZeroDivisionError):
+        await resilient.Policy(timeout=5.0, breaker=breaker).acall(_divide_by_zero)
+    with pytest.raises(resilient.CircuitOpenError):
+        await cached("rejected")
+
+
+async def _divide_by_zero() -> float:
+    return 1 / 0
+
+
+def test_pybreaker_goes_half_open_after_its_reset_timeout() -> None:
+    """Once pybreaker's reset_timeout has passed, the next call is the trial call."""
+    breaker = pybreaker.CircuitBreaker(fail_max=1, reset_timeout=0.01)
+    stage = resilient.Policy(breaker=breaker)
+    with pytest.raises(resilient.CircuitOpenError):
+        stage.call(flaky(10))
+    assert breaker.current_state == "open"
+    time.sleep(0.02)
+    assert stage.call(lambda: "recovered") == "recovered"
+    assert breaker.current_state == "closed"
+    assert "PyBreakerStage" in repr(stage._breaker)
