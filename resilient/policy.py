@@ -189,6 +189,7 @@ class Policy:
         attempt_timeout = self.attempt_timeout
         clock = None if retry is None else retry.clock
         admit = None if retry is None else retry._admit
+        shared_clock = clock is _monotonic
         bounded = timeout is not None or attempt_timeout is not None
 
         def run(*args: Any, **kwargs: Any) -> Any:
@@ -202,7 +203,8 @@ class Policy:
                     if timeout is not None and now + timeout < total:
                         total = now + timeout
                 if admit is not None:
-                    started = clock()  # type: ignore[misc]
+                    # A healthy call reads the clock once when the retry shares it.
+                    started = now if now and shared_clock else clock()  # type: ignore[misc]
                     admit(started)
                 state: Any = None
                 last_error: Exception | None = None
@@ -267,6 +269,7 @@ class Policy:
         attempt_timeout = self.attempt_timeout
         clock = None if retry is None else retry.clock
         admit = None if retry is None else retry._admit
+        shared_clock = clock is _monotonic
         # Only the policy's own limits need a cancellation timer: an enclosing
         # `async with deadline()` scope cancels the work itself.
         bounded = timeout is not None or attempt_timeout is not None
@@ -282,7 +285,8 @@ class Policy:
                     if timeout is not None and now + timeout < total:
                         total = now + timeout
                 if admit is not None:
-                    started = clock()  # type: ignore[misc]
+                    # A healthy call reads the clock once when the retry shares it.
+                    started = now if now and shared_clock else clock()  # type: ignore[misc]
                     admit(started)
                 state: Any = None
                 last_error: Exception | None = None
