@@ -134,6 +134,16 @@ def spread(owners: list[str], nodes: Sequence[str]) -> tuple[float, float]:
     return statistics.pstdev(per_node) / mean, max(per_node) / mean
 
 
+def moves(before: list[str], after: list[str], *, changed: str) -> tuple[int, int]:
+    """Keys whose owner changed, and how many of those moved between unchanged nodes."""
+    moved = stray = 0
+    for old, new in zip(before, after, strict=True):
+        if old != new:
+            moved += 1
+            stray += old != changed and new != changed
+    return moved, stray
+
+
 def balance_and_churn_rows() -> tuple[list[list[object]], list[list[object]]]:
     ours_spread: list[tuple[float, float]] = []
     theirs_spread: list[tuple[float, float]] = []
@@ -150,23 +160,15 @@ def balance_and_churn_rows() -> tuple[list[list[object]], list[list[object]]]:
         theirs_spread.append(spread(list(map(UHashRing(ten, vnodes=VNODES).get_node, KEYS)), ten))
 
         ring.add(newcomer)
-        after_add = list(map(ring.get, KEYS))
-        moved = 0
-        for old, new in zip(before, after_add, strict=True):
-            if old != new:
-                moved += 1
-                stray_moves += new != newcomer
+        moved, stray = moves(before, list(map(ring.get, KEYS)), changed=newcomer)
         added_fractions.append(moved / KEY_COUNT)
+        stray_moves += stray
 
         ring.remove(newcomer)
         ring.remove(leaver)
-        after_remove = list(map(ring.get, KEYS))
-        moved = 0
-        for old, new in zip(before, after_remove, strict=True):
-            if old != new:
-                moved += 1
-                stray_moves += old != leaver
+        moved, stray = moves(before, list(map(ring.get, KEYS)), changed=leaver)
         removed_fractions.append(moved / KEY_COUNT)
+        stray_moves += stray
 
     def mean_of(values: list[tuple[float, float]], index: int) -> float:
         return statistics.fmean(value[index] for value in values)

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import math
 import pickle
-import sys
 import threading
 from bisect import bisect_right
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from fractions import Fraction
 
 import pytest
@@ -31,17 +30,6 @@ KEYS: list[str | bytes | int] = [
 
 node_ids = st.text(min_size=1, max_size=10)
 node_sets = st.lists(node_ids, min_size=1, max_size=8, unique=True)
-
-
-@pytest.fixture
-def frequent_thread_switches() -> Iterator[None]:
-    """Make the interpreter switch threads every few bytecodes so races actually happen."""
-    previous = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    try:
-        yield
-    finally:
-        sys.setswitchinterval(previous)
 
 
 def mapping(ring: HashRing, keys: list[str | bytes | int] = KEYS) -> dict[str | bytes | int, str]:

@@ -44,6 +44,15 @@ def flaky(failures: int, error: type[Exception] = ConnectionError) -> Any:
     return fn
 
 
+async def cancel_once_started(fn: Any, started: asyncio.Event) -> None:
+    """Run fn() as a task, cancel it from outside once it has started, expect CancelledError."""
+    task = asyncio.create_task(fn())
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
 def no_budget_retry(**kwargs: Any) -> resilient.Retry:
     kwargs.setdefault("attempts", 3)
     return resilient.Retry(budget=None, **kwargs)
@@ -227,11 +236,7 @@ async def test_cancellation_is_neither_retried_nor_counted() -> None:
         started.set()
         await asyncio.sleep(10)
 
-    task = asyncio.create_task(fn())
-    await started.wait()
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    await cancel_once_started(fn, started)
     assert calls == 1
     assert breaker.state == resilient.BreakerState.CLOSED
     assert bulkhead.available == 1
@@ -478,11 +483,7 @@ async def test_outer_cancellation_is_not_a_timeout() -> None:
         started.set()
         await asyncio.sleep(10)
 
-    task = asyncio.create_task(fn())
-    await started.wait()
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    await cancel_once_started(fn, started)
 
 
 async def test_awaitable_returned_by_plain_function_works_with_acall() -> None:
