@@ -22,6 +22,7 @@ import backoff
 import pybreaker
 import stamina
 import tenacity
+from _timing import table
 
 import resilient
 
@@ -155,27 +156,8 @@ def rejection_variants() -> dict[str, Callable[[], Any]]:
     }
 
 
-def table(title: str, rows: list[tuple[str, ...]], headers: tuple[str, ...]) -> None:
-    widths = [max(len(str(row[i])) for row in [headers, *rows]) for i in range(len(headers))]
-    print(f"\n{title}")
-    print(
-        "  ".join(
-            h.ljust(w) if i == 0 else h.rjust(w)
-            for i, (h, w) in enumerate(zip(headers, widths, strict=True))
-        )
-    )
-    print("  ".join("-" * w for w in widths))
-    for row in rows:
-        print(
-            "  ".join(
-                c.ljust(w) if i == 0 else c.rjust(w)
-                for i, (c, w) in enumerate(zip(row, widths, strict=True))
-            )
-        )
-
-
 def overhead_rows(best: dict[str, float], bare: str, reference: str) -> list[tuple[str, ...]]:
-    rows = []
+    rows: list[tuple[str, ...]] = []
     base = best[bare]
     ref = best[reference] - base
     for name, seconds in best.items():
@@ -189,32 +171,92 @@ def overhead_rows(best: dict[str, float], bare: str, reference: str) -> list[tup
     return rows
 
 
+SLOW_FAILURE = 0.3  # seconds each failing attempt takes
+BUDGET = 1.0
+
+
+def _deadline_contenders() -> dict[str, Callable[[Callable[..., Any]], Callable[..., Any]]]:
+    """Each library configured for 'retry until 1 s have passed', backoff 0.1 s to 0.2 s."""
+    return {
+        "resilient Policy(timeout=1)": resilient.Policy(
+            timeout=BUDGET,
+            retry=resilient.Retry(
+                attempts=1000, budget=None, backoff=resilient.Backoff(initial=0.1, max_delay=0.2)
+            ),
+        ),
+        "tenacity stop_after_delay(1)": tenacity.retry(
+            stop=tenacity.stop_after_delay(BUDGET),
+            wait=tenacity.wait_exponential_jitter(initial=0.1, max=0.2),
+        ),
+        "stamina timeout=1": stamina.retry(
+            on=Exception, attempts=None, timeout=BUDGET, wait_initial=0.1, wait_max=0.2
+        ),
+        "backoff max_time=1": backoff.on_exception(
+            backoff.expo, Exception, max_time=BUDGET, factor=0.1, max_value=0.2
+        ),
+    }
+
+
+def deadline_rows() -> list[tuple[str, ...]]:
+    """How far past a 1 s budget each library lets a slowly failing call run."""
+
+    def slow_failure() -> None:
+        time.sleep(SLOW_FAILURE)
+        raise ConnectionError("slow failure")
+
+    async def slow_failure_async() -> None:
+        await asyncio.sleep(SLOW_FAILURE)
+        raise ConnectionError("slow failure")
+
+    def elapsed(call: Callable[[], Any]) -> float:
+        started = time.perf_counter()
+        with contextlib.suppress(Exception):
+            call()
+        return time.perf_counter() - started
+
+    stamina.instrumentation.set_on_retry_hooks([])  # its default logging would flood the table
+    rows: list[tuple[str, ...]] = []
+    for name, decorate in _deadline_contenders().items():
+        sync = elapsed(decorate(slow_failure))
+        wrapped = decorate(slow_failure_async)
+        asynchronous = elapsed(lambda: asyncio.run(wrapped()))  # noqa: B023 - runs at once
+        rows.append(
+            (
+                name,
+                f"{sync:.2f} s",
+                f"{(sync - BUDGET) / BUDGET:+.0%}",
+                f"{asynchronous:.2f} s",
+                f"{(asynchronous - BUDGET) / BUDGET:+.0%}",
+            )
+        )
+    return rows
+
+
 def main() -> None:
     print(
         f"Python {sys.version.split()[0]}; best of {ROUNDS} interleaved rounds of {CALLS:,} calls"
     )
     headers = ("variant", "ns/call", "overhead ns", "less overhead than ref")
     sync = best_of(sync_variants(), _time_sync)
-    table(
-        "Sync success path (ref: tenacity + pybreaker)",
-        overhead_rows(sync, "bare call", "tenacity + pybreaker"),
-        headers,
-    )
+    print("\nSync success path (ref: tenacity + pybreaker)")
+    table(overhead_rows(sync, "bare call", "tenacity + pybreaker"), headers)
     asynchronous = best_of(async_variants(), _time_async)
-    table(
-        "Async success path (ref: tenacity)",
-        overhead_rows(asynchronous, "bare call", "tenacity"),
-        headers,
-    )
+    print("\nAsync success path (ref: tenacity)")
+    table(overhead_rows(asynchronous, "bare call", "tenacity"), headers)
     rejected = best_of(rejection_variants(), _time_sync)
     base = rejected["raise + catch (baseline)"]
+    print("\nOpen breaker: cost of a rejected call")
     table(
-        "Open breaker: cost of a rejected call",
         [
             (name, f"{seconds * 1e9:,.0f}", f"{(seconds - base) * 1e9:,.0f}")
             for name, seconds in rejected.items()
         ],
         ("variant", "ns/call", "over raise+catch"),
+    )
+    print(f"\nDeadline adherence: a call failing after {SLOW_FAILURE:g} s, retried on a 1 s budget")
+    table(
+        deadline_rows(),
+        ("library", "sync elapsed", "sync overrun", "async elapsed", "async overrun"),
     )
 
 
