@@ -545,6 +545,10 @@ class Retry:
     * ``budget``: the :class:`RetryBudget`, shared by all calls through this
       ``Retry`` (default: a new one per ``Retry``, on ``clock``). ``None``
       disables it.
+    * ``retry_after``: ``(exception or result) -> seconds | None``, the wait the
+      dependency itself asked for (an HTTP ``Retry-After``, a gRPC pushback).
+      A number replaces the backoff's wait for that retry; if it would end after
+      the deadline, retrying stops at once. ``None`` keeps the backoff.
     * ``on_retry``: a :class:`RetryHook` or a sequence of them, called with a
       :class:`RetryEvent` before each wait.
     * ``clock`` and ``random``: time in seconds and uniform floats in [0, 1);
@@ -564,6 +568,7 @@ class Retry:
     wait: wait_base | None
     stop: stop_base | None
     budget: RetryBudget | None
+    retry_after: Callable[[Any], float | None] | None
     on_retry: RetryHook | Sequence[RetryHook] | None
     clock: Callable[[], float]
     random: Callable[[], float]
@@ -587,6 +592,7 @@ class Retry:
         wait: wait_base | None = None,
         stop: stop_base | None = None,
         budget: RetryBudget | _Default | None = _DEFAULT,
+        retry_after: Callable[[Any], float | None] | None = None,
         on_retry: RetryHook | Sequence[RetryHook] | None = None,
         clock: Callable[[], float] = time.monotonic,
         random: Callable[[], float] = _random.random,
@@ -665,6 +671,12 @@ class Retry:
         elif budget is not None and not isinstance(budget, RetryBudget):
             raise TypeError(f"budget must be a resilient.RetryBudget or None, got {budget!r}")
 
+        if retry_after is not None and not callable(retry_after):
+            raise TypeError(
+                "retry_after must be a callable taking the exception or result and returning "
+                f"seconds or None, got {retry_after!r}"
+            )
+
         if on_retry is None:
             hooks: tuple[RetryHook, ...] = ()
         elif isinstance(on_retry, list | tuple):
@@ -694,6 +706,7 @@ class Retry:
         setattr_(self, "wait", wait)
         setattr_(self, "stop", stop)
         setattr_(self, "budget", budget)
+        setattr_(self, "retry_after", retry_after)
         setattr_(self, "on_retry", on_retry)
         setattr_(self, "clock", clock)
         setattr_(self, "random", random)
@@ -715,6 +728,8 @@ class Retry:
         if self.stop is not None:
             parts.append(f"stop={_describe(self.stop)}")
         parts.append(f"budget={self.budget!r}")
+        if self.retry_after is not None:
+            parts.append(f"retry_after={_describe(self.retry_after)}")
         if self._hooks:
             parts.append(f"on_retry={', '.join(_describe(hook) for hook in self._hooks)}")
         return f"Retry({', '.join(parts)})"
@@ -810,6 +825,16 @@ class Retry:
                 )
         else:
             delay = cast(Backoff, self.backoff).delay(attempt, state.last_delay, self.random)
+        retry_after = self.retry_after
+        if retry_after is not None and not _instant_depth:
+            asked = retry_after(failure if failure is not None else result)
+            if asked is not None:
+                if not 0.0 <= asked < math.inf:
+                    raise ValueError(
+                        f"retry_after {_describe(retry_after)} returned {asked!r}; "
+                        "it must return a finite number of seconds, at least 0, or None"
+                    )
+                delay = asked
 
         stop = self.stop
         if stop is not None:

@@ -889,3 +889,53 @@ def test_non_builtin_exception_types_are_shown_with_their_module() -> None:
     """Notes and repr name an exception type the way it is imported."""
     retry = Retry(on=tenacity.TryAgain, budget=None)
     assert "on=tenacity.TryAgain" in repr(retry)
+
+
+# retry_after: the dependency's own wait ------------------------------------------------
+
+
+def test_retry_after_replaces_the_backoff_wait() -> None:
+    """A wait the dependency asked for is used instead of the backoff's."""
+    retry = Retry(
+        attempts=3,
+        budget=None,
+        backoff=Backoff(initial=5.0, jitter="none"),
+        retry_after=lambda exc: 0.25 if isinstance(exc, ConnectionError) else None,
+    )
+    state = retry._new_state(0.0)
+    assert retry._next_delay(state, now=0.0, exc=ConnectionError()) == 0.25
+    state = retry._new_state(0.0)
+    assert retry._next_delay(state, now=0.0, exc=TimeoutError()) == 5.0
+    assert "retry_after=" in repr(retry)
+
+
+def test_retry_after_beyond_the_deadline_stops_at_once() -> None:
+    """If the dependency asks for more time than the deadline leaves, stop now."""
+    retry = Retry(attempts=3, budget=None, retry_after=lambda exc: 30.0)
+    state = retry._new_state(0.0)
+    assert retry._next_delay(state, now=0.0, deadline=10.0, exc=ConnectionError()) is None
+    assert state.stop_reason == "deadline"
+
+
+def test_retry_after_sees_results_and_is_zero_under_instant_retries() -> None:
+    """Result retries get the hint from the result; the testing switch still wins."""
+    retry = Retry(attempts=3, budget=None, on_result=lambda value: value == 503, retry_after=float)
+    state = retry._new_state(0.0)
+    assert retry._next_delay(state, now=0.0, result=503) == 503.0
+    with instant_retries():
+        state = retry._new_state(0.0)
+        assert retry._next_delay(state, now=0.0, result=503) == 0.0
+
+
+@pytest.mark.parametrize("bad", [-1.0, math.inf, math.nan])
+def test_retry_after_returning_nonsense_is_an_error(bad: float) -> None:
+    """A hint that is not a finite, non-negative number is a bug in the hint function."""
+    retry = Retry(attempts=3, budget=None, retry_after=lambda exc: bad)
+    with pytest.raises(ValueError, match="retry_after"):
+        retry._next_delay(retry._new_state(0.0), now=0.0, exc=ConnectionError())
+
+
+def test_retry_after_must_be_callable() -> None:
+    """Configuration errors name the parameter."""
+    with pytest.raises(TypeError, match="retry_after"):
+        Retry(retry_after=5)  # type: ignore[arg-type]
