@@ -29,9 +29,17 @@ from resilient.hashring import BoundedLoadRing, EmptyRingError, HashRing
 from resilient.policy import Policy
 from resilient.retry import Backoff, Retry, RetryBudget, RetryEvent, instant_retries
 from resilient.shardmap import ShardedMap
+from resilient.transport import (
+    AsyncResilientTransport,
+    ResilientTransport,
+    TransportBulkheadFull,
+    TransportCircuitOpen,
+    TransportDeadlineExceeded,
+)
 
 __all__ = [
     "DEADLINE_HEADER",
+    "AsyncResilientTransport",
     "Backoff",
     "BoundedLoadRing",
     "BreakerEvent",
@@ -48,10 +56,14 @@ __all__ = [
     "InMemoryBreakerStore",
     "Policy",
     "ResilientError",
+    "ResilientTransport",
     "Retry",
     "RetryBudget",
     "RetryEvent",
     "ShardedMap",
+    "TransportBulkheadFull",
+    "TransportCircuitOpen",
+    "TransportDeadlineExceeded",
     "check_deadline",
     "deadline",
     "format_deadline_header",

@@ -1,0 +1,642 @@
+"""httpx transports that put every request of a client through a :class:`~resilient.Policy`.
+
+:class:`ResilientTransport` wraps any ``httpx.BaseTransport`` and
+:class:`AsyncResilientTransport` any ``httpx.AsyncBaseTransport``::
+
+    client = httpx.Client(transport=ResilientTransport())
+    async_client = httpx.AsyncClient(transport=AsyncResilientTransport())
+
+Each **origin** (scheme, host, port) gets its own circuit breaker, retry budget
+and, optionally, bulkhead, kept in a bounded :class:`~resilient.ShardedMap`, so
+one sick host does not open the circuit for the others and memory does not grow
+with the number of hosts seen.
+
+What is retried follows RFC 9110's idempotency rules, as gRPC and the browsers do:
+
+* failures before the request was sent (``ConnectError``, ``ConnectTimeout``,
+  ``PoolTimeout``), whatever the method;
+* for idempotent methods (GET, HEAD, OPTIONS, TRACE, PUT, DELETE), and for POST
+  and PATCH carrying an ``Idempotency-Key`` header or sent with
+  ``retry_non_idempotent=True``: also read/write timeouts and errors, protocol
+  errors from the server, and the statuses in ``retry_statuses`` (429, 502,
+  503, 504);
+* never a request whose body is a stream that cannot be sent twice.
+
+A ``Retry-After`` on 429 and 503 (seconds or an HTTP date) replaces the
+backoff's wait; when it asks for more than the deadline leaves, or more than
+``max_retry_after``, the response is returned at once. Before a retry the
+previous response is read and closed, so its connection goes back to the pool.
+
+Breakers count connection errors, timeouts and 5xx responses (501 aside) and
+429 as failures; other 4xx responses are the caller's problem and count as
+successes. Each attempt's timeouts are clamped to the deadline in force
+(:func:`resilient.deadline`), and the remaining budget can be sent downstream
+in the ``resilient-timeout-ms`` header.
+
+Errors the transport raises are both ``httpx.TransportError`` subclasses and
+the matching `resilient` error: :class:`TransportDeadlineExceeded`,
+:class:`TransportCircuitOpen`, :class:`TransportBulkheadFull`. Every response
+carries what happened in ``response.extensions["resilient"]``: ``attempts``,
+``waited`` (seconds) and ``breaker`` (the origin's breaker state).
+
+Per request, ``extensions={"resilient": {"retry": False}}`` turns retries off
+and ``{"idempotent": True}`` marks a POST or PATCH safe to retry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import email.utils
+import math
+import time
+from collections.abc import Callable, Collection, Mapping
+from contextvars import ContextVar, Token
+from typing import Any, Final, Generic, TypeVar
+
+import httpx
+
+from resilient._config import Duration, to_seconds
+from resilient.breaker import CircuitBreaker
+from resilient.bulkhead import Bulkhead
+from resilient.deadline import DEADLINE_HEADER, format_deadline_header, remaining
+from resilient.errors import BulkheadFull, CircuitOpenError, DeadlineExceeded, ResilientError
+from resilient.policy import Policy
+from resilient.retry import Retry, RetryBudget, RetryEvent
+from resilient.shardmap import ShardedMap
+
+__all__ = [
+    "IDEMPOTENT_METHODS",
+    "RETRY_STATUSES",
+    "AsyncResilientTransport",
+    "ResilientTransport",
+    "ResponseFailure",
+    "TransportBulkheadFull",
+    "TransportCircuitOpen",
+    "TransportDeadlineExceeded",
+]
+
+#: Methods RFC 9110 defines as idempotent: sending them twice does no harm.
+IDEMPOTENT_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+#: Statuses that say "try again later" for an idempotent request.
+RETRY_STATUSES: Final = frozenset({429, 502, 503, 504})
+_RETRY_AFTER_STATUSES: Final = frozenset({429, 503})
+
+# Failures that happen before a byte of the request went out: safe for any method.
+_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+# Failures after the request may have reached the server: only for idempotent requests.
+_MAYBE_SENT = (
+    httpx.ReadTimeout,
+    httpx.WriteTimeout,
+    httpx.ReadError,
+    httpx.WriteError,
+    httpx.RemoteProtocolError,
+    DeadlineExceeded,  # an async attempt cancelled at attempt_timeout
+)
+# The caller's mistakes, which say nothing about the server's health.
+_CALLER_FAULTS = (httpx.LocalProtocolError, httpx.UnsupportedProtocol, httpx.InvalidURL)
+_DEFAULT_RETRY: Final = Retry(attempts=3, budget=None)
+_OPTIONS: Final = frozenset({"retry", "idempotent"})
+
+
+# Errors --------------------------------------------------------------------------------
+
+
+class ResponseFailure(Exception):
+    """A response the breaker counts as a failure (5xx but 501, and 429), inside the policy.
+
+    The transport never lets it out: when retries end, the caller gets the
+    response itself. ``on_retry`` hooks see it as ``event.exception``, with the
+    (already read and closed) response in ``.response`` and its request in ``.request``.
+    """
+
+    def __init__(self, response: httpx.Response, request: httpx.Request) -> None:
+        super().__init__(f"{request.method} {request.url} answered {response.status_code}")
+        self.response = response
+        self.request = request
+
+
+class TransportDeadlineExceeded(DeadlineExceeded, httpx.TimeoutException):
+    """The deadline ran out; also an ``httpx.TimeoutException``."""
+
+    def __init__(self, message: str, *, request: httpx.Request | None = None) -> None:
+        DeadlineExceeded.__init__(self, message)
+        self._request = request
+
+
+class TransportCircuitOpen(CircuitOpenError, httpx.TransportError):
+    """The origin's breaker is open; also an ``httpx.TransportError``."""
+
+    def __init__(
+        self, name: str, retry_after: float, *, request: httpx.Request | None = None
+    ) -> None:
+        CircuitOpenError.__init__(self, name, retry_after)
+        self._request = request
+
+
+class TransportBulkheadFull(BulkheadFull, httpx.TransportError):
+    """The origin's bulkhead is full; also an ``httpx.TransportError``."""
+
+    def __init__(
+        self,
+        name: str,
+        max_concurrent: int,
+        max_waiting: int,
+        *,
+        request: httpx.Request | None = None,
+    ) -> None:
+        BulkheadFull.__init__(self, name, max_concurrent, max_waiting)
+        self._request = request
+
+
+def _as_transport_error(error: ResilientError, request: httpx.Request) -> Exception:
+    """The httpx-catchable twin of a resilient error, with its notes."""
+    twin: Exception
+    if isinstance(error, CircuitOpenError):
+        twin = TransportCircuitOpen(error.name, error.retry_after, request=request)
+    elif isinstance(error, BulkheadFull):
+        twin = TransportBulkheadFull(
+            error.name, error.max_concurrent, error.max_waiting, request=request
+        )
+    elif isinstance(error, DeadlineExceeded):
+        twin = TransportDeadlineExceeded(str(error), request=request)
+    else:  # pragma: no cover - the policy raises no other resilient error
+        return error
+    for note in getattr(error, "__notes__", ()):
+        twin.add_note(note)
+    return twin
+
+
+# Per-call bookkeeping --------------------------------------------------------------------
+
+
+class _Call:
+    """One request on its way: what it went through, for ``response.extensions``."""
+
+    __slots__ = ("attempts", "request", "timeouts", "waited")
+
+    def __init__(self, request: httpx.Request) -> None:
+        self.request = request
+        self.timeouts: Mapping[str, float | None] | None = request.extensions.get("timeout")
+        self.attempts = 0
+        self.waited = 0.0
+
+
+# The retry hook and the attempts run inside the policy, in the caller's context.
+_current_call: ContextVar[_Call] = ContextVar("resilient_transport_call")
+
+
+def _count_wait(event: RetryEvent) -> None:
+    _current_call.get().waited += event.delay
+
+
+# Retry rules -----------------------------------------------------------------------------
+
+
+def parse_retry_after(value: str, *, now: float | None = None) -> float | None:
+    """Seconds a ``Retry-After`` value asks for, or ``None`` if it is not a valid one.
+
+    Accepts delay-seconds (ASCII digits only: no sign, no fraction) and an HTTP
+    date; a date in the past means now (``0.0``). Anything else, and values too
+    large to be meant, give ``None``.
+    """
+    value = value.strip()
+    if value.isascii() and value.isdigit():
+        return float(value) if len(value) <= 9 else None
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if when.tzinfo is None:  # RFC 9110 dates are GMT; a zone-less one is read so too
+        return None
+    wall = time.time() if now is None else now
+    return max(0.0, when.timestamp() - wall)
+
+
+def _is_idempotent(request: httpx.Request, retry_non_idempotent: bool) -> bool:
+    method = request.method
+    if method in IDEMPOTENT_METHODS or retry_non_idempotent:
+        return True
+    if "idempotency-key" in request.headers:
+        return True
+    options = request.extensions.get("resilient")
+    return bool(options and options.get("idempotent"))
+
+
+def _request_of(failure: Exception) -> httpx.Request | None:
+    if isinstance(failure, ResponseFailure):
+        return failure.request
+    if isinstance(failure, httpx.RequestError):
+        try:
+            return failure.request
+        except RuntimeError:
+            return None
+    return None
+
+
+# The shared core -------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(slots=True)
+class _Host:
+    """One origin's state: its breaker, bulkhead and the two prebuilt drivers."""
+
+    breaker: CircuitBreaker | None
+    retrying: Callable[[httpx.Request], Any]
+    single: Callable[[httpx.Request], Any]
+
+
+class _Core:
+    """Configuration and decisions shared by the sync and async transports."""
+
+    def __init__(
+        self,
+        *,
+        retry: Retry | None,
+        breaker: Callable[[str], CircuitBreaker] | None,
+        bulkhead: Callable[[str], Bulkhead] | None,
+        timeout: Duration | None,
+        attempt_timeout: Duration | None,
+        retry_statuses: Collection[int],
+        retry_non_idempotent: bool,
+        max_retry_after: Duration,
+        propagate_deadline: bool,
+        internal_hosts: Collection[str],
+        max_hosts: int,
+    ) -> None:
+        if retry is not None and not isinstance(retry, Retry):
+            raise TypeError(f"retry must be a resilient.Retry or None, got {retry!r}")
+        if retry is not None and retry.on_result is not None:
+            raise ValueError(
+                "the transport decides which responses are retried (retry_statuses); "
+                f"give a Retry without on_result, got on_result={retry.on_result!r}"
+            )
+        if breaker is not None and not callable(breaker):
+            raise TypeError(
+                "breaker must be a callable taking the origin and returning a "
+                f"resilient.CircuitBreaker, or None, got {breaker!r}"
+            )
+        if bulkhead is not None and not callable(bulkhead):
+            raise TypeError(
+                "bulkhead must be a callable taking the origin and returning a "
+                f"resilient.Bulkhead, or None, got {bulkhead!r}"
+            )
+        statuses = frozenset(retry_statuses)
+        for status in statuses:
+            if not isinstance(status, int) or isinstance(status, bool) or not 100 <= status <= 599:
+                raise ValueError(f"retry_statuses must hold HTTP status codes, got {status!r}")
+        if isinstance(internal_hosts, str):
+            raise TypeError(
+                "internal_hosts must be a collection of host names, "
+                f"got the string {internal_hosts!r}"
+            )
+        self.retry = retry
+        self.breaker_factory = breaker
+        self.bulkhead_factory = bulkhead
+        # Policy validates timeout and attempt_timeout; build one now to fail early.
+        Policy(timeout=timeout, attempt_timeout=attempt_timeout)
+        self.timeout = timeout
+        self.attempt_timeout = attempt_timeout
+        self.retry_statuses = statuses
+        self.retry_non_idempotent = bool(retry_non_idempotent)
+        self.max_retry_after = to_seconds("max_retry_after", max_retry_after, allow_inf=True)
+        self.propagate_deadline = bool(propagate_deadline)
+        self.internal_hosts = frozenset(host.lower() for host in internal_hosts)
+        self.hosts: ShardedMap[str, _Host] = ShardedMap(max_items=max_hosts)
+
+    # Origins and their state ------------------------------------------------------------
+
+    def host(self, request: httpx.Request, attempt: Callable[[httpx.Request], Any]) -> _Host:
+        url = request.url
+        port = url.port
+        if port is None:
+            port = 443 if url.scheme == "https" else 80
+        origin = f"{url.scheme}://{url.host}:{port}"
+        return self.hosts.get_or_create(origin, lambda: self._new_host(origin, attempt))
+
+    def _new_host(self, origin: str, attempt: Callable[[httpx.Request], Any]) -> _Host:
+        breaker = None if self.breaker_factory is None else self.breaker_factory(origin)
+        if breaker is not None and not isinstance(breaker, CircuitBreaker):
+            raise TypeError(
+                f"the breaker factory must return a resilient.CircuitBreaker, got {breaker!r}"
+            )
+        bulkhead = None if self.bulkhead_factory is None else self.bulkhead_factory(origin)
+        if bulkhead is not None and not isinstance(bulkhead, Bulkhead):
+            raise TypeError(
+                f"the bulkhead factory must return a resilient.Bulkhead, got {bulkhead!r}"
+            )
+        stages: dict[str, Any] = {
+            "bulkhead": bulkhead,
+            "timeout": self.timeout,
+            "breaker": breaker,
+            "attempt_timeout": self.attempt_timeout,
+        }
+        single = Policy(**stages)(attempt)
+        retrying = single
+        if self.retry is not None:
+            retrying = Policy(retry=self._host_retry(self.retry), **stages)(attempt)
+        return _Host(breaker=breaker, retrying=retrying, single=single)
+
+    def _host_retry(self, base: Retry) -> Retry:
+        """The base Retry with this transport's rules, and a retry budget of the origin's own."""
+        budget = base.budget
+        if budget is not None:
+            budget = RetryBudget(
+                ratio=budget.ratio,
+                min_retries_per_second=budget.min_retries_per_second,
+                window=budget.window,
+                clock=budget.clock,
+            )
+        user_on = base.on
+        hooks = base.on_retry
+        hooks = [_count_wait] if hooks is None else [_count_wait, *_as_list(hooks)]
+
+        def retryable(failure: Exception) -> bool:
+            return self._retryable(failure) and _user_allows(user_on, failure)
+
+        return dataclasses.replace(
+            base, on=retryable, budget=budget, retry_after=self._retry_after, on_retry=hooks
+        )
+
+    # Decisions ----------------------------------------------------------------------------
+
+    def _retryable(self, failure: Exception) -> bool:
+        request = _request_of(failure) or _current_call.get().request
+        if not isinstance(request.stream, httpx.ByteStream):
+            return False  # the body is a stream that was consumed by the first attempt
+        if isinstance(failure, _NOT_SENT):
+            return True
+        if not _is_idempotent(request, self.retry_non_idempotent):
+            return False
+        if isinstance(failure, ResponseFailure):
+            response = failure.response
+            if response.status_code not in self.retry_statuses:
+                return False
+            asked = self._asked_wait(response)
+            return asked is None or asked <= self.max_retry_after
+        return isinstance(failure, _MAYBE_SENT)
+
+    def _asked_wait(self, response: httpx.Response) -> float | None:
+        if response.status_code not in _RETRY_AFTER_STATUSES:
+            return None
+        value = response.headers.get("retry-after")
+        return None if value is None else parse_retry_after(value)
+
+    def _retry_after(self, failure: object) -> float | None:
+        if isinstance(failure, ResponseFailure):
+            return self._asked_wait(failure.response)
+        return None
+
+    @staticmethod
+    def is_failure(response: httpx.Response) -> bool:
+        status = response.status_code
+        return (status >= 500 and status != 501) or status == 429
+
+    def driver(self, host: _Host, request: httpx.Request) -> Callable[[httpx.Request], Any]:
+        options = request.extensions.get("resilient")
+        if options:
+            if not isinstance(options, Mapping):
+                raise TypeError(
+                    f'extensions["resilient"] must be a mapping of options, got {options!r}'
+                )
+            unknown = set(options) - _OPTIONS
+            if unknown:
+                raise ValueError(
+                    f'unknown option(s) in extensions["resilient"]: {sorted(unknown)}; '
+                    f"known: {sorted(_OPTIONS)}"
+                )
+            if options.get("retry", True) is False:
+                return host.single
+        return host.retrying
+
+    # Around every attempt -------------------------------------------------------------------
+
+    @staticmethod
+    def begin(request: httpx.Request) -> tuple[_Call, Token[_Call]]:
+        call = _Call(request)
+        return call, _current_call.set(call)
+
+    def prepare(self, request: httpx.Request) -> None:
+        """Before an attempt: clamp its timeouts to the deadline, announce the budget."""
+        call = _current_call.get()
+        call.attempts += 1
+        left = remaining()
+        if left == math.inf:
+            return
+        if left <= 0.0:
+            raise DeadlineExceeded("the deadline passed before the request could be sent")
+        timeouts = dict(call.timeouts or {})
+        for key in ("connect", "read", "write", "pool"):
+            current = timeouts.get(key)
+            timeouts[key] = left if current is None or current > left else current
+        request.extensions = {**request.extensions, "timeout": timeouts}
+        if self.propagate_deadline or request.url.host.lower() in self.internal_hosts:
+            request.headers[DEADLINE_HEADER] = format_deadline_header(left)
+
+    @staticmethod
+    def timed_out(exc: httpx.TimeoutException) -> Exception:
+        """An httpx timeout caused by the clamped deadline becomes DeadlineExceeded."""
+        if remaining() <= 0.0:
+            return DeadlineExceeded(f"the deadline passed while the request was in flight ({exc})")
+        return exc
+
+    @staticmethod
+    def finish(response: httpx.Response, host: _Host, call: _Call) -> httpx.Response:
+        response.extensions = {
+            **response.extensions,
+            "resilient": {
+                "attempts": call.attempts,
+                "waited": call.waited,
+                "breaker": None if host.breaker is None else host.breaker.state.value,
+            },
+        }
+        return response
+
+
+def _as_list(hooks: Any) -> list[Any]:
+    return list(hooks) if isinstance(hooks, list | tuple) else [hooks]
+
+
+def _user_allows(on: Any, failure: Exception) -> bool:
+    """The user's own ``on`` narrows the transport's rules; it cannot widen them."""
+    if on is Exception:
+        return True
+    if isinstance(on, type | tuple):
+        return isinstance(failure, on)
+    return bool(on(failure))
+
+
+_DEFAULT_BREAKER_OPTIONS: Final[Mapping[str, Any]] = {
+    "failure_threshold": 5,
+    "reset_timeout": 30.0,
+}
+
+
+def default_breaker(origin: str) -> CircuitBreaker:
+    """The breaker each origin gets by default: 5 consecutive failures open it for 30 s."""
+    return CircuitBreaker(name=origin, exclude=_CALLER_FAULTS, **_DEFAULT_BREAKER_OPTIONS)
+
+
+class _Unset:
+    """Marks an option the caller did not pass (``None`` means "off")."""
+
+
+_UNSET: Final = _Unset()
+Inner = TypeVar("Inner", httpx.BaseTransport, httpx.AsyncBaseTransport)
+
+
+class _Configured(Generic[Inner]):
+    """The options both transports take, validated once; see :class:`ResilientTransport`."""
+
+    _inner_type: type[Inner]
+
+    def __init__(
+        self,
+        transport: Inner | None = None,
+        *,
+        retry: Retry | _Unset | None = _UNSET,
+        breaker: Callable[[str], CircuitBreaker] | _Unset | None = _UNSET,
+        bulkhead: Callable[[str], Bulkhead] | None = None,
+        timeout: Duration | None = None,
+        attempt_timeout: Duration | None = None,
+        retry_statuses: Collection[int] = RETRY_STATUSES,
+        retry_non_idempotent: bool = False,
+        max_retry_after: Duration = 60.0,
+        propagate_deadline: bool = False,
+        internal_hosts: Collection[str] = (),
+        max_hosts: int = 1024,
+    ) -> None:
+        if transport is not None and not isinstance(transport, self._inner_type):
+            raise TypeError(
+                f"transport must be an httpx.{self._inner_type.__name__}, got {transport!r}"
+            )
+        self._core = _Core(
+            retry=_DEFAULT_RETRY if isinstance(retry, _Unset) else retry,
+            breaker=default_breaker if isinstance(breaker, _Unset) else breaker,
+            bulkhead=bulkhead,
+            timeout=timeout,
+            attempt_timeout=attempt_timeout,
+            retry_statuses=retry_statuses,
+            retry_non_idempotent=retry_non_idempotent,
+            max_retry_after=max_retry_after,
+            propagate_deadline=propagate_deadline,
+            internal_hosts=internal_hosts,
+            max_hosts=max_hosts,
+        )
+        self._transport: Inner = self._default_inner() if transport is None else transport
+
+    def _default_inner(self) -> Inner:
+        raise NotImplementedError  # pragma: no cover
+
+
+# The transports ----------------------------------------------------------------------------
+
+
+class ResilientTransport(_Configured[httpx.BaseTransport], httpx.BaseTransport):
+    """An httpx transport applying deadlines, retries and per-origin breakers to every request.
+
+    >>> client = httpx.Client(transport=ResilientTransport(retry=Retry(attempts=4)))
+
+    * ``transport``: the transport that sends (default ``httpx.HTTPTransport()``);
+      closed with this one.
+    * ``retry``: a :class:`~resilient.Retry` for attempts, backoff, budget and
+      hooks (default ``Retry(attempts=3)``; ``None`` disables retries). The
+      transport decides what is safe to retry; an ``on`` of your own can only
+      narrow that. Each origin gets its own retry budget shaped like the Retry's.
+    * ``breaker``: ``origin -> CircuitBreaker`` (default :func:`default_breaker`);
+      ``None`` disables breakers.
+    * ``bulkhead``: ``origin -> Bulkhead`` or ``None`` (default).
+    * ``timeout`` / ``attempt_timeout``: total and per-attempt budgets in seconds.
+    * ``retry_statuses``: statuses retried for idempotent requests.
+    * ``retry_non_idempotent``: also retry POST and PATCH (default ``False``).
+    * ``max_retry_after``: the longest ``Retry-After`` honoured (default 60 s);
+      a longer one returns the response at once.
+    * ``propagate_deadline``: send the remaining budget in the
+      ``resilient-timeout-ms`` header to every host; ``internal_hosts`` sends it
+      only to these host names.
+    * ``max_hosts``: how many origins' state to keep (least recently used go).
+    """
+
+    _inner_type = httpx.BaseTransport
+
+    def _default_inner(self) -> httpx.BaseTransport:
+        return httpx.HTTPTransport()
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        core = self._core
+        host = core.host(request, self._attempt)
+        send = core.driver(host, request)
+        call, token = core.begin(request)
+        try:
+            response = send(request)
+        except ResponseFailure as failure:
+            response = failure.response
+        except ResilientError as error:
+            raise _as_transport_error(error, request) from error
+        finally:
+            _current_call.reset(token)
+        return core.finish(response, host, call)
+
+    def _attempt(self, request: httpx.Request) -> httpx.Response:
+        self._core.prepare(request)
+        try:
+            response = self._transport.handle_request(request)
+        except httpx.TimeoutException as exc:
+            raise self._core.timed_out(exc) from exc
+        if self._core.is_failure(response):
+            # Read and close it now: a retry must find its connection back in the pool.
+            try:
+                response.read()
+            finally:
+                response.close()
+            raise ResponseFailure(response, request)
+        return response
+
+    def close(self) -> None:
+        self._transport.close()
+
+
+class AsyncResilientTransport(_Configured[httpx.AsyncBaseTransport], httpx.AsyncBaseTransport):
+    """The async twin of :class:`ResilientTransport`, for ``httpx.AsyncClient``.
+
+    Same options; ``transport`` is an ``httpx.AsyncBaseTransport`` (default
+    ``httpx.AsyncHTTPTransport()``). An attempt still running at the deadline
+    or at ``attempt_timeout`` is cancelled.
+    """
+
+    _inner_type = httpx.AsyncBaseTransport
+
+    def _default_inner(self) -> httpx.AsyncBaseTransport:
+        return httpx.AsyncHTTPTransport()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        core = self._core
+        host = core.host(request, self._attempt)
+        send = core.driver(host, request)
+        call, token = core.begin(request)
+        try:
+            response = await send(request)
+        except ResponseFailure as failure:
+            response = failure.response
+        except ResilientError as error:
+            raise _as_transport_error(error, request) from error
+        finally:
+            _current_call.reset(token)
+        return core.finish(response, host, call)
+
+    async def _attempt(self, request: httpx.Request) -> httpx.Response:
+        self._core.prepare(request)
+        try:
+            response = await self._transport.handle_async_request(request)
+        except httpx.TimeoutException as exc:
+            raise self._core.timed_out(exc) from exc
+        if self._core.is_failure(response):
+            # Read and close it now: a retry must find its connection back in the pool.
+            try:
+                await response.aread()
+            finally:
+                await response.aclose()
+            raise ResponseFailure(response, request)
+        return response
+
+    async def aclose(self) -> None:
+        await self._transport.aclose()
