@@ -94,7 +94,7 @@ _MAYBE_SENT = (
 )
 # The caller's mistakes, which say nothing about the server's health.
 _CALLER_FAULTS = (httpx.LocalProtocolError, httpx.UnsupportedProtocol, httpx.InvalidURL)
-_DEFAULT_RETRY: Final = Retry(attempts=3, budget=None)
+_DEFAULT_RETRY: Final = Retry(attempts=3)
 _OPTIONS: Final = frozenset({"retry", "idempotent"})
 
 
