@@ -27,11 +27,11 @@ backoff's wait; when it asks for more than the deadline leaves, or more than
 ``max_retry_after``, the response is returned at once. Before a retry the
 previous response is read and closed, so its connection goes back to the pool.
 
-Breakers count connection errors, timeouts and 5xx responses (501 aside) and
-429 as failures; other 4xx responses are the caller's problem and count as
-successes. Each attempt's timeouts are clamped to the deadline in force
-(:func:`resilient.deadline`), and the remaining budget can be sent downstream
-in the ``resilient-timeout-ms`` header.
+Breakers count connection errors, timeouts, 5xx responses (501 aside), 429
+and any status listed in ``retry_statuses`` as failures; other 4xx responses
+are the caller's problem and count as successes. Each attempt's timeouts are
+clamped to the deadline in force (:func:`resilient.deadline`), and the
+remaining budget can be sent downstream in the ``resilient-timeout-ms`` header.
 
 Errors the transport raises are both ``httpx.TransportError`` subclasses and
 the matching `resilient` error: :class:`TransportDeadlineExceeded`,
@@ -46,16 +46,17 @@ and ``{"idempotent": True}`` marks a POST or PATCH safe to retry.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import email.utils
 import math
 import time
 from collections.abc import Callable, Collection, Mapping
 from contextvars import ContextVar, Token
-from typing import Any, Final, Generic, TypeVar
+from typing import Any, Final, Generic, TypeVar, cast
 
 import httpx
 
-from resilient._config import Duration, to_seconds
+from resilient._config import Duration, check_int, to_seconds
 from resilient.breaker import CircuitBreaker
 from resilient.bulkhead import Bulkhead
 from resilient.deadline import DEADLINE_HEADER, format_deadline_header, remaining
@@ -102,7 +103,7 @@ _OPTIONS: Final = frozenset({"retry", "idempotent"})
 
 
 class ResponseFailure(Exception):
-    """A response the breaker counts as a failure (5xx but 501, and 429), inside the policy.
+    """A response the breaker counts as a failure (5xx but 501, 429, ``retry_statuses``).
 
     The transport never lets it out: when retries end, the caller gets the
     response itself. ``on_retry`` hooks see it as ``event.exception``, with the
@@ -207,7 +208,7 @@ def parse_retry_after(value: str, *, now: float | None = None) -> float | None:
     except (TypeError, ValueError, IndexError, OverflowError):
         return None
     if when.tzinfo is None:  # RFC 9110 dates are GMT; a zone-less one is read so too
-        return None
+        when = when.replace(tzinfo=datetime.UTC)
     wall = time.time() if now is None else now
     return max(0.0, when.timestamp() - wall)
 
@@ -220,17 +221,6 @@ def _is_idempotent(request: httpx.Request, retry_non_idempotent: bool) -> bool:
         return True
     options = request.extensions.get("resilient")
     return bool(options and options.get("idempotent"))
-
-
-def _request_of(failure: Exception) -> httpx.Request | None:
-    if isinstance(failure, ResponseFailure):
-        return failure.request
-    if isinstance(failure, httpx.RequestError):
-        try:
-            return failure.request
-        except RuntimeError:
-            return None
-    return None
 
 
 # The shared core -------------------------------------------------------------------------
@@ -301,6 +291,7 @@ class _Core:
         self.max_retry_after = to_seconds("max_retry_after", max_retry_after, allow_inf=True)
         self.propagate_deadline = bool(propagate_deadline)
         self.internal_hosts = frozenset(host.lower() for host in internal_hosts)
+        check_int("max_hosts", max_hosts, minimum=1)
         self.hosts: ShardedMap[str, _Host] = ShardedMap(max_items=max_hosts)
 
     # Origins and their state ------------------------------------------------------------
@@ -353,17 +344,25 @@ class _Core:
         def retryable(failure: Exception) -> bool:
             return self._retryable(failure) and _user_allows(user_on, failure)
 
+        on: Any = retryable
+        if base._on_is_tenacity:
+            import tenacity
+
+            rules = tenacity.retry_if_exception(
+                cast(Callable[[BaseException], bool], self._retryable)
+            )
+            on = rules & cast(tenacity.retry_base, user_on)
         return dataclasses.replace(
-            base, on=retryable, budget=budget, retry_after=self._retry_after, on_retry=hooks
+            base, on=on, budget=budget, retry_after=self._retry_after, on_retry=hooks
         )
 
     # Decisions ----------------------------------------------------------------------------
 
     def _retryable(self, failure: Exception) -> bool:
-        request = _request_of(failure) or _current_call.get().request
+        request = _current_call.get().request
         if not isinstance(request.stream, httpx.ByteStream):
             return False  # the body is a stream that was consumed by the first attempt
-        if isinstance(failure, _NOT_SENT):
+        if isinstance(failure, _NOT_SENT) or isinstance(failure.__cause__, _NOT_SENT):
             return True
         if not _is_idempotent(request, self.retry_non_idempotent):
             return False
@@ -386,10 +385,10 @@ class _Core:
             return self._asked_wait(failure.response)
         return None
 
-    @staticmethod
-    def is_failure(response: httpx.Response) -> bool:
+    def is_failure(self, response: httpx.Response) -> bool:
+        """5xx but 501, 429, and any status listed in ``retry_statuses``."""
         status = response.status_code
-        return (status >= 500 and status != 501) or status == 429
+        return (status >= 500 and status != 501) or status == 429 or status in self.retry_statuses
 
     def driver(self, host: _Host, request: httpx.Request) -> Callable[[httpx.Request], Any]:
         options = request.extensions.get("resilient")
@@ -450,6 +449,19 @@ class _Core:
             },
         }
         return response
+
+
+def _replayable(
+    response: httpx.Response, stream: httpx.ByteStream, request: httpx.Request
+) -> httpx.Response:
+    """A fresh response over the (undecoded) body already read, for the client to bind."""
+    return httpx.Response(
+        response.status_code,
+        headers=response.headers,
+        stream=stream,
+        extensions=response.extensions,
+        request=request,
+    )
 
 
 def _as_list(hooks: Any) -> list[Any]:
@@ -571,7 +583,11 @@ class ResilientTransport(_Configured[httpx.BaseTransport], httpx.BaseTransport):
         except ResponseFailure as failure:
             response = failure.response
         except ResilientError as error:
-            raise _as_transport_error(error, request) from error
+            if not (
+                isinstance(error, CircuitOpenError) and isinstance(error.__cause__, ResponseFailure)
+            ):
+                raise _as_transport_error(error, request) from error
+            response = error.__cause__.response
         finally:
             _current_call.reset(token)
         return core.finish(response, host, call)
@@ -585,10 +601,12 @@ class ResilientTransport(_Configured[httpx.BaseTransport], httpx.BaseTransport):
         if self._core.is_failure(response):
             # Read and close it now: a retry must find its connection back in the pool.
             try:
-                response.read()
+                stream = response.stream
+                if not isinstance(stream, httpx.ByteStream):
+                    stream = httpx.ByteStream(b"".join(response.iter_raw()))
             finally:
                 response.close()
-            raise ResponseFailure(response, request)
+            raise ResponseFailure(_replayable(response, stream, request), request)
         return response
 
     def close(self) -> None:
@@ -618,7 +636,11 @@ class AsyncResilientTransport(_Configured[httpx.AsyncBaseTransport], httpx.Async
         except ResponseFailure as failure:
             response = failure.response
         except ResilientError as error:
-            raise _as_transport_error(error, request) from error
+            if not (
+                isinstance(error, CircuitOpenError) and isinstance(error.__cause__, ResponseFailure)
+            ):
+                raise _as_transport_error(error, request) from error
+            response = error.__cause__.response
         finally:
             _current_call.reset(token)
         return core.finish(response, host, call)
@@ -632,10 +654,12 @@ class AsyncResilientTransport(_Configured[httpx.AsyncBaseTransport], httpx.Async
         if self._core.is_failure(response):
             # Read and close it now: a retry must find its connection back in the pool.
             try:
-                await response.aread()
+                stream = response.stream
+                if not isinstance(stream, httpx.ByteStream):
+                    stream = httpx.ByteStream(b"".join([c async for c in response.aiter_raw()]))
             finally:
                 await response.aclose()
-            raise ResponseFailure(response, request)
+            raise ResponseFailure(_replayable(response, stream, request), request)
         return response
 
     async def aclose(self) -> None:
