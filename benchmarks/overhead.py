@@ -22,42 +22,12 @@ import backoff
 import pybreaker
 import stamina
 import tenacity
-from _timing import table
+from _timing import best_of_interleaved, table, time_async, time_sync
 
 import resilient
 
 CALLS = 20_000
 ROUNDS = 7
-
-
-def _time_sync(fn: Callable[[], Any], calls: int) -> float:
-    started = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    return (time.perf_counter() - started) / calls
-
-
-def _time_async(fn: Callable[[], Awaitable[Any]], calls: int) -> float:
-    async def loop() -> float:
-        started = time.perf_counter()
-        for _ in range(calls):
-            await fn()
-        return (time.perf_counter() - started) / calls
-
-    return asyncio.run(loop())
-
-
-def best_of(
-    variants: dict[str, Callable[[], Any]], timer: Callable[[Callable[[], Any], int], float]
-) -> dict[str, float]:
-    """Seconds per call for each variant: the best of ROUNDS interleaved rounds."""
-    best = dict.fromkeys(variants, math.inf)
-    for fn in variants.values():  # warm up caches and lazy state
-        timer(fn, CALLS // 10)
-    for _ in range(ROUNDS):
-        for name, fn in variants.items():
-            best[name] = min(best[name], timer(fn, CALLS))
-    return best
 
 
 def _full_policy() -> resilient.Policy:
@@ -237,13 +207,13 @@ def main() -> None:
         f"Python {sys.version.split()[0]}; best of {ROUNDS} interleaved rounds of {CALLS:,} calls"
     )
     headers = ("variant", "ns/call", "overhead ns", "less overhead than ref")
-    sync = best_of(sync_variants(), _time_sync)
+    sync = best_of_interleaved(sync_variants(), time_sync, CALLS, ROUNDS)
     print("\nSync success path (ref: tenacity + pybreaker)")
     table(overhead_rows(sync, "bare call", "tenacity + pybreaker"), headers)
-    asynchronous = best_of(async_variants(), _time_async)
+    asynchronous = best_of_interleaved(async_variants(), time_async, CALLS, ROUNDS)
     print("\nAsync success path (ref: tenacity)")
     table(overhead_rows(asynchronous, "bare call", "tenacity"), headers)
-    rejected = best_of(rejection_variants(), _time_sync)
+    rejected = best_of_interleaved(rejection_variants(), time_sync, CALLS, ROUNDS)
     base = rejected["raise + catch (baseline)"]
     print("\nOpen breaker: cost of a rejected call")
     table(
