@@ -51,13 +51,13 @@ import email.utils
 import math
 import time
 from collections.abc import Callable, Collection, Mapping
-from contextvars import ContextVar, Token
+from contextvars import ContextVar
 from typing import Any, Final, Generic, TypeVar, cast
 
 import httpx
 
 from resilient._config import Duration, check_int, to_seconds
-from resilient.breaker import CircuitBreaker
+from resilient.breaker import BreakerState, CircuitBreaker
 from resilient.bulkhead import Bulkhead
 from resilient.deadline import DEADLINE_HEADER, format_deadline_header, remaining
 from resilient.errors import BulkheadFull, CircuitOpenError, DeadlineExceeded, ResilientError
@@ -97,6 +97,8 @@ _MAYBE_SENT = (
 _CALLER_FAULTS = (httpx.LocalProtocolError, httpx.UnsupportedProtocol, httpx.InvalidURL)
 _DEFAULT_RETRY: Final = Retry(attempts=3)
 _OPTIONS: Final = frozenset({"retry", "idempotent"})
+# Enum .value goes through a descriptor; a dict lookup is cheaper on every response.
+_STATE_NAMES: Final = {state: state.value for state in BreakerState}
 
 
 # Errors --------------------------------------------------------------------------------
@@ -149,6 +151,17 @@ class TransportBulkheadFull(BulkheadFull, httpx.TransportError):
         self._request = request
 
 
+def _recover(error: ResilientError, request: httpx.Request) -> httpx.Response:
+    """Map a resilient error at the transport boundary, or recover the last response.
+
+    A breaker that opened during retries ends them; the caller then gets the
+    last response, as when retries run out.
+    """
+    if isinstance(error, CircuitOpenError) and isinstance(error.__cause__, ResponseFailure):
+        return error.__cause__.response
+    raise _as_transport_error(error, request) from error
+
+
 def _as_transport_error(error: ResilientError, request: httpx.Request) -> Exception:
     """The httpx-catchable twin of a resilient error, with its notes."""
     twin: Exception
@@ -177,7 +190,8 @@ class _Call:
 
     def __init__(self, request: httpx.Request) -> None:
         self.request = request
-        self.timeouts: Mapping[str, float | None] | None = request.extensions.get("timeout")
+        # The caller's own timeouts, kept by the first attempt that clamps them.
+        self.timeouts: Mapping[str, float | None] | _Unset | None = _UNSET
         self.attempts = 0
         self.waited = 0.0
 
@@ -292,17 +306,22 @@ class _Core:
         self.propagate_deadline = bool(propagate_deadline)
         self.internal_hosts = frozenset(host.lower() for host in internal_hosts)
         check_int("max_hosts", max_hosts, minimum=1)
-        self.hosts: ShardedMap[str, _Host] = ShardedMap(max_items=max_hosts)
+        self.hosts: ShardedMap[tuple[str, str, int | None], _Host] = ShardedMap(max_items=max_hosts)
 
     # Origins and their state ------------------------------------------------------------
 
     def host(self, request: httpx.Request, attempt: Callable[[httpx.Request], Any]) -> _Host:
         url = request.url
-        port = url.port
-        if port is None:
-            port = 443 if url.scheme == "https" else 80
-        origin = f"{url.scheme}://{url.host}:{port}"
-        return self.hosts.get_or_create(origin, lambda: self._new_host(origin, attempt))
+        key = (url.scheme, url.host, url.port)
+        host = self.hosts.get(key)
+        if host is None:
+            # The origin string names the breaker; built only when an origin is first seen.
+            scheme, name, port = key
+            if port is None:
+                port = 443 if scheme == "https" else 80
+            origin = f"{scheme}://{name}:{port}"
+            host = self.hosts.get_or_create(key, lambda: self._new_host(origin, attempt))
+        return host
 
     def _new_host(self, origin: str, attempt: Callable[[httpx.Request], Any]) -> _Host:
         breaker = None if self.breaker_factory is None else self.breaker_factory(origin)
@@ -409,11 +428,6 @@ class _Core:
 
     # Around every attempt -------------------------------------------------------------------
 
-    @staticmethod
-    def begin(request: httpx.Request) -> tuple[_Call, Token[_Call]]:
-        call = _Call(request)
-        return call, _current_call.set(call)
-
     def prepare(self, request: httpx.Request) -> None:
         """Before an attempt: clamp its timeouts to the deadline, announce the budget."""
         call = _current_call.get()
@@ -423,6 +437,8 @@ class _Core:
             return
         if left <= 0.0:
             raise DeadlineExceeded("the deadline passed before the request could be sent")
+        if isinstance(call.timeouts, _Unset):
+            call.timeouts = request.extensions.get("timeout")
         timeouts = dict(call.timeouts or {})
         for key in ("connect", "read", "write", "pool"):
             current = timeouts.get(key)
@@ -440,13 +456,11 @@ class _Core:
 
     @staticmethod
     def finish(response: httpx.Response, host: _Host, call: _Call) -> httpx.Response:
-        response.extensions = {
-            **response.extensions,
-            "resilient": {
-                "attempts": call.attempts,
-                "waited": call.waited,
-                "breaker": None if host.breaker is None else host.breaker.state.value,
-            },
+        # Each response owns its extensions dict: add to it rather than copying it.
+        response.extensions["resilient"] = {
+            "attempts": call.attempts,
+            "waited": call.waited,
+            "breaker": None if host.breaker is None else _STATE_NAMES[host.breaker.state],
         }
         return response
 
@@ -535,6 +549,8 @@ class _Configured(Generic[Inner]):
             max_hosts=max_hosts,
         )
         self._transport: Inner = self._default_inner() if transport is None else transport
+        # Bound once: each origin's drivers wrap this attempt function.
+        self._bound_attempt: Callable[[httpx.Request], Any] = self._attempt  # type: ignore[attr-defined]
 
     def _default_inner(self) -> Inner:
         raise NotImplementedError  # pragma: no cover
@@ -575,19 +591,16 @@ class ResilientTransport(_Configured[httpx.BaseTransport], httpx.BaseTransport):
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         core = self._core
-        host = core.host(request, self._attempt)
+        host = core.host(request, self._bound_attempt)
         send = core.driver(host, request)
-        call, token = core.begin(request)
+        call = _Call(request)
+        token = _current_call.set(call)
         try:
             response = send(request)
         except ResponseFailure as failure:
             response = failure.response
         except ResilientError as error:
-            if not (
-                isinstance(error, CircuitOpenError) and isinstance(error.__cause__, ResponseFailure)
-            ):
-                raise _as_transport_error(error, request) from error
-            response = error.__cause__.response
+            response = _recover(error, request)
         finally:
             _current_call.reset(token)
         return core.finish(response, host, call)
@@ -628,19 +641,16 @@ class AsyncResilientTransport(_Configured[httpx.AsyncBaseTransport], httpx.Async
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         core = self._core
-        host = core.host(request, self._attempt)
+        host = core.host(request, self._bound_attempt)
         send = core.driver(host, request)
-        call, token = core.begin(request)
+        call = _Call(request)
+        token = _current_call.set(call)
         try:
             response = await send(request)
         except ResponseFailure as failure:
             response = failure.response
         except ResilientError as error:
-            if not (
-                isinstance(error, CircuitOpenError) and isinstance(error.__cause__, ResponseFailure)
-            ):
-                raise _as_transport_error(error, request) from error
-            response = error.__cause__.response
+            response = _recover(error, request)
         finally:
             _current_call.reset(token)
         return core.finish(response, host, call)
