@@ -156,7 +156,7 @@ def _deadline_contenders() -> dict[str, Callable[[Callable[..., Any]], Callable[
         ),
         "tenacity stop_after_delay(1)": tenacity.retry(
             stop=tenacity.stop_after_delay(BUDGET),
-            wait=tenacity.wait_exponential_jitter(initial=0.1, max=0.2),
+            wait=tenacity.wait_exponential_jitter(multiplier=0.1, max=0.2, jitter=0.1),
         ),
         "stamina timeout=1": stamina.retry(
             on=Exception, attempts=None, timeout=BUDGET, wait_initial=0.1, wait_max=0.2

@@ -225,7 +225,7 @@ class Policy:
                     except CircuitOpenError as rejected:
                         if last_error is None:
                             raise
-                        raise _rejected(rejected, retry, state, last_error) from last_error
+                        raise _rejected(rejected, retry, state) from last_error
                     try:
                         result = fn(*args, **kwargs)
                     except Exception as exc:
@@ -307,7 +307,7 @@ class Policy:
                     except CircuitOpenError as rejected:
                         if last_error is None:
                             raise
-                        raise _rejected(rejected, retry, state, last_error) from last_error
+                        raise _rejected(rejected, retry, state) from last_error
                     try:
                         awaitable = fn(*args, **kwargs)
                         if bounded:
@@ -443,11 +443,10 @@ def _deadline_error(
     return DeadlineExceeded(message)
 
 
-def _rejected(
-    rejected: CircuitOpenError, retry: Retry | None, state: Any, last_error: Exception
-) -> CircuitOpenError:
-    """An open breaker ends the retries at once; say so on the error, chained to the last one."""
-    if retry is not None:
+def _rejected(rejected: CircuitOpenError, retry: Retry | None, state: Any) -> CircuitOpenError:
+    """An open breaker ends the retries at once; say so on its error."""
+    if retry is not None and state is not None:
+        state.stop_reason = "circuit open"
         retry._give_up(state, rejected)
     return rejected
 

@@ -83,9 +83,18 @@ ResultFilter: TypeAlias = "Callable[[Any], bool] | retry_base"
 """What ``Retry(on_result=...)`` accepts: a predicate on the return value or a tenacity strategy."""
 
 StopReason: TypeAlias = Literal[
-    "not retryable", "attempts exhausted", "stop condition", "deadline", "retry budget exhausted"
+    "not retryable",
+    "attempts exhausted",
+    "stop condition",
+    "deadline",
+    "retry budget exhausted",
+    "circuit open",
 ]
-"""Why :meth:`Retry._next_delay` declined to retry, as recorded on :class:`RetryState`."""
+"""Why retrying stopped, as recorded on :class:`RetryState`.
+
+:meth:`Retry._next_delay` records all but ``"circuit open"``, which the driver
+records when a circuit breaker rejects the next attempt.
+"""
 
 _JITTERS: tuple[Jitter, ...] = ("full", "equal", "decorrelated", "none")
 _LARGEST_FLOAT = sys.float_info.max
@@ -888,6 +897,8 @@ class Retry:
             )
         elif reason == "deadline":
             why = "the deadline would pass before the next attempt could start"
+        elif reason == "circuit open":
+            why = "the circuit breaker opened, so the next attempt was not made"
         elif reason == "stop condition":
             why = f"the stop strategy {_describe(self.stop)} said to stop"
         else:

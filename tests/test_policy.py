@@ -681,7 +681,7 @@ async def test_async_result_retry_and_open_breaker_after_retries() -> None:
         await down()
     assert calls == 1
     assert isinstance(caught.value.__cause__, ConnectionError)
-    assert "gave up" in "\n".join(caught.value.__notes__)
+    assert "circuit breaker opened" in "\n".join(caught.value.__notes__)
 
 
 async def test_async_deadline_passed_before_the_first_attempt() -> None:
