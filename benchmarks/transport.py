@@ -119,6 +119,17 @@ def mock_clients() -> tuple[dict[str, httpx.Client], dict[str, httpx.AsyncClient
     return sync, asynchronous
 
 
+def close_clients(
+    sync_clients: dict[str, httpx.Client],
+    async_clients: dict[str, httpx.AsyncClient],
+    runner: asyncio.Runner,
+) -> None:
+    for client in sync_clients.values():
+        client.close()
+    for async_client in async_clients.values():
+        runner.run(async_client.aclose())
+
+
 def mock_overhead(runner: asyncio.Runner) -> tuple[dict[str, float], dict[str, float]]:
     """Best seconds per request of each variant, sync then async."""
     sync_clients, async_clients = mock_clients()
@@ -136,10 +147,7 @@ def mock_overhead(runner: asyncio.Runner) -> tuple[dict[str, float], dict[str, f
             MOCK_ROUNDS,
         )
     finally:
-        for client in sync_clients.values():
-            client.close()
-        for async_client in async_clients.values():
-            runner.run(async_client.aclose())
+        close_clients(sync_clients, async_clients, runner)
     return sync, asynchronous
 
 
@@ -264,10 +272,7 @@ def server_throughput(
             async_timer(async_get, SERVER_WARMUP)
         asynchronous = interleaved_rounds(async_gets, async_timer, SERVER_CALLS, SERVER_ROUNDS)
     finally:
-        for client in sync_clients.values():
-            client.close()
-        for async_client in async_clients.values():
-            runner.run(async_client.aclose())
+        close_clients(sync_clients, async_clients, runner)
     return sync, asynchronous
 
 

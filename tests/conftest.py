@@ -17,3 +17,18 @@ def frequent_thread_switches() -> Iterator[None]:
         yield
     finally:
         sys.setswitchinterval(previous)
+
+
+@pytest.fixture
+def record_waits(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """Record the Policy's retry waits instead of sleeping them, sync and async drivers alike."""
+    from resilient import policy
+
+    waits: list[float] = []
+
+    async def record(delay: float) -> None:
+        waits.append(delay)
+
+    monkeypatch.setattr(policy, "_sleep", waits.append)
+    monkeypatch.setattr(policy, "_async_sleep", record)
+    return waits

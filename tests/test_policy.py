@@ -18,16 +18,9 @@ from resilient._pybreaker import PyBreakerOpenError
 
 
 @pytest.fixture(autouse=True)
-def waits(monkeypatch: pytest.MonkeyPatch) -> list[float]:
-    """Record retry waits instead of sleeping them (tests that need real time opt out)."""
-    waits: list[float] = []
-
-    async def fake_async_sleep(delay: float) -> None:
-        waits.append(delay)
-
-    monkeypatch.setattr(policy_module, "_sleep", waits.append)
-    monkeypatch.setattr(policy_module, "_async_sleep", fake_async_sleep)
-    return waits
+def waits(record_waits: list[float]) -> list[float]:
+    """Retry waits are recorded, not slept (tests that need real time parametrize it away)."""
+    return record_waits
 
 
 def flaky(failures: int, error: type[Exception] = ConnectionError) -> Any:

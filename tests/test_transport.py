@@ -45,7 +45,6 @@ from resilient import (
     TransportCircuitOpen,
     TransportDeadlineExceeded,
 )
-from resilient import policy as policy_module
 from resilient.transport import ResponseFailure, parse_retry_after
 
 BASE = "http://api.test"
@@ -66,16 +65,9 @@ def retry(attempts: int = 3, **options: Any) -> Retry:
 
 
 @pytest.fixture(autouse=True)
-def sleeps(monkeypatch: pytest.MonkeyPatch) -> list[float]:
-    """Record the retry waits instead of sleeping them (sync and async drivers alike)."""
-    slept: list[float] = []
-
-    async def record(delay: float) -> None:
-        slept.append(delay)
-
-    monkeypatch.setattr(policy_module, "_sleep", slept.append)
-    monkeypatch.setattr(policy_module, "_async_sleep", record)
-    return slept
+def sleeps(record_waits: list[float]) -> list[float]:
+    """Retry waits are recorded, not slept."""
+    return record_waits
 
 
 class FakeClock:
