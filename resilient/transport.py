@@ -49,6 +49,7 @@ import dataclasses
 import datetime
 import email.utils
 import math
+import operator
 import time
 from collections.abc import Callable, Collection, Mapping
 from contextvars import ContextVar
@@ -59,7 +60,7 @@ import httpx
 from resilient._config import Duration, check_int, to_seconds
 from resilient.breaker import BreakerState, CircuitBreaker
 from resilient.bulkhead import Bulkhead
-from resilient.deadline import DEADLINE_HEADER, format_deadline_header, remaining
+from resilient.deadline import DEADLINE_HEADER, _deadline, format_deadline_header, remaining
 from resilient.errors import BulkheadFull, CircuitOpenError, DeadlineExceeded, ResilientError
 from resilient.policy import Policy
 from resilient.retry import Retry, RetryBudget, RetryEvent
@@ -184,16 +185,17 @@ def _as_transport_error(error: ResilientError, request: httpx.Request) -> Except
 
 
 class _Call:
-    """One request on its way: what it went through, for ``response.extensions``."""
+    """One request on its way: what it went through, for ``response.extensions``.
 
-    __slots__ = ("attempts", "request", "timeouts", "waited")
+    No ``__init__``: the defaults are class attributes, so making one per
+    request costs no Python call.
+    """
 
-    def __init__(self, request: httpx.Request) -> None:
-        self.request = request
-        # The caller's own timeouts, kept by the first attempt that clamps them.
-        self.timeouts: Mapping[str, float | None] | _Unset | None = _UNSET
-        self.attempts = 0
-        self.waited = 0.0
+    request: httpx.Request
+    attempts = 0
+    waited = 0.0
+    # The caller's own timeouts, kept by the first attempt that clamps them.
+    timeouts: Mapping[str, float | None] | None = None
 
 
 # The retry hook and the attempts run inside the policy, in the caller's context.
@@ -235,6 +237,20 @@ def _is_idempotent(request: httpx.Request, retry_non_idempotent: bool) -> bool:
         return True
     options = request.extensions.get("resilient")
     return bool(options and options.get("idempotent"))
+
+
+def _public_origin_key(url: httpx.URL) -> tuple[str, str, int | None]:
+    return (url.scheme, url.host, url.port)
+
+
+# Every request looks its origin up. httpx's parsed URL (a named tuple, lower-cased
+# host) answers that without a Python call per part; the public properties are the
+# fallback should a later httpx drop it.
+_origin_key: Callable[[httpx.URL], tuple[str, str, int | None]] = _public_origin_key
+if hasattr(httpx.URL("http://origin.test"), "_uri_reference"):
+    _origin_key = operator.attrgetter(
+        "_uri_reference.scheme", "_uri_reference.host", "_uri_reference.port"
+    )
 
 
 # The shared core -------------------------------------------------------------------------
@@ -301,6 +317,8 @@ class _Core:
         self.timeout = timeout
         self.attempt_timeout = attempt_timeout
         self.retry_statuses = statuses
+        # What the breaker counts as a failure: 5xx but 501, 429, and the listed statuses.
+        self.failing_statuses = frozenset({*range(500, 600), 429, *statuses} - {501})
         self.retry_non_idempotent = bool(retry_non_idempotent)
         self.max_retry_after = to_seconds("max_retry_after", max_retry_after, allow_inf=True)
         self.propagate_deadline = bool(propagate_deadline)
@@ -311,8 +329,7 @@ class _Core:
     # Origins and their state ------------------------------------------------------------
 
     def host(self, request: httpx.Request, attempt: Callable[[httpx.Request], Any]) -> _Host:
-        url = request.url
-        key = (url.scheme, url.host, url.port)
+        key = _origin_key(request.url)
         host = self.hosts.get(key)
         if host is None:
             # The origin string names the breaker; built only when an origin is first seen.
@@ -404,40 +421,29 @@ class _Core:
             return self._asked_wait(failure.response)
         return None
 
-    def is_failure(self, response: httpx.Response) -> bool:
-        """5xx but 501, 429, and any status listed in ``retry_statuses``."""
-        status = response.status_code
-        return (status >= 500 and status != 501) or status == 429 or status in self.retry_statuses
-
-    def driver(self, host: _Host, request: httpx.Request) -> Callable[[httpx.Request], Any]:
-        options = request.extensions.get("resilient")
-        if options:
-            if not isinstance(options, Mapping):
-                raise TypeError(
-                    f'extensions["resilient"] must be a mapping of options, got {options!r}'
-                )
-            unknown = set(options) - _OPTIONS
-            if unknown:
-                raise ValueError(
-                    f'unknown option(s) in extensions["resilient"]: {sorted(unknown)}; '
-                    f"known: {sorted(_OPTIONS)}"
-                )
-            if options.get("retry", True) is False:
-                return host.single
-        return host.retrying
+    @staticmethod
+    def driver(host: _Host, options: object) -> Callable[[httpx.Request], Any]:
+        """The driver a request with ``extensions["resilient"] = options`` goes through."""
+        if not isinstance(options, Mapping):
+            raise TypeError(
+                f'extensions["resilient"] must be a mapping of options, got {options!r}'
+            )
+        unknown = set(options) - _OPTIONS
+        if unknown:
+            raise ValueError(
+                f'unknown option(s) in extensions["resilient"]: {sorted(unknown)}; '
+                f"known: {sorted(_OPTIONS)}"
+            )
+        return host.single if options.get("retry", True) is False else host.retrying
 
     # Around every attempt -------------------------------------------------------------------
 
-    def prepare(self, request: httpx.Request) -> None:
-        """Before an attempt: clamp its timeouts to the deadline, announce the budget."""
-        call = _current_call.get()
-        call.attempts += 1
+    def clamp(self, request: httpx.Request, call: _Call) -> None:
+        """Under a deadline, before an attempt: clamp its timeouts, announce the budget."""
         left = remaining()
-        if left == math.inf:
-            return
         if left <= 0.0:
             raise DeadlineExceeded("the deadline passed before the request could be sent")
-        if isinstance(call.timeouts, _Unset):
+        if call.attempts == 1:
             call.timeouts = request.extensions.get("timeout")
         timeouts = dict(call.timeouts or {})
         for key in ("connect", "read", "write", "pool"):
@@ -592,8 +598,10 @@ class ResilientTransport(_Configured[httpx.BaseTransport], httpx.BaseTransport):
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         core = self._core
         host = core.host(request, self._bound_attempt)
-        send = core.driver(host, request)
-        call = _Call(request)
+        options = request.extensions.get("resilient")
+        send = host.retrying if options is None else core.driver(host, options)
+        call = _Call()
+        call.request = request
         token = _current_call.set(call)
         try:
             response = send(request)
@@ -606,12 +614,15 @@ class ResilientTransport(_Configured[httpx.BaseTransport], httpx.BaseTransport):
         return core.finish(response, host, call)
 
     def _attempt(self, request: httpx.Request) -> httpx.Response:
-        self._core.prepare(request)
+        call = _current_call.get()
+        call.attempts += 1
+        if _deadline.get() != math.inf:
+            self._core.clamp(request, call)
         try:
             response = self._transport.handle_request(request)
         except httpx.TimeoutException as exc:
             raise self._core.timed_out(exc) from exc
-        if self._core.is_failure(response):
+        if response.status_code in self._core.failing_statuses:
             # Read and close it now: a retry must find its connection back in the pool.
             try:
                 stream = response.stream
@@ -642,8 +653,10 @@ class AsyncResilientTransport(_Configured[httpx.AsyncBaseTransport], httpx.Async
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         core = self._core
         host = core.host(request, self._bound_attempt)
-        send = core.driver(host, request)
-        call = _Call(request)
+        options = request.extensions.get("resilient")
+        send = host.retrying if options is None else core.driver(host, options)
+        call = _Call()
+        call.request = request
         token = _current_call.set(call)
         try:
             response = await send(request)
@@ -656,12 +669,15 @@ class AsyncResilientTransport(_Configured[httpx.AsyncBaseTransport], httpx.Async
         return core.finish(response, host, call)
 
     async def _attempt(self, request: httpx.Request) -> httpx.Response:
-        self._core.prepare(request)
+        call = _current_call.get()
+        call.attempts += 1
+        if _deadline.get() != math.inf:
+            self._core.clamp(request, call)
         try:
             response = await self._transport.handle_async_request(request)
         except httpx.TimeoutException as exc:
             raise self._core.timed_out(exc) from exc
-        if self._core.is_failure(response):
+        if response.status_code in self._core.failing_statuses:
             # Read and close it now: a retry must find its connection back in the pool.
             try:
                 stream = response.stream

@@ -1006,7 +1006,10 @@ async def test_a_deadline_passing_just_before_the_send_stops_it(
     script = Script()
     harness = make(script, retry=None)
     monkeypatch.setattr("resilient.transport.remaining", lambda: 0.0)
-    with pytest.raises(TransportDeadlineExceeded, match="before the request could be sent"):
+    with (
+        resilient.deadline(60),
+        pytest.raises(TransportDeadlineExceeded, match="before the request could be sent"),
+    ):
         await harness.send()
     assert script.calls == 0
 
