@@ -239,14 +239,18 @@ def _is_idempotent(request: httpx.Request, retry_non_idempotent: bool) -> bool:
     return bool(options and options.get("idempotent"))
 
 
-def _public_origin_key(url: httpx.URL) -> tuple[str, str, int | None]:
+OriginKey = tuple[str, str, int | None]
+_TOUCH_EVERY: Final = 64
+
+
+def _public_origin_key(url: httpx.URL) -> OriginKey:
     return (url.scheme, url.host, url.port)
 
 
 # Every request looks its origin up. httpx's parsed URL (a named tuple, lower-cased
 # host) answers that without a Python call per part; the public properties are the
 # fallback should a later httpx drop it.
-_origin_key: Callable[[httpx.URL], tuple[str, str, int | None]] = _public_origin_key
+_origin_key: Callable[[httpx.URL], OriginKey] = _public_origin_key
 if hasattr(httpx.URL("http://origin.test"), "_uri_reference"):
     _origin_key = operator.attrgetter(
         "_uri_reference.scheme", "_uri_reference.host", "_uri_reference.port"
@@ -324,12 +328,30 @@ class _Core:
         self.propagate_deadline = bool(propagate_deadline)
         self.internal_hosts = frozenset(host.lower() for host in internal_hosts)
         check_int("max_hosts", max_hosts, minimum=1)
-        self.hosts: ShardedMap[tuple[str, str, int | None], _Host] = ShardedMap(max_items=max_hosts)
+        # Origins' state lives in a bounded map with exact LRU eviction (one shard).
+        # Every request reads it, and LRU bookkeeping costs several Python calls, so
+        # reads go through a plain dict index mirroring the map (evictions remove
+        # entries); one read in _TOUCH_EVERY also touches the map, so busy origins
+        # stay most recently used.
+        self.hosts: ShardedMap[OriginKey, _Host] = ShardedMap(
+            shards=1, max_items=max_hosts, on_evict=self._forget
+        )
+        self.index: dict[OriginKey, _Host] = {}
+        self.max_hosts = max_hosts
+        self.reads = 0
 
     # Origins and their state ------------------------------------------------------------
 
     def host(self, request: httpx.Request, attempt: Callable[[httpx.Request], Any]) -> _Host:
         key = _origin_key(request.url)
+        host = self.index.get(key)
+        self.reads += 1  # a lost increment under threads only delays a touch
+        if host is None or not self.reads % _TOUCH_EVERY:
+            host = self._lookup(key, attempt)
+        return host
+
+    def _lookup(self, key: OriginKey, attempt: Callable[[httpx.Request], Any]) -> _Host:
+        """Find or create the origin's state in the LRU map (touching it), and index it."""
         host = self.hosts.get(key)
         if host is None:
             # The origin string names the breaker; built only when an origin is first seen.
@@ -338,7 +360,17 @@ class _Core:
                 port = 443 if scheme == "https" else 80
             origin = f"{scheme}://{name}:{port}"
             host = self.hosts.get_or_create(key, lambda: self._new_host(origin, attempt))
+        index = self.index
+        index[key] = host
+        if len(index) > 2 * self.max_hosts:
+            # An eviction racing this lookup can strand an entry; rebuild from the map.
+            self.index = self.hosts.snapshot()
         return host
+
+    def _forget(self, key: OriginKey, host: _Host) -> None:
+        """The map evicted an origin: drop it from the index too (unless replaced since)."""
+        if self.index.get(key) is host:
+            self.index.pop(key, None)
 
     def _new_host(self, origin: str, attempt: Callable[[httpx.Request], Any]) -> _Host:
         breaker = None if self.breaker_factory is None else self.breaker_factory(origin)

@@ -1356,3 +1356,37 @@ def test_a_host_going_down_and_coming_back(server: LiveServer, clock: FakeClock)
         assert report(probe)["breaker"] == "closed"
         assert client.get(url).status_code == 200
     assert len(sends) == 4
+
+
+def test_busy_origins_stay_in_the_bounded_state_map() -> None:
+    """Reads go through an index, yet a busy origin is still kept over idle ones."""
+    transport = ResilientTransport(
+        httpx.MockTransport(lambda request: httpx.Response(200)), max_hosts=2
+    )
+    hosts = transport._core.hosts
+    with httpx.Client(transport=transport) as client:
+        for _ in range(64):
+            client.get("http://busy.test/")
+        client.get("http://idle.test/")
+        for _ in range(64):
+            client.get("http://busy.test/")
+        client.get("http://newcomer.test/")  # the map is full: the least recently used goes
+    assert ("http", "busy.test", None) in hosts
+    assert ("http", "idle.test", None) not in hosts
+    assert set(transport._core.index) == set(hosts.keys())
+
+
+def test_a_stranded_index_is_rebuilt_from_the_map() -> None:
+    """Entries an eviction race left in the index are dropped once it outgrows the bound."""
+    transport = ResilientTransport(
+        httpx.MockTransport(lambda request: httpx.Response(200)), max_hosts=2
+    )
+    core = transport._core
+    with httpx.Client(transport=transport) as client:
+        client.get("http://kept.test/")
+        stale = core.index[("http", "kept.test", None)]
+        for n in range(5):  # as if evictions had raced with lookups
+            core.index[("http", f"stale{n}.test", None)] = stale
+        client.get("http://fresh.test/")
+    assert set(core.index) == set(core.hosts.keys())
+    assert len(core.index) <= 2
