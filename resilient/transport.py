@@ -58,7 +58,7 @@ from typing import Any, Final, Generic, TypeVar, cast
 import httpx
 
 from resilient._config import Duration, check_int, to_seconds
-from resilient.breaker import BreakerState, CircuitBreaker
+from resilient.breaker import BreakerState, BreakerStore, CircuitBreaker
 from resilient.bulkhead import Bulkhead
 from resilient.deadline import DEADLINE_HEADER, _deadline, format_deadline_header, remaining
 from resilient.errors import BulkheadFull, CircuitOpenError, DeadlineExceeded, ResilientError
@@ -265,6 +265,9 @@ class _Host:
     """One origin's state: its breaker, bulkhead and the two prebuilt drivers."""
 
     breaker: CircuitBreaker | None
+    # The breaker's store, whose state is a plain read: reporting it on every response
+    # must not run the breaker's lazy open -> half-open transition (and its listeners).
+    store: BreakerStore | None
     retrying: Callable[[httpx.Request], Any]
     single: Callable[[httpx.Request], Any]
 
@@ -393,7 +396,8 @@ class _Core:
         retrying = single
         if self.retry is not None:
             retrying = Policy(retry=self._host_retry(self.retry), **stages)(attempt)
-        return _Host(breaker=breaker, retrying=retrying, single=single)
+        store = None if breaker is None else breaker._store
+        return _Host(breaker=breaker, store=store, retrying=retrying, single=single)
 
     def _host_retry(self, base: Retry) -> Retry:
         """The base Retry with this transport's rules, and a retry budget of the origin's own."""
@@ -498,7 +502,7 @@ class _Core:
         response.extensions["resilient"] = {
             "attempts": call.attempts,
             "waited": call.waited,
-            "breaker": None if host.breaker is None else _STATE_NAMES[host.breaker.state],
+            "breaker": None if host.store is None else _STATE_NAMES[host.store.state],
         }
         return response
 
