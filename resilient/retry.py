@@ -590,6 +590,8 @@ class Retry:
     _hooks: tuple[RetryHook, ...] = field(init=False)
     # Set when any strategy is tenacity's: the retry_object their call state carries.
     _tenacity_retrying: BaseRetrying | None = field(init=False)
+    # The one-stage Policy behind call() and acall(), built on first use.
+    _policy: Any = field(init=False)
 
     def __init__(
         self,
@@ -725,6 +727,7 @@ class Retry:
         setattr_(self, "_on_result_is_tenacity", on_result_is_tenacity)
         setattr_(self, "_hooks", hooks)
         setattr_(self, "_tenacity_retrying", retrying)
+        setattr_(self, "_policy", None)
 
     def __repr__(self) -> str:
         parts = [f"attempts={self.attempts!r}", f"on={_describe(self.on)}"]
@@ -754,15 +757,21 @@ class Retry:
 
     def call(self, fn: Callable[..., R], /, *args: Any, **kwargs: Any) -> R:
         """Call sync ``fn(*args, **kwargs)`` with retries, without decorating it."""
-        from resilient.policy import Policy
-
-        return Policy(retry=self).call(fn, *args, **kwargs)
+        return cast(R, self._as_policy().call(fn, *args, **kwargs))
 
     async def acall(self, fn: Callable[..., Awaitable[R]], /, *args: Any, **kwargs: Any) -> R:
         """Await async ``fn(*args, **kwargs)`` with retries, without decorating it."""
-        from resilient.policy import Policy
+        return cast(R, await self._as_policy().acall(fn, *args, **kwargs))
 
-        return await Policy(retry=self).acall(fn, *args, **kwargs)
+    def _as_policy(self) -> Any:
+        policy = self._policy
+        if policy is None:
+            # Imported here because resilient.policy imports this module.
+            from resilient.policy import Policy
+
+            policy = Policy(retry=self)
+            object.__setattr__(self, "_policy", policy)
+        return policy
 
     # The decision core, for the driver --------------------------------------------------
 
