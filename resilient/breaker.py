@@ -230,8 +230,10 @@ class BreakerStore(Protocol):
     def record(self, failed: bool, now: float) -> StoreSnapshot | None:
         """In the closed state, count one outcome and return the counts after it.
 
-        Returns ``None`` without counting anything when the state is not closed:
-        a call admitted before the breaker opened says nothing new.
+        Returns ``None`` when there is nothing to judge: without counting anything
+        when the state is not closed (a call admitted before the breaker opened
+        says nothing new), and, if the store likes, for a success counted while
+        the window holds no failure (it cannot trip the breaker).
         """
         ...
 
@@ -405,8 +407,13 @@ class InMemoryBreakerStore:
             if self.state is not _CLOSED:
                 return None
             self.consecutive_failures = self.consecutive_failures + 1 if failed else 0
-            if self._window is not None:
-                self._window.add(failed, now)
+            window = self._window
+            if window is not None:
+                window.add(failed, now)
+            if not failed and (window is None or not window.failures):
+                # The healthy case: a success with no failure in the window cannot trip
+                # anything, so spare it the snapshot and the breaker's judgement.
+                return None
             return self._snapshot(now)
 
     def acquire_probe(self, epoch: int, limit: int) -> bool:
@@ -725,8 +732,11 @@ class CircuitBreaker:
         The ticket is ``None`` for a closed-state call with nothing to time or
         record on success, else a ``_Ticket``.
         """
-        if self._store.state is _CLOSED and self._plain:
-            return None
+        if self._store.state is _CLOSED:
+            if self._plain:
+                return None
+            if self._slow_call_duration is None:
+                return _UNTIMED  # a failure-rate window: the outcome is recorded, not timed
         return self._admit()
 
     def _on_success(self, ticket: object) -> None:
