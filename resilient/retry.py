@@ -809,13 +809,10 @@ class Retry:
                 state.stop_reason = "not retryable"
                 return None
             failure = exc
-            on_types = self._on_types
-            if on_types is not None:
-                retryable = isinstance(exc, on_types)
-            elif self._on_is_tenacity:
+            if self._on_is_tenacity:
                 retryable = bool(cast("retry_base", self.on)(cast("RetryCallState", view)))
             else:
-                retryable = bool(cast("Callable[[Exception], bool]", self.on)(exc))
+                retryable = self._accepts(exc)
         elif self.on_result is None:
             retryable = False
         elif self._on_result_is_tenacity:
@@ -886,6 +883,13 @@ class Retry:
             for hook in self._hooks:
                 hook(event)
         return delay
+
+    def _accepts(self, exc: Exception) -> bool:
+        """Whether ``on`` (exception types or a predicate, not tenacity's) takes ``exc``."""
+        on_types = self._on_types
+        if on_types is not None:
+            return isinstance(exc, on_types)
+        return bool(cast("Callable[[Exception], bool]", self.on)(exc))
 
     def _give_up(self, state: RetryState, exc: BaseException) -> None:
         """Note on ``exc`` why retrying stopped, unless it simply was not retryable at once.

@@ -409,12 +409,12 @@ class _Core:
                 window=budget.window,
                 clock=budget.clock,
             )
-        user_on = base.on
         hooks = base.on_retry
         hooks = [_count_wait] if hooks is None else [_count_wait, *_as_list(hooks)]
 
+        # The user's own `on` narrows the transport's rules; it cannot widen them.
         def retryable(failure: Exception) -> bool:
-            return self._retryable(failure) and _user_allows(user_on, failure)
+            return self._retryable(failure) and base._accepts(failure)
 
         on: Any = retryable
         if base._on_is_tenacity:
@@ -423,7 +423,7 @@ class _Core:
             rules = tenacity.retry_if_exception(
                 cast(Callable[[BaseException], bool], self._retryable)
             )
-            on = rules & cast(tenacity.retry_base, user_on)
+            on = rules & cast(tenacity.retry_base, base.on)
         return dataclasses.replace(
             base, on=on, budget=budget, retry_after=self._retry_after, on_retry=hooks
         )
@@ -522,15 +522,6 @@ def _replayable(
 
 def _as_list(hooks: Any) -> list[Any]:
     return list(hooks) if isinstance(hooks, list | tuple) else [hooks]
-
-
-def _user_allows(on: Any, failure: Exception) -> bool:
-    """The user's own ``on`` narrows the transport's rules; it cannot widen them."""
-    if on is Exception:
-        return True
-    if isinstance(on, type | tuple):
-        return isinstance(failure, on)
-    return bool(on(failure))
 
 
 _DEFAULT_BREAKER_OPTIONS: Final[Mapping[str, Any]] = {
