@@ -111,12 +111,19 @@ class ResponseFailure(Exception):
     The transport never lets it out: when retries end, the caller gets the
     response itself. ``on_retry`` hooks see it as ``event.exception``, with the
     (already read and closed) response in ``.response`` and its request in ``.request``.
+    ``.asked_wait`` is the seconds its ``Retry-After`` asks for (429 and 503), else ``None``.
     """
 
     def __init__(self, response: httpx.Response, request: httpx.Request) -> None:
         super().__init__(f"{request.method} {request.url} answered {response.status_code}")
         self.response = response
         self.request = request
+        # Parsed once: both the retry rule and the wait read it.
+        self.asked_wait: float | None = None
+        if response.status_code in _RETRY_AFTER_STATUSES:
+            value = response.headers.get("retry-after")
+            if value is not None:
+                self.asked_wait = parse_retry_after(value)
 
 
 class TransportDeadlineExceeded(DeadlineExceeded, httpx.TimeoutException):
@@ -262,9 +269,12 @@ if hasattr(httpx.URL("http://origin.test"), "_uri_reference"):
 
 @dataclasses.dataclass(slots=True)
 class _Host:
-    """One origin's state: its breaker, bulkhead and the two prebuilt drivers."""
+    """One origin's state: its two prebuilt drivers and its breaker's store.
 
-    breaker: CircuitBreaker | None
+    The drivers (with and without retries) hold the origin's breaker, bulkhead
+    and retry budget.
+    """
+
     # The breaker's store, whose state is a plain read: reporting it on every response
     # must not run the breaker's lazy open -> half-open transition (and its listeners).
     store: BreakerStore | None
@@ -397,7 +407,7 @@ class _Core:
         if self.retry is not None:
             retrying = Policy(retry=self._host_retry(self.retry), **stages)(attempt)
         store = None if breaker is None else breaker._store
-        return _Host(breaker=breaker, store=store, retrying=retrying, single=single)
+        return _Host(store=store, retrying=retrying, single=single)
 
     def _host_retry(self, base: Retry) -> Retry:
         """The base Retry with this transport's rules, and a retry budget of the origin's own."""
@@ -442,20 +452,13 @@ class _Core:
             response = failure.response
             if response.status_code not in self.retry_statuses:
                 return False
-            asked = self._asked_wait(response)
+            asked = failure.asked_wait
             return asked is None or asked <= self.max_retry_after
         return isinstance(failure, _MAYBE_SENT)
 
-    def _asked_wait(self, response: httpx.Response) -> float | None:
-        if response.status_code not in _RETRY_AFTER_STATUSES:
-            return None
-        value = response.headers.get("retry-after")
-        return None if value is None else parse_retry_after(value)
-
-    def _retry_after(self, failure: object) -> float | None:
-        if isinstance(failure, ResponseFailure):
-            return self._asked_wait(failure.response)
-        return None
+    @staticmethod
+    def _retry_after(failure: object) -> float | None:
+        return failure.asked_wait if isinstance(failure, ResponseFailure) else None
 
     @staticmethod
     def driver(host: _Host, options: object) -> Callable[[httpx.Request], Any]:
@@ -524,15 +527,11 @@ def _as_list(hooks: Any) -> list[Any]:
     return list(hooks) if isinstance(hooks, list | tuple) else [hooks]
 
 
-_DEFAULT_BREAKER_OPTIONS: Final[Mapping[str, Any]] = {
-    "failure_threshold": 5,
-    "reset_timeout": 30.0,
-}
-
-
 def default_breaker(origin: str) -> CircuitBreaker:
     """The breaker each origin gets by default: 5 consecutive failures open it for 30 s."""
-    return CircuitBreaker(name=origin, exclude=_CALLER_FAULTS, **_DEFAULT_BREAKER_OPTIONS)
+    return CircuitBreaker(
+        name=origin, failure_threshold=5, reset_timeout=30.0, exclude=_CALLER_FAULTS
+    )
 
 
 class _Unset:
