@@ -329,10 +329,10 @@ class _Core:
         self.retry = retry
         self.breaker_factory = breaker
         self.bulkhead_factory = bulkhead
-        # Policy validates timeout and attempt_timeout; build one now to fail early.
-        Policy(timeout=timeout, attempt_timeout=attempt_timeout)
-        self.timeout = timeout
-        self.attempt_timeout = attempt_timeout
+        # Policy validates and normalises the timeouts; keep its result for every origin.
+        checked = Policy(timeout=timeout, attempt_timeout=attempt_timeout)
+        self.timeout = checked.timeout
+        self.attempt_timeout = checked.attempt_timeout
         self.retry_statuses = statuses
         # What the breaker counts as a failure: 5xx but 501, 429, and the listed statuses.
         self.failing_statuses = frozenset({*range(500, 600), 429, *statuses} - {501})
