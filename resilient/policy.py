@@ -180,8 +180,15 @@ class Policy:
     # they differ in sleeping vs awaiting and in how an attempt is bounded. What
     # happens after an attempt (breaker bookkeeping, the retry decision) lives in
     # _after_error and _after_result, shared by both.
+    #
+    # ``replayed_start`` serves a caller that runs a healthy call's first attempt
+    # itself and hands only a failed one to the driver (the httpx transport does):
+    # it returns when that call began, on the retry's clock, so elapsed times count
+    # from then; ``None`` for a call the driver runs from the start.
 
-    def _sync_driver(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+    def _sync_driver(
+        self, fn: Callable[..., Any], replayed_start: Callable[[], float | None] | None = None
+    ) -> Callable[..., Any]:
         bulkhead = self.bulkhead
         retry = self.retry
         breaker = self._breaker
@@ -205,6 +212,10 @@ class Policy:
                 if admit is not None:
                     # A healthy call reads the clock once when the retry shares it.
                     started = now if now and shared_clock else clock()  # type: ignore[misc]
+                    if replayed_start is not None:
+                        replayed = replayed_start()
+                        if replayed is not None:
+                            started = replayed
                     admit(started)
                 state: Any = None
                 last_error: Exception | None = None
@@ -261,7 +272,11 @@ class Policy:
 
         return run
 
-    def _async_driver(self, fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    def _async_driver(
+        self,
+        fn: Callable[..., Awaitable[Any]],
+        replayed_start: Callable[[], float | None] | None = None,
+    ) -> Callable[..., Awaitable[Any]]:
         bulkhead = self.bulkhead
         retry = self.retry
         breaker = self._breaker
@@ -287,6 +302,10 @@ class Policy:
                 if admit is not None:
                     # A healthy call reads the clock once when the retry shares it.
                     started = now if now and shared_clock else clock()  # type: ignore[misc]
+                    if replayed_start is not None:
+                        replayed = replayed_start()
+                        if replayed is not None:
+                            started = replayed
                     admit(started)
                 state: Any = None
                 last_error: Exception | None = None

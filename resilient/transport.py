@@ -36,8 +36,15 @@ remaining budget can be sent downstream in the ``resilient-timeout-ms`` header.
 Errors the transport raises are both ``httpx.TransportError`` subclasses and
 the matching `resilient` error: :class:`TransportDeadlineExceeded`,
 :class:`TransportCircuitOpen`, :class:`TransportBulkheadFull`. Every response
-carries what happened in ``response.extensions["resilient"]``: ``attempts``,
-``waited`` (seconds) and ``breaker`` (the origin's breaker state).
+carries what happened in ``response.extensions["resilient"]``, a read-only
+mapping: ``attempts``, ``waited`` (seconds) and ``breaker`` (the origin's breaker
+state).
+
+A request to a healthy origin (breaker closed with no failure counted), with no
+deadline in force, no bulkhead, no timeouts and no per-request options, takes a
+fast path: it is sent at once, and only a failure goes to the policy's driver,
+which takes that attempt over as its first (the breaker and the retry budget
+count it once, and elapsed times start at its send).
 
 Per request, ``extensions={"resilient": {"retry": False}}`` turns retries off
 and ``{"idempotent": True}`` marks a POST or PATCH safe to retry.
@@ -48,11 +55,13 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import email.utils
+import inspect
 import math
 import operator
 import time
 from collections.abc import Callable, Collection, Mapping
 from contextvars import ContextVar
+from types import MappingProxyType
 from typing import Any, Final, Generic, TypeVar, cast
 
 import httpx
@@ -98,8 +107,19 @@ _MAYBE_SENT = (
 _CALLER_FAULTS = (httpx.LocalProtocolError, httpx.UnsupportedProtocol, httpx.InvalidURL)
 _DEFAULT_RETRY: Final = Retry(attempts=3)
 _OPTIONS: Final = frozenset({"retry", "idempotent"})
-# Enum .value goes through a descriptor; a dict lookup is cheaper on every response.
-_STATE_NAMES: Final = {state: state.value for state in BreakerState}
+
+
+def _report(attempts: int, waited: float, state: BreakerState | None) -> Mapping[str, Any]:
+    """What ``response.extensions["resilient"]`` holds: read-only, so it can be shared."""
+    return MappingProxyType(
+        {"attempts": attempts, "waited": waited, "breaker": None if state is None else state.value}
+    )
+
+
+# The report of a request answered at the first try, per breaker state: built once.
+_FIRST_TRY: Final = {state: _report(1, 0.0, state) for state in (None, *BreakerState)}
+_CLOSED: Final = BreakerState.CLOSED
+_INF: Final = math.inf
 
 
 # Errors --------------------------------------------------------------------------------
@@ -203,6 +223,10 @@ class _Call:
     waited = 0.0
     # The caller's own timeouts, kept by the first attempt that clamps them.
     timeouts: Mapping[str, float | None] | None = None
+    # A failed first attempt the fast path already made (a response or an exception),
+    # for the driver's first attempt to take over, and when it started (retry clock).
+    first: httpx.Response | Exception | None = None
+    started: float | None = None
 
 
 # The retry hook and the attempts run inside the policy, in the caller's context.
@@ -211,6 +235,23 @@ _current_call: ContextVar[_Call] = ContextVar("resilient_transport_call")
 
 def _count_wait(event: RetryEvent) -> None:
     _current_call.get().waited += event.delay
+
+
+def _replayed_start() -> float | None:
+    return _current_call.get().started
+
+
+def _replay_refused(call: _Call) -> httpx.Response:
+    """The breaker opened between a fast first attempt and its failure reaching the driver.
+
+    The request was sent all the same: its caller gets what it got back.
+    """
+    first = call.first
+    call.attempts = 1
+    if isinstance(first, Exception):
+        raise first
+    assert first is not None
+    return first
 
 
 # Retry rules -----------------------------------------------------------------------------
@@ -280,6 +321,12 @@ class _Host:
     store: BreakerStore | None
     retrying: Callable[[httpx.Request], Any]
     single: Callable[[httpx.Request], Any]
+    # Whether a request may take the fast path (see ResilientTransport.handle_request):
+    # no bulkhead, no timeouts, and a breaker that records nothing on a healthy success.
+    fast: bool
+    # The retry's clock (None without retries) and its budget, if any.
+    clock: Callable[[], float] | None
+    budget: RetryBudget | None
 
 
 class _Core:
@@ -355,15 +402,7 @@ class _Core:
 
     # Origins and their state ------------------------------------------------------------
 
-    def host(self, request: httpx.Request, attempt: Callable[[httpx.Request], Any]) -> _Host:
-        key = _origin_key(request.url)
-        host = self.index.get(key)
-        self.reads += 1  # a lost increment under threads only delays a touch
-        if host is None or not self.reads % _TOUCH_EVERY:
-            host = self._lookup(key, attempt)
-        return host
-
-    def _lookup(self, key: OriginKey, attempt: Callable[[httpx.Request], Any]) -> _Host:
+    def lookup(self, key: OriginKey, attempt: Callable[[httpx.Request], Any]) -> _Host:
         """Find or create the origin's state in the LRU map (touching it), and index it."""
         host = self.hosts.get(key)
         if host is None:
@@ -402,12 +441,30 @@ class _Core:
             "breaker": breaker,
             "attempt_timeout": self.attempt_timeout,
         }
-        single = Policy(**stages)(attempt)
-        retrying = single
+        asynchronous = inspect.iscoroutinefunction(attempt)
+
+        def driver(policy: Policy) -> Callable[[httpx.Request], Any]:
+            build = policy._async_driver if asynchronous else policy._sync_driver
+            return build(attempt, _replayed_start)
+
+        single = retrying = driver(Policy(**stages))
+        retry = None
         if self.retry is not None:
-            retrying = Policy(retry=self._host_retry(self.retry), **stages)(attempt)
-        store = None if breaker is None else breaker._store
-        return _Host(store=store, retrying=retrying, single=single)
+            retry = self._host_retry(self.retry)
+            retrying = driver(Policy(retry=retry, **stages))
+        return _Host(
+            store=None if breaker is None else breaker._store,
+            retrying=retrying,
+            single=single,
+            fast=(
+                bulkhead is None
+                and self.timeout is None
+                and self.attempt_timeout is None
+                and (breaker is None or breaker._plain)
+            ),
+            clock=None if retry is None else retry.clock,
+            budget=None if retry is None else retry.budget,
+        )
 
     def _host_retry(self, base: Retry) -> Retry:
         """The base Retry with this transport's rules, and a retry budget of the origin's own."""
@@ -489,7 +546,8 @@ class _Core:
             current = timeouts.get(key)
             timeouts[key] = left if current is None or current > left else current
         request.extensions = {**request.extensions, "timeout": timeouts}
-        if self.propagate_deadline or request.url.host.lower() in self.internal_hosts:
+        internal = self.internal_hosts
+        if self.propagate_deadline or (internal and request.url.host.lower() in internal):
             request.headers[DEADLINE_HEADER] = format_deadline_header(left)
 
     @staticmethod
@@ -502,11 +560,9 @@ class _Core:
     @staticmethod
     def finish(response: httpx.Response, host: _Host, call: _Call) -> httpx.Response:
         # Each response owns its extensions dict: add to it rather than copying it.
-        response.extensions["resilient"] = {
-            "attempts": call.attempts,
-            "waited": call.waited,
-            "breaker": None if host.store is None else _STATE_NAMES[host.store.state],
-        }
+        response.extensions["resilient"] = _report(
+            call.attempts, call.waited, None if host.store is None else host.store.state
+        )
         return response
 
 
@@ -623,31 +679,82 @@ class ResilientTransport(_Configured[httpx.BaseTransport], httpx.BaseTransport):
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         core = self._core
-        host = core.host(request, self._bound_attempt)
-        options = request.extensions.get("resilient")
-        send = host.retrying if options is None else core.driver(host, options)
+        key = _origin_key(request.url)
+        host = core.index.get(key)
+        core.reads += 1  # a lost increment under threads only delays a touch
+        if host is None or not core.reads % _TOUCH_EVERY:
+            host = core.lookup(key, self._bound_attempt)
+        store = host.store
+        if (
+            host.fast
+            and _deadline.get() == _INF
+            and "resilient" not in request.extensions
+            and (store is None or (store.state is _CLOSED and not store.consecutive_failures))
+        ):
+            # The fast path: what the driver would do for a healthy first attempt, with
+            # nothing to clamp or count. A failure goes to the driver, which takes the
+            # attempt over as its first one.
+            clock = host.clock
+            started = None if clock is None else clock()
+            try:
+                response = self._transport.handle_request(request)
+            except Exception as exc:
+                return self._send(request, host, None, exc, started)
+            if response.status_code in core.failing_statuses:
+                return self._send(request, host, None, response, started)
+            budget = host.budget
+            if budget is not None:
+                # RetryBudget.deposit, inlined: one call counted in the current slice.
+                if started < budget._slice_end:  # type: ignore[operator]
+                    budget._calls[budget._current] += 1
+                else:
+                    budget.deposit(started)  # type: ignore[arg-type]
+            response.extensions["resilient"] = _FIRST_TRY[None if store is None else store.state]
+            return response
+        return self._send(request, host, request.extensions.get("resilient"))
+
+    def _send(
+        self,
+        request: httpx.Request,
+        host: _Host,
+        options: object,
+        first: httpx.Response | Exception | None = None,
+        started: float | None = None,
+    ) -> httpx.Response:
+        """Send ``request`` through the origin's driver, or hand it ``first`` to take over."""
+        send = host.retrying if options is None else self._core.driver(host, options)
         call = _Call()
         call.request = request
+        if first is not None:
+            call.first = first
+            call.started = started
         token = _current_call.set(call)
         try:
             response = send(request)
         except ResponseFailure as failure:
             response = failure.response
         except ResilientError as error:
-            response = _recover(error, request)
+            response = _recover(error, request) if call.first is None else _replay_refused(call)
         finally:
             _current_call.reset(token)
-        return core.finish(response, host, call)
+        return self._core.finish(response, host, call)
 
     def _attempt(self, request: httpx.Request) -> httpx.Response:
         call = _current_call.get()
         call.attempts += 1
-        if _deadline.get() != math.inf:
-            self._core.clamp(request, call)
-        try:
-            response = self._transport.handle_request(request)
-        except httpx.TimeoutException as exc:
-            raise self._core.timed_out(exc) from exc
+        first = call.first
+        if first is not None:
+            call.first = None
+            if isinstance(first, Exception):
+                raise first
+            response = first
+        else:
+            if _deadline.get() != _INF:
+                self._core.clamp(request, call)
+            try:
+                response = self._transport.handle_request(request)
+            except httpx.TimeoutException as exc:
+                raise self._core.timed_out(exc) from exc
         if response.status_code in self._core.failing_statuses:
             # Read and close it now: a retry must find its connection back in the pool.
             try:
@@ -678,31 +785,80 @@ class AsyncResilientTransport(_Configured[httpx.AsyncBaseTransport], httpx.Async
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         core = self._core
-        host = core.host(request, self._bound_attempt)
-        options = request.extensions.get("resilient")
-        send = host.retrying if options is None else core.driver(host, options)
+        key = _origin_key(request.url)
+        host = core.index.get(key)
+        core.reads += 1  # a lost increment under threads only delays a touch
+        if host is None or not core.reads % _TOUCH_EVERY:
+            host = core.lookup(key, self._bound_attempt)
+        store = host.store
+        if (
+            host.fast
+            and _deadline.get() == _INF
+            and "resilient" not in request.extensions
+            and (store is None or (store.state is _CLOSED and not store.consecutive_failures))
+        ):
+            # The fast path, as in ResilientTransport.handle_request.
+            clock = host.clock
+            started = None if clock is None else clock()
+            try:
+                response = await self._transport.handle_async_request(request)
+            except Exception as exc:
+                return await self._send(request, host, None, exc, started)
+            if response.status_code in core.failing_statuses:
+                return await self._send(request, host, None, response, started)
+            budget = host.budget
+            if budget is not None:
+                # RetryBudget.deposit, inlined: one call counted in the current slice.
+                if started < budget._slice_end:  # type: ignore[operator]
+                    budget._calls[budget._current] += 1
+                else:
+                    budget.deposit(started)  # type: ignore[arg-type]
+            response.extensions["resilient"] = _FIRST_TRY[None if store is None else store.state]
+            return response
+        return await self._send(request, host, request.extensions.get("resilient"))
+
+    async def _send(
+        self,
+        request: httpx.Request,
+        host: _Host,
+        options: object,
+        first: httpx.Response | Exception | None = None,
+        started: float | None = None,
+    ) -> httpx.Response:
+        """Send ``request`` through the origin's driver, or hand it ``first`` to take over."""
+        send = host.retrying if options is None else self._core.driver(host, options)
         call = _Call()
         call.request = request
+        if first is not None:
+            call.first = first
+            call.started = started
         token = _current_call.set(call)
         try:
             response = await send(request)
         except ResponseFailure as failure:
             response = failure.response
         except ResilientError as error:
-            response = _recover(error, request)
+            response = _recover(error, request) if call.first is None else _replay_refused(call)
         finally:
             _current_call.reset(token)
-        return core.finish(response, host, call)
+        return self._core.finish(response, host, call)
 
     async def _attempt(self, request: httpx.Request) -> httpx.Response:
         call = _current_call.get()
         call.attempts += 1
-        if _deadline.get() != math.inf:
-            self._core.clamp(request, call)
-        try:
-            response = await self._transport.handle_async_request(request)
-        except httpx.TimeoutException as exc:
-            raise self._core.timed_out(exc) from exc
+        first = call.first
+        if first is not None:
+            call.first = None
+            if isinstance(first, Exception):
+                raise first
+            response = first
+        else:
+            if _deadline.get() != _INF:
+                self._core.clamp(request, call)
+            try:
+                response = await self._transport.handle_async_request(request)
+            except httpx.TimeoutException as exc:
+                raise self._core.timed_out(exc) from exc
         if response.status_code in self._core.failing_statuses:
             # Read and close it now: a retry must find its connection back in the pool.
             try:

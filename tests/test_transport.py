@@ -550,6 +550,111 @@ async def test_each_origin_has_its_own_retry_budget(make: MakeHarness) -> None:
     assert report(other)["attempts"] == 2
 
 
+# The healthy fast path --------------------------------------------------------------------
+#
+# A request to a healthy origin, with no deadline, bulkhead or timeouts in play, is sent
+# without the policy's driver; a failure hands that first attempt over to the driver.
+
+
+async def test_the_retry_budget_counts_each_request_once(
+    make: MakeHarness, clock: FakeClock
+) -> None:
+    """Healthy requests earn retries, and one that fails is counted once, not twice.
+
+    Five requests at ratio 0.5 allow two retries: the failing fifth makes 3 attempts.
+    Counting it twice (fast path and driver) would allow a fourth, not counting it at all
+    none.
+    """
+    budget = RetryBudget(ratio=0.5, min_retries_per_second=0.0, window=10, clock=clock)
+    script = Script(200, 200, 200, 200, *[503] * 10)
+    harness = make(script, retry=Retry(attempts=10, backoff=BACKOFF, budget=budget, clock=clock))
+    for _ in range(4):
+        assert report(await harness.send())["attempts"] == 1
+    failed = await harness.send()
+    assert failed.status_code == 503
+    assert report(failed)["attempts"] == 3
+
+
+async def test_a_retried_request_counts_its_time_from_the_first_send(
+    make: MakeHarness, clock: FakeClock
+) -> None:
+    """A first attempt that took 2 s before failing counts in the elapsed time retries see."""
+    events: list[RetryEvent] = []
+
+    def slow_then_fine(request: httpx.Request) -> httpx.Response:
+        if not events and not slow_then_fine.sent:  # type: ignore[attr-defined]
+            slow_then_fine.sent = True  # type: ignore[attr-defined]
+            clock.advance(2.0)
+            return httpx.Response(503)
+        return httpx.Response(200)
+
+    slow_then_fine.sent = False  # type: ignore[attr-defined]
+    harness = make(slow_then_fine, retry=retry(on_retry=events.append, clock=clock))
+    response = await harness.send()
+    assert response.status_code == 200
+    [event] = events
+    assert event.elapsed == 2.0
+
+
+async def test_a_stop_after_delay_counts_the_first_attempt(
+    make: MakeHarness, clock: FakeClock
+) -> None:
+    """tenacity's stop_after_delay sees the time the first attempt took."""
+    script = Script(503, 503, 200)
+
+    def slow(request: httpx.Request) -> httpx.Response:
+        clock.advance(5.0)
+        return script(request)
+
+    harness = make(
+        slow, retry=retry(attempts=None, stop=tenacity.stop_after_delay(4.0), clock=clock)
+    )
+    response = await harness.send()
+    assert response.status_code == 503
+    assert script.calls == 1
+
+
+@pytest.mark.parametrize("outcome", [503, httpx.ConnectError], ids=["503", "ConnectError"])
+async def test_a_breaker_opening_while_the_first_attempt_is_out_keeps_its_outcome(
+    make: MakeHarness, clock: FakeClock, outcome: Outcome
+) -> None:
+    """Another request opened the breaker meanwhile: this one was sent all the same, so its
+    caller gets its answer (or error), not a CircuitOpenError."""
+    made: list[CircuitBreaker] = []
+
+    def breaker(origin: str) -> CircuitBreaker:
+        made.append(CircuitBreaker(name=origin, failure_threshold=5, clock=clock))
+        return made[-1]
+
+    script = Script(outcome)
+
+    def opening(request: httpx.Request) -> httpx.Response:
+        made[0].isolate()
+        return script(request)
+
+    harness = make(opening, retry=retry(), breaker=breaker)
+    if outcome == 503:
+        response = await harness.send()
+        assert response.status_code == 503
+        assert report(response)["attempts"] == 1
+        assert report(response)["breaker"] == "isolated"
+    else:
+        with pytest.raises(httpx.ConnectError) as raised:
+            await harness.send()
+        assert not isinstance(raised.value, resilient.CircuitOpenError)
+    assert script.calls == 1
+
+
+async def test_the_report_is_read_only(make: MakeHarness) -> None:
+    """Reports are shared between responses, so they cannot be changed."""
+    harness = make(Script(200, 503, 200), retry=retry())
+    for _ in range(2):
+        info = report(await harness.send())
+        with pytest.raises(TypeError):
+            info["attempts"] = 7  # type: ignore[index]
+    assert report(await harness.send()) == {"attempts": 1, "waited": 0.0, "breaker": "closed"}
+
+
 # Retry-After -------------------------------------------------------------------------
 
 NOW = 1_700_000_000.0  # a fixed wall-clock instant for parse_retry_after
