@@ -6,6 +6,7 @@ import sys
 from collections.abc import Iterator
 
 import pytest
+from live_server import LiveServer
 
 
 @pytest.fixture
@@ -32,3 +33,14 @@ def record_waits(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     monkeypatch.setattr(policy, "_sleep", waits.append)
     monkeypatch.setattr(policy, "_async_sleep", record)
     return waits
+
+
+@pytest.fixture
+def server() -> Iterator[LiveServer]:
+    """A live server on 127.0.0.1 (tests/live_server.py), stopped after the test."""
+    live = LiveServer()
+    live.start()
+    try:
+        yield live
+    finally:
+        live.stop()

@@ -14,22 +14,18 @@ which is also how the Retry-After tests see the wait that was used.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import email.utils
-import socket
 import threading
 import time
-from collections import defaultdict, deque
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, field
 from datetime import timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
 import pytest
 import respx
 import tenacity
+from live_server import LiveServer, Reply
 
 import resilient
 from resilient import (
@@ -1152,169 +1148,7 @@ async def test_no_deadline_no_header(make: MakeHarness) -> None:
     assert resilient.DEADLINE_HEADER not in script.requests[0].headers
 
 
-# Integration: a real HTTP/1.1 server on 127.0.0.1 -----------------------------------------
-
-
-@dataclass
-class Reply:
-    """One planned answer: status, headers, body, and an optional delay before answering."""
-
-    status: int = 200
-    headers: dict[str, str] = field(default_factory=dict)
-    body: bytes = b"ok"
-    delay: float = 0.0
-
-
-@dataclass
-class Seen:
-    """One request as the server received it."""
-
-    method: str
-    path: str
-    headers: dict[str, str]
-    body: bytes
-    peer: tuple[str, int]
-
-
-class _Server(ThreadingHTTPServer):
-    live: LiveServer
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        """Clients hanging up mid-answer (the deadline tests) are expected: stay quiet."""
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # keep-alive, so connection pooling really happens
-    server: _Server
-
-    def setup(self) -> None:
-        super().setup()
-        self.server.live.track(self.connection, add=True)
-
-    def finish(self) -> None:
-        self.server.live.track(self.connection, add=False)
-        with contextlib.suppress(OSError):
-            super().finish()
-
-    def log_message(self, format: str, *args: Any) -> None:
-        """No access log on stderr."""
-
-    def _read_body(self) -> bytes:
-        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            chunks: list[bytes] = []
-            while True:
-                size = int(self.rfile.readline().split(b";")[0].strip(), 16)
-                if size == 0:
-                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
-                        pass  # trailers
-                    return b"".join(chunks)
-                chunks.append(self.rfile.read(size))
-                self.rfile.readline()
-        return self.rfile.read(int(self.headers.get("Content-Length", "0")))
-
-    def _answer(self) -> None:
-        seen = Seen(
-            method=self.command,
-            path=self.path,
-            headers={key.lower(): value for key, value in self.headers.items()},
-            body=self._read_body(),
-            peer=self.client_address,
-        )
-        reply = self.server.live.next_reply(seen)
-        if reply.delay:
-            self.server.live.release.wait(reply.delay)
-        self.send_response(reply.status)
-        for key, value in reply.headers.items():
-            self.send_header(key, value)
-        self.send_header("Content-Length", str(len(reply.body)))
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(reply.body)
-
-    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = _answer
-
-
-class LiveServer:
-    """A real server on 127.0.0.1 that answers each path from a script of planned replies.
-
-    ``stop()`` also drops every open keep-alive connection, so the host is really gone;
-    ``start()`` again binds the same port.
-    """
-
-    def __init__(self) -> None:
-        self.port = 0
-        self.plans: defaultdict[str, deque[Reply]] = defaultdict(deque)
-        self.seen: list[Seen] = []
-        self.release = threading.Event()
-        self._lock = threading.Lock()
-        self._connections: set[socket.socket] = set()
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
-
-    def url(self, path: str = "/") -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
-
-    def plan(self, path: str, *replies: Reply) -> None:
-        with self._lock:
-            self.plans[path].extend(replies)
-
-    def next_reply(self, seen: Seen) -> Reply:
-        with self._lock:
-            self.seen.append(seen)
-            plan = self.plans[seen.path]
-            return plan.popleft() if plan else Reply()
-
-    def track(self, connection: socket.socket, *, add: bool) -> None:
-        with self._lock:
-            if add:
-                self._connections.add(connection)
-            else:
-                self._connections.discard(connection)
-
-    def start(self) -> None:
-        self.release.clear()
-        for _ in range(50):
-            try:
-                server = _Server(("127.0.0.1", self.port), _Handler)
-                break
-            except OSError:  # the old socket may linger a moment after stop()
-                if self.port == 0:
-                    raise
-                time.sleep(0.02)
-        else:  # pragma: no cover - the port was taken by someone else
-            raise RuntimeError(f"could not bind 127.0.0.1:{self.port} again")
-        server.live = self
-        self.port = server.server_address[1]
-        self._server = server
-        self._thread = threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True
-        )
-        self._thread.start()
-
-    def stop(self) -> None:
-        if self._server is None:
-            return
-        self.release.set()
-        self._server.shutdown()
-        self._server.server_close()
-        with self._lock:
-            connections = list(self._connections)
-        for connection in connections:
-            with contextlib.suppress(OSError):
-                connection.shutdown(socket.SHUT_RDWR)
-        assert self._thread is not None
-        self._thread.join(5)
-        self._server = None
-
-
-@pytest.fixture
-def server() -> Iterator[LiveServer]:
-    live = LiveServer()
-    live.start()
-    try:
-        yield live
-    finally:
-        live.stop()
+# Integration: a real HTTP/1.1 server on 127.0.0.1 (tests/live_server.py) --------------------
 
 
 def busy(**headers: str) -> Reply:
