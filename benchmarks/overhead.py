@@ -5,6 +5,10 @@ wrapper itself. Each variant is timed in several rounds, interleaved with the
 others, and its best round is kept (the machine is shared and noisy: the
 minimum is the least disturbed estimate). Overhead = wrapped call - bare call.
 
+The tracing section times the five-stage Policy with ``tracing=False``, with the
+OpenTelemetry API alone (no SDK: the default no-op providers), and with an SDK
+tracer provider exporting to memory, against one bare SDK span per call.
+
 Run: ``make bench`` or ``.venv/bin/python benchmarks/overhead.py``.
 """
 
@@ -12,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 import sys
 import time
@@ -23,6 +28,9 @@ import pybreaker
 import stamina
 import tenacity
 from _timing import best_of_interleaved, table, time_async, time_sync
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 import resilient
 
@@ -30,13 +38,14 @@ CALLS = 20_000
 ROUNDS = 7
 
 
-def _full_policy() -> resilient.Policy:
+def _full_policy(**telemetry: Any) -> resilient.Policy:
     return resilient.Policy(
         bulkhead=resilient.Bulkhead(max_concurrent=100),
         timeout=10.0,
         retry=resilient.Retry(attempts=3),
         breaker=resilient.CircuitBreaker(failure_threshold=5),
         attempt_timeout=5.0,
+        **telemetry,
     )
 
 
@@ -141,6 +150,133 @@ def overhead_rows(best: dict[str, float], bare: str, reference: str) -> list[tup
     return rows
 
 
+# Tracing ---------------------------------------------------------------------------------
+
+TRACING_ROUNDS = 15  # the API-only verdict is about a few percent: more rounds, less noise
+SDK_CALLS = 2_000  # an SDK span costs ~20x the Policy; fewer calls keep the run short
+API_ONLY_LIMIT = 1.05  # API-only overhead, relative to tracing=False
+SDK_LIMIT = 1.3  # Policy with an SDK span, relative to one bare SDK span
+
+
+def _sdk() -> tuple[TracerProvider, InMemorySpanExporter]:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return provider, exporter
+
+
+def tracing_variants(
+    provider: TracerProvider,
+) -> tuple[dict[str, Callable[[], Any]], dict[str, Callable[[], Any]]]:
+    """``(without SDK, with SDK)`` variants of the sync five-stage Policy."""
+
+    def bare() -> int:
+        return 1
+
+    tracer = provider.get_tracer("benchmark")
+
+    def bare_span() -> int:
+        with tracer.start_as_current_span("bare"):
+            return bare()
+
+    cheap = {
+        "bare call": bare,
+        "Policy, tracing=False": _full_policy(tracing=False)(bare),
+        "Policy, API only (no SDK)": _full_policy()(bare),
+    }
+    sdk = {
+        "bare SDK span": bare_span,
+        "Policy, SDK span": _full_policy(tracer_provider=provider)(bare),
+    }
+    return cheap, sdk
+
+
+def async_tracing_variants(
+    provider: TracerProvider,
+) -> tuple[dict[str, Callable[[], Awaitable[Any]]], dict[str, Callable[[], Awaitable[Any]]]]:
+    """``(without SDK, with SDK)`` variants of the async five-stage Policy."""
+
+    async def bare() -> int:
+        return 1
+
+    tracer = provider.get_tracer("benchmark")
+
+    async def bare_span() -> int:
+        with tracer.start_as_current_span("bare"):
+            return await bare()
+
+    cheap = {
+        "bare call": bare,
+        "Policy, tracing=False": _full_policy(tracing=False)(bare),
+        "Policy, API only (no SDK)": _full_policy()(bare),
+    }
+    sdk = {
+        "bare SDK span": bare_span,
+        "Policy, SDK span": _full_policy(tracer_provider=provider)(bare),
+    }
+    return cheap, sdk
+
+
+def tracing_report(kind: str, cheap: dict[str, float], sdk: dict[str, float]) -> list[str]:
+    """Print the tracing table for ``kind`` (sync/async); return its two verdict lines."""
+    base = cheap["bare call"]
+    off = cheap["Policy, tracing=False"] - base
+    api = cheap["Policy, API only (no SDK)"] - base
+    span = sdk["bare SDK span"]
+    traced = sdk["Policy, SDK span"]
+
+    def row(name: str, seconds: float, ratio: str) -> tuple[str, ...]:
+        return (name, f"{seconds * 1e9:,.0f}", f"{(seconds - base) * 1e9:,.0f}", ratio)
+
+    rows = [
+        ("bare call", f"{base * 1e9:,.0f}", "(baseline)", ""),
+        row("Policy, tracing=False", base + off, "1.00x of tracing=False"),
+        row("Policy, API only (no SDK)", base + api, f"{api / off:.3f}x of tracing=False"),
+        row("bare SDK span", span, "1.00x of a bare SDK span"),
+        row("Policy, SDK span", traced, f"{traced / span:.3f}x of a bare SDK span"),
+    ]
+    print(f"\n{kind} five-stage Policy and OpenTelemetry (SDK: in-memory span exporter)")
+    table(rows, ("variant", "ns/call", "overhead ns", "ratio"))
+
+    def verdict(what: str, ratio: float, limit: float) -> str:
+        return f"  {kind} {what}: {ratio:.3f}x <= {limit}x: {'yes' if ratio <= limit else 'NO'}"
+
+    return [
+        verdict("API only vs tracing=False (overhead)", api / off, API_ONLY_LIMIT),
+        verdict("Policy with SDK span vs bare SDK span", traced / span, SDK_LIMIT),
+    ]
+
+
+def tracing_rows() -> list[str]:
+    """Time the tracing variants, sync and async; print their tables; return the verdicts."""
+    provider, exporter = _sdk()
+
+    def cleared_sync(fn: Callable[[], Any], calls: int) -> float:
+        exporter.clear()  # finished spans pile up in memory otherwise
+        return time_sync(fn, calls)
+
+    def cleared_async(fn: Callable[[], Awaitable[Any]], calls: int) -> float:
+        exporter.clear()
+        return time_async(fn, calls)
+
+    verdicts: list[str] = []
+    cheap, sdk = tracing_variants(provider)
+    verdicts += tracing_report(
+        "Sync",
+        best_of_interleaved(cheap, time_sync, CALLS, TRACING_ROUNDS),
+        best_of_interleaved(sdk, cleared_sync, SDK_CALLS, TRACING_ROUNDS),
+    )
+    async_cheap, async_sdk = async_tracing_variants(provider)
+    verdicts += tracing_report(
+        "Async",
+        best_of_interleaved(async_cheap, time_async, CALLS, TRACING_ROUNDS),
+        best_of_interleaved(async_sdk, cleared_async, SDK_CALLS, TRACING_ROUNDS),
+    )
+    exporter.clear()
+    provider.shutdown()
+    return verdicts
+
+
 SLOW_FAILURE = 0.3  # seconds each failing attempt takes
 BUDGET = 1.0
 
@@ -203,6 +339,8 @@ def deadline_rows() -> list[tuple[str, ...]]:
 
 
 def main() -> None:
+    # The open-breaker section trips breakers on purpose; their WARNING would land mid-table.
+    logging.getLogger("resilient.breaker").setLevel(logging.ERROR)
     print(
         f"Python {sys.version.split()[0]}; best of {ROUNDS} interleaved rounds of {CALLS:,} calls"
     )
@@ -223,6 +361,9 @@ def main() -> None:
         ],
         ("variant", "ns/call", "over raise+catch"),
     )
+    verdicts = tracing_rows()
+    print("\nTracing verdicts")
+    print("\n".join(verdicts))
     print(f"\nDeadline adherence: a call failing after {SLOW_FAILURE:g} s, retried on a 1 s budget")
     table(
         deadline_rows(),

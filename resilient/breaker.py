@@ -28,8 +28,11 @@ between the states of :class:`BreakerState`::
   :meth:`CircuitBreaker.reset`; rejections carry ``retry_after == math.inf``.
 
 Every state change starts the new state with fresh counters and is reported to
-the ``listeners`` as a :class:`BreakerEvent`; :meth:`CircuitBreaker.metrics`
-returns a :class:`BreakerMetrics` snapshot.
+the ``listeners`` as a :class:`BreakerEvent`; it is also logged to the
+``resilient.breaker`` logger (WARNING when the breaker opens or is isolated,
+INFO otherwise) and recorded by :mod:`resilient.tracing` (an event on the
+current span, a metric). :meth:`CircuitBreaker.metrics` returns a
+:class:`BreakerMetrics` snapshot.
 
 How calls are driven
 --------------------
@@ -68,6 +71,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Final, NamedTuple, ParamSpec, Protocol, TypeAlias, TypeVar, cast
 
+from resilient import tracing
 from resilient._config import Duration, check_int, check_number, to_seconds
 from resilient.errors import CircuitOpenError
 
@@ -509,6 +513,7 @@ class CircuitBreaker:
     """
 
     __slots__ = (
+        "__weakref__",
         "_clock",
         "_config",
         "_failure_rate",
@@ -622,6 +627,7 @@ class CircuitBreaker:
             "store": store,
             "clock": clock,
         }
+        tracing.breaker_created(self)
 
     # Reading ----------------------------------------------------------------------------
 
@@ -875,6 +881,16 @@ class CircuitBreaker:
             self._emit(_HALF_OPEN, _CLOSED, "probes succeeded", now)
 
     def _emit(self, old: BreakerState, new: BreakerState, reason: str, now: float) -> None:
+        # Opening means calls are being refused: worth a warning; the rest is news.
+        _logger.log(
+            logging.WARNING if new is _OPEN or new is _ISOLATED else logging.INFO,
+            "circuit breaker %r: %s -> %s (%s)",
+            self._name,
+            old.value,
+            new.value,
+            reason,
+        )
+        tracing.breaker_state_changed(self._name, old, new, reason)
         if not self._listeners:
             return
         event = BreakerEvent(self._name, old, new, reason, now)

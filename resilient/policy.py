@@ -26,14 +26,19 @@ import math
 import time
 import types
 from collections.abc import Awaitable, Callable, Coroutine, Generator
-from typing import Any, ParamSpec, Protocol, TypeVar, cast
+from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar, cast
 
+from resilient import tracing as _tracing
 from resilient._config import Duration, to_seconds
 from resilient.breaker import CircuitBreaker
 from resilient.bulkhead import Bulkhead
 from resilient.deadline import _deadline
 from resilient.errors import CircuitOpenError, DeadlineExceeded
 from resilient.retry import Retry, RetryState, refuse_generators
+
+if TYPE_CHECKING:
+    from opentelemetry.metrics import MeterProvider
+    from opentelemetry.trace import TracerProvider
 
 __all__ = ["Policy"]
 
@@ -115,9 +120,26 @@ class Policy:
 
     ``breaker`` may also be a ``pybreaker.CircuitBreaker``: its own rules,
     listeners and storage keep working.
+
+    Each call makes an OpenTelemetry span and records metrics (see
+    :mod:`resilient.tracing`) when a real provider is configured: globally, at
+    any time, or as ``tracer_provider=`` / ``meter_provider=``. The span is named
+    ``name``, by default the wrapped function's ``__qualname__``. With nothing
+    configured this costs about 30 ns a call; ``tracing=False`` turns it
+    off for this Policy.
     """
 
-    __slots__ = ("_breaker", "attempt_timeout", "breaker", "bulkhead", "retry", "timeout")
+    __slots__ = (
+        "_breaker",
+        "_telemetry",
+        "attempt_timeout",
+        "breaker",
+        "bulkhead",
+        "name",
+        "retry",
+        "timeout",
+        "tracing",
+    )
 
     def __init__(
         self,
@@ -127,6 +149,10 @@ class Policy:
         retry: Retry | None = None,
         breaker: CircuitBreaker | Any | None = None,
         attempt_timeout: Duration | None = None,
+        name: str | None = None,
+        tracing: bool = True,
+        tracer_provider: TracerProvider | None = None,
+        meter_provider: MeterProvider | None = None,
     ) -> None:
         if bulkhead is not None and not isinstance(bulkhead, Bulkhead):
             raise TypeError(f"bulkhead must be a resilient.Bulkhead, got {bulkhead!r}")
@@ -146,13 +172,29 @@ class Policy:
             self.attempt_timeout = None
         self.breaker = breaker
         self._breaker: BreakerStage | None = _breaker_stage(breaker)
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"name must be a str, got {type(name).__name__}: {name!r}")
+        if name == "":
+            raise ValueError("name must not be empty: it names the Policy's spans and metrics")
+        if not isinstance(tracing, bool):
+            raise TypeError(f"tracing must be True or False, got {tracing!r}")
+        if not tracing and (tracer_provider is not None or meter_provider is not None):
+            raise ValueError(
+                "tracing=False contradicts the tracer_provider or meter_provider given; "
+                "pass one or the other"
+            )
+        self.name = name
+        self.tracing = tracing
+        self._telemetry = _tracing.Telemetry(tracer_provider, meter_provider) if tracing else None
 
     def __repr__(self) -> str:
         stages = [
             f"{name}={value!r}"
-            for name in ("bulkhead", "timeout", "retry", "breaker", "attempt_timeout")
+            for name in ("bulkhead", "timeout", "retry", "breaker", "attempt_timeout", "name")
             if (value := getattr(self, name)) is not None
         ]
+        if not self.tracing:
+            stages.append("tracing=False")
         return f"Policy({', '.join(stages)})"
 
     # Decorating ---------------------------------------------------------------------
@@ -197,11 +239,25 @@ class Policy:
         clock = None if retry is None else retry.clock
         admit = None if retry is None else retry._admit
         shared_clock = clock is _monotonic
+        site, explicit, traces, meters = self._call_site(fn)
         bounded = timeout is not None or attempt_timeout is not None
 
         def run(*args: Any, **kwargs: Any) -> Any:
+            call = None
+            if site is not None and (
+                explicit
+                or traces._TRACER_PROVIDER is not None
+                or meters._METER_PROVIDER is not None
+            ):
+                call = site.begin()
             if bulkhead is not None:
-                bulkhead.acquire()
+                try:
+                    bulkhead.acquire()
+                except BaseException as exc:
+                    if call is not None:
+                        call.error = exc
+                        call.end()
+                    raise
             try:
                 outer = total = _deadline.get()
                 now = 0.0
@@ -234,9 +290,13 @@ class Policy:
                     try:
                         ticket = None if breaker is None else breaker._before_call()
                     except CircuitOpenError as rejected:
+                        if call is not None:
+                            call.rejected(rejected)
                         if last_error is None:
                             raise
                         raise _rejected(rejected, retry, state) from last_error
+                    if call is not None:
+                        call.attempts += 1
                     try:
                         result = fn(*args, **kwargs)
                     except Exception as exc:
@@ -247,6 +307,8 @@ class Policy:
                         state, delay = _after_error(retry, state, started, total, exc)
                         if delay is None:
                             raise
+                        if call is not None:
+                            call.retrying(state.attempt, exc, delay)
                         last_error = exc
                     except BaseException:
                         if breaker is not None:
@@ -260,15 +322,23 @@ class Policy:
                         state, delay = _after_result(retry, state, started, total, result)
                         if delay is None:
                             return result
+                        if call is not None:
+                            call.retrying(state.attempt, None, delay)
                         last_error = None
                     finally:
                         if token is not None:
                             _deadline.reset(token)
                     if delay > 0.0:
                         _sleep(delay)
+            except BaseException as exc:
+                if call is not None:
+                    call.error = exc
+                raise
             finally:
                 if bulkhead is not None:
                     bulkhead.release()
+                if call is not None:
+                    call.end()
 
         return run
 
@@ -285,13 +355,27 @@ class Policy:
         clock = None if retry is None else retry.clock
         admit = None if retry is None else retry._admit
         shared_clock = clock is _monotonic
+        site, explicit, traces, meters = self._call_site(fn)
         # Only the policy's own limits need a cancellation timer: an enclosing
         # `async with deadline()` scope cancels the work itself.
         bounded = timeout is not None or attempt_timeout is not None
 
         async def run(*args: Any, **kwargs: Any) -> Any:
+            call = None
+            if site is not None and (
+                explicit
+                or traces._TRACER_PROVIDER is not None
+                or meters._METER_PROVIDER is not None
+            ):
+                call = site.begin()
             if bulkhead is not None and not bulkhead.try_acquire():
-                await bulkhead.acquire_async()
+                try:
+                    await bulkhead.acquire_async()
+                except BaseException as exc:
+                    if call is not None:
+                        call.error = exc
+                        call.end()
+                    raise
             try:
                 outer = total = _deadline.get()
                 now = 0.0
@@ -324,9 +408,13 @@ class Policy:
                     try:
                         ticket = None if breaker is None else breaker._before_call()
                     except CircuitOpenError as rejected:
+                        if call is not None:
+                            call.rejected(rejected)
                         if last_error is None:
                             raise
                         raise _rejected(rejected, retry, state) from last_error
+                    if call is not None:
+                        call.attempts += 1
                     try:
                         awaitable = fn(*args, **kwargs)
                         if bounded:
@@ -357,6 +445,8 @@ class Policy:
                         state, delay = _after_error(retry, state, started, total, exc)
                         if delay is None:
                             raise
+                        if call is not None:
+                            call.retrying(state.attempt, exc, delay)
                         last_error = exc
                     except BaseException:
                         if breaker is not None:
@@ -370,17 +460,41 @@ class Policy:
                         state, delay = _after_result(retry, state, started, total, result)
                         if delay is None:
                             return result
+                        if call is not None:
+                            call.retrying(state.attempt, None, delay)
                         last_error = None
                     finally:
                         if token is not None:
                             _deadline.reset(token)
                     if delay > 0.0:
                         await _async_sleep(delay)
+            except BaseException as exc:
+                if call is not None:
+                    call.error = exc
+                raise
             finally:
                 if bulkhead is not None:
                     bulkhead.release()
+                if call is not None:
+                    call.end()
 
         return run
+
+    def _call_site(self, fn: Callable[..., Any]) -> tuple[_tracing.CallSite | None, bool, Any, Any]:
+        """``(site, explicit, traces, meters)``: what a driver needs to record calls of ``fn``.
+
+        A call asks ``site`` for a recorder when a provider was given (``explicit``)
+        or ``traces._TRACER_PROVIDER`` or ``meters._METER_PROVIDER`` is not ``None``
+        (see :func:`resilient.tracing.provider_globals`); ``site`` is ``None`` with
+        ``tracing=False``.
+        """
+        telemetry = self._telemetry
+        if telemetry is None:
+            return None, False, None, None
+        name = self.name or str(getattr(fn, "__qualname__", None) or type(fn).__qualname__)
+        traces, meters = _tracing.provider_globals()
+        site = _tracing.CallSite(name, telemetry, self.timeout)
+        return site, telemetry.explicit, traces, meters
 
 
 @types.coroutine

@@ -1,0 +1,586 @@
+"""OpenTelemetry spans and metrics for :class:`~resilient.Policy`, free when nobody listens.
+
+A Policy call makes one span (named after the function's ``__qualname__``, or
+the Policy's ``name``) with an event per retry and per breaker rejection, and
+records the metrics listed in the README's "Tracing and metrics" section.
+Circuit breakers report their state changes as events on the current span and
+count them; an observable gauge reports each live breaker's state.
+
+What it costs
+-------------
+Nothing is recorded unless somebody listens: an explicit ``tracer_provider=`` or
+``meter_provider=``, or a real provider set globally through the OpenTelemetry
+API (at any time, before or after the Policy was built). The drivers in
+:mod:`resilient.policy` decide that with an inline test per call, no function
+call, on the API's own global provider variables (``_TRACER_PROVIDER``,
+``_METER_PROVIDER``: ``None`` until a provider is set). Only when that test
+passes do they call :meth:`CallSite.begin`, which resolves the tracer and the
+instruments (``None`` for the API's no-op providers) and returns a :class:`Call`
+recorder, or ``None`` when neither is real.
+
+Internal API (used by :mod:`resilient.policy` and :mod:`resilient.transport`)
+-------------------------------------------------------------------------------
+* :func:`provider_globals` — ``(traces, meters)``: read ``traces._TRACER_PROVIDER``
+  and ``meters._METER_PROVIDER`` per call; both ``None`` means nothing is set globally.
+* :class:`Telemetry` — one Policy's providers: ``explicit``, :meth:`Telemetry.wanted`
+  (the per-call test, to inline), :meth:`Telemetry.tracer`, :meth:`Telemetry.instruments`.
+* :class:`Instruments` — the metric instruments of one meter provider, with
+  ``record_call``, ``record_retry`` and ``record_transition``; :func:`instruments_for`.
+* :class:`CallSite` and :class:`Call` — one decorated function, one call's recorder.
+* :func:`breaker_created` and :func:`breaker_state_changed` — the circuit breaker's hooks.
+* :func:`error_type` and :func:`outcome_of` — the values of ``error.type`` and
+  ``resilient.outcome``.
+
+OpenTelemetry is imported on first use (when a Policy's driver is built, or an
+explicit provider is given), not by ``import resilient``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, Final
+
+from resilient.deadline import _deadline
+from resilient.errors import BulkheadFull, CircuitOpenError, DeadlineExceeded
+
+if TYPE_CHECKING:
+    from contextvars import Token
+
+    from opentelemetry.context import Context
+    from opentelemetry.metrics import CallbackOptions, MeterProvider, Observation
+    from opentelemetry.trace import Span, Tracer, TracerProvider
+
+    from resilient.breaker import BreakerState, CircuitBreaker
+
+__all__ = [
+    "OUTCOMES",
+    "Call",
+    "CallSite",
+    "Instruments",
+    "Telemetry",
+    "breaker_created",
+    "breaker_state_changed",
+    "error_type",
+    "instruments_for",
+    "outcome_of",
+    "provider_globals",
+]
+
+_SCOPE: Final = "resilient"
+OUTCOMES: Final = (
+    "success",
+    "failure",
+    "circuit_open",
+    "bulkhead_full",
+    "deadline_exceeded",
+    "cancelled",
+)
+"""The values of the ``resilient.outcome`` attribute; see :func:`outcome_of`."""
+
+# Bucket boundaries: call durations as in the HTTP semantic conventions, and attempts.
+_DURATION_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0)
+_DURATION_BUCKETS_LONG: Final = (*_DURATION_BUCKETS, 7.5, 10.0, 30.0, 60.0)
+_ATTEMPT_BUCKETS: Final = (0, 1, 2, 3, 4, 5, 7, 10)
+
+_perf_counter = time.perf_counter
+_monotonic = time.monotonic
+_INF = math.inf
+
+
+# The global providers ----------------------------------------------------------------
+
+_traces: Any = None
+_meters: Any = None
+# The API modules Call needs, bound on first use (a Call with a span implies they are).
+_otel_context: Any = None
+_otel_trace: Any = None
+
+
+class _PublicTraces:
+    """Stands in for ``opentelemetry.trace`` if its ``_TRACER_PROVIDER`` is ever renamed."""
+
+    @property
+    def _TRACER_PROVIDER(self) -> object:
+        from opentelemetry import trace
+
+        provider = trace.get_tracer_provider()
+        return None if isinstance(provider, trace.ProxyTracerProvider) else provider
+
+
+class _PublicMeters:
+    """Stands in for ``opentelemetry.metrics._internal`` if its ``_METER_PROVIDER`` goes."""
+
+    @property
+    def _METER_PROVIDER(self) -> object:
+        from opentelemetry import metrics
+        from opentelemetry.metrics import _internal
+
+        provider = metrics.get_meter_provider()
+        proxy = getattr(_internal, "_ProxyMeterProvider", None)
+        return None if proxy is not None and isinstance(provider, proxy) else provider
+
+
+def provider_globals() -> tuple[Any, Any]:
+    """``(traces, meters)``: the objects whose provider variables a driver reads per call.
+
+    ``traces._TRACER_PROVIDER`` and ``meters._METER_PROVIDER`` are the API's own
+    globals, ``None`` until a provider is set: two attribute reads tell a driver
+    that nothing is configured. If a future API renames them, stand-ins read the
+    public getters instead (slower, still correct). Imports the API on first use.
+    """
+    global _traces, _meters
+    if _traces is None:
+        from opentelemetry import trace
+        from opentelemetry.metrics import _internal as metrics_internal
+
+        traces: Any = trace if hasattr(trace, "_TRACER_PROVIDER") else _PublicTraces()
+        meters: Any = (
+            metrics_internal if hasattr(metrics_internal, "_METER_PROVIDER") else _PublicMeters()
+        )
+        # A provider named by environment variable is only loaded by the first
+        # get_*_provider() call; make it so now, so the variables show it.
+        if "OTEL_PYTHON_TRACER_PROVIDER" in os.environ:
+            trace.get_tracer_provider()
+        if "OTEL_PYTHON_METER_PROVIDER" in os.environ:
+            from opentelemetry import metrics
+
+            metrics.get_meter_provider()
+        _traces, _meters = traces, meters
+    return _traces, _meters
+
+
+def _tracer_for(provider: object) -> Tracer | None:
+    """The provider's tracer for this library, or ``None`` if it would record nothing."""
+    global _otel_context, _otel_trace
+    from opentelemetry import context, trace
+
+    _otel_context, _otel_trace = context, trace
+
+    if isinstance(provider, trace.NoOpTracerProvider | trace.ProxyTracerProvider):
+        return None
+    tracer = provider.get_tracer(_SCOPE, _version())  # type: ignore[attr-defined]
+    if isinstance(tracer, trace.NoOpTracer | trace.ProxyTracer):
+        return None  # e.g. the SDK's provider with OTEL_SDK_DISABLED=true
+    return tracer  # type: ignore[no-any-return]
+
+
+@functools.cache
+def _version() -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version("resilient")
+    except metadata.PackageNotFoundError:  # pragma: no cover - not installed, run from source
+        return None
+
+
+class Telemetry:
+    """The providers one Policy records to: explicit ones, or else the global ones.
+
+    ``explicit`` is true when a provider was given, which turns recording on
+    for that signal whatever the globals say. :meth:`tracer` and
+    :meth:`instruments` resolve the provider in force (the global one may be
+    set at any time) and cache the result per provider, so repeated calls cost
+    a few attribute reads.
+    """
+
+    __slots__ = ("_metrics", "_tracing", "explicit", "meter_provider", "tracer_provider")
+
+    def __init__(
+        self,
+        tracer_provider: TracerProvider | None = None,
+        meter_provider: MeterProvider | None = None,
+    ) -> None:
+        self.tracer_provider = tracer_provider
+        self.meter_provider = meter_provider
+        self.explicit = tracer_provider is not None or meter_provider is not None
+        # (provider, what it resolved to), replaced as one tuple so threads see pairs.
+        self._tracing: tuple[object, Tracer | None] = (None, None)
+        self._metrics: tuple[object, Instruments | None] = (None, None)
+        if meter_provider is not None:
+            instruments_for(meter_provider)  # its breaker gauge reports from now on
+
+    def wanted(self) -> bool:
+        """Whether a call should ask for a recorder; hot paths inline this test::
+
+            if (
+                explicit
+                or traces._TRACER_PROVIDER is not None
+                or meters._METER_PROVIDER is not None
+            ):
+                call = site.begin()  # may still be None: no-op providers record nothing
+
+        with ``explicit`` and ``(traces, meters) = provider_globals()`` in closure cells.
+        Keep ``traces`` and ``meters`` the API modules there (no stand-ins for explicit
+        providers): one type per attribute read keeps the interpreter's inline cache hot.
+        """
+        traces, meters = provider_globals()
+        return (
+            self.explicit
+            or traces._TRACER_PROVIDER is not None
+            or meters._METER_PROVIDER is not None
+        )
+
+    def tracer(self) -> Tracer | None:
+        """The tracer to record spans with, or ``None`` when tracing is off."""
+        provider: object = self.tracer_provider
+        if provider is None:
+            provider = (_traces or provider_globals()[0])._TRACER_PROVIDER
+            if provider is None:
+                return None
+        seen, tracer = self._tracing
+        if provider is not seen:
+            tracer = _tracer_for(provider)
+            self._tracing = (provider, tracer)
+        return tracer
+
+    def instruments(self) -> Instruments | None:
+        """The metric instruments to record with, or ``None`` when metrics are off."""
+        provider: object = self.meter_provider
+        if provider is None:
+            provider = (_meters or provider_globals()[1])._METER_PROVIDER
+            if provider is None:
+                return None
+        seen, instruments = self._metrics
+        if provider is not seen:
+            instruments = instruments_for(provider)
+            self._metrics = (provider, instruments)
+        return instruments
+
+
+# Metrics ------------------------------------------------------------------------------
+
+# Instruments per meter provider, made once each (a second registration of the same
+# names would make the SDK warn, and the breaker gauge report twice).
+_instruments: weakref.WeakKeyDictionary[Any, Instruments | None] = weakref.WeakKeyDictionary()
+_pinned: dict[int, tuple[object, Instruments | None]] = {}  # providers without weakrefs
+_instruments_lock = threading.Lock()
+
+# Every live CircuitBreaker, for the state gauge; weak, so breakers are not kept alive.
+_breakers: weakref.WeakSet[CircuitBreaker] = weakref.WeakSet()
+_breakers_lock = threading.Lock()
+
+
+class Instruments:
+    """The metric instruments of one meter provider (names in the README's table)."""
+
+    __slots__ = (
+        "_call_attributes",
+        "_policy_attributes",
+        "_retry_attributes",
+        "attempts",
+        "calls",
+        "duration",
+        "retries",
+        "state",
+        "transitions",
+    )
+
+    def __init__(self, meter: Any) -> None:
+        self.calls = meter.create_counter(
+            "resilient.calls",
+            unit="{call}",
+            description="Calls through a Policy, by outcome.",
+        )
+        self.retries = meter.create_counter(
+            "resilient.retries",
+            unit="{retry}",
+            description="Retries a Policy made, by the error that caused them.",
+        )
+        self.transitions = meter.create_counter(
+            "resilient.breaker.transitions",
+            unit="{transition}",
+            description="Circuit breaker state changes, by the state entered.",
+        )
+        self.duration = _histogram(
+            meter,
+            "resilient.call.duration",
+            "s",
+            "Duration of calls through a Policy, waits and retries included.",
+            _DURATION_BUCKETS_LONG,
+        )
+        self.attempts = _histogram(
+            meter,
+            "resilient.call.attempts",
+            "{attempt}",
+            "Attempts made per call through a Policy (0 when it was rejected).",
+            _ATTEMPT_BUCKETS,
+        )
+        self.state = meter.create_observable_gauge(
+            "resilient.breaker.state",
+            callbacks=[_observe_breakers],
+            unit="1",
+            description="1 for the state each circuit breaker is in, 0 for the others.",
+        )
+        # Attribute dicts are reused: building one per call would cost more than the add.
+        self._call_attributes: dict[tuple[str, str], dict[str, str]] = {}
+        self._policy_attributes: dict[str, dict[str, str]] = {}
+        self._retry_attributes: dict[tuple[str, str], dict[str, str]] = {}
+
+    def record_call(self, policy: str, outcome: str, seconds: float, attempts: int) -> None:
+        """Count one finished call and record its duration and attempts."""
+        attributes = self._call_attributes.get((policy, outcome))
+        if attributes is None:
+            attributes = {"resilient.policy": policy, "resilient.outcome": outcome}
+            self._call_attributes[policy, outcome] = attributes
+        self.calls.add(1, attributes)
+        self.duration.record(seconds, attributes)
+        per_policy = self._policy_attributes.get(policy)
+        if per_policy is None:
+            per_policy = self._policy_attributes[policy] = {"resilient.policy": policy}
+        self.attempts.record(attempts, per_policy)
+
+    def record_retry(self, policy: str, error: str) -> None:
+        """Count one retry of ``policy`` caused by ``error`` (an :func:`error_type`)."""
+        attributes = self._retry_attributes.get((policy, error))
+        if attributes is None:
+            attributes = {"resilient.policy": policy, "error.type": error}
+            self._retry_attributes[policy, error] = attributes
+        self.retries.add(1, attributes)
+
+    def record_transition(self, breaker: str, state: str) -> None:
+        """Count one state change of ``breaker`` into ``state``."""
+        self.transitions.add(1, {"resilient.breaker": breaker, "resilient.breaker.state": state})
+
+
+def _histogram(
+    meter: Any, name: str, unit: str, description: str, buckets: tuple[float, ...]
+) -> Any:
+    try:
+        return meter.create_histogram(
+            name, unit=unit, description=description, explicit_bucket_boundaries_advisory=buckets
+        )
+    except TypeError:  # pragma: no cover - opentelemetry-api older than 1.23
+        return meter.create_histogram(name, unit=unit, description=description)
+
+
+def instruments_for(provider: object) -> Instruments | None:
+    """The instruments on ``provider`` (made on first use), or ``None`` for a no-op one."""
+    try:
+        return _instruments[provider]
+    except KeyError:
+        pass
+    except TypeError:
+        pinned = _pinned.get(id(provider))
+        if pinned is not None and pinned[0] is provider:
+            return pinned[1]
+    with _instruments_lock:
+        try:
+            return _instruments[provider]
+        except (KeyError, TypeError):
+            pass
+        from opentelemetry import metrics
+
+        instruments: Instruments | None = None
+        if not isinstance(provider, metrics.NoOpMeterProvider) and (
+            provider is not _proxy_meter_provider()
+        ):
+            meter = provider.get_meter(_SCOPE, _version())  # type: ignore[attr-defined]
+            if not isinstance(meter, metrics.NoOpMeter):
+                instruments = Instruments(meter)
+        try:
+            _instruments[provider] = instruments
+        except TypeError:
+            _pinned[id(provider)] = (provider, instruments)
+        return instruments
+
+
+def _proxy_meter_provider() -> object:
+    from opentelemetry.metrics import _internal
+
+    return getattr(_internal, "_PROXY_METER_PROVIDER", None)
+
+
+def _live_instruments() -> list[Instruments]:
+    """Every meter provider's instruments, the global provider's included once it is set."""
+    if "opentelemetry.metrics" in sys.modules:
+        provider = provider_globals()[1]._METER_PROVIDER
+        if provider is not None:
+            instruments_for(provider)
+    with _instruments_lock:
+        found = [*_instruments.values(), *(pair[1] for pair in _pinned.values())]
+    return [instruments for instruments in found if instruments is not None]
+
+
+def _observe_breakers(options: CallbackOptions) -> Iterable[Observation]:
+    """The breaker state gauge: one series per breaker and state, 1 for the current one.
+
+    Reads each breaker's stored state without side effects: an open breaker
+    whose ``reset_timeout`` has passed turns half-open on its next call, not here.
+    """
+    from opentelemetry.metrics import Observation
+
+    from resilient.breaker import BreakerState
+
+    with _breakers_lock:
+        breakers = list(_breakers)
+    for breaker in breakers:
+        current = breaker._store.state
+        for state in BreakerState:
+            yield Observation(
+                1 if state is current else 0,
+                {"resilient.breaker": breaker.name, "resilient.breaker.state": state.value},
+            )
+
+
+# Circuit breakers ---------------------------------------------------------------------
+
+
+def breaker_created(breaker: CircuitBreaker) -> None:
+    """Register a new breaker with the state gauge (weakly: it is not kept alive)."""
+    with _breakers_lock:
+        _breakers.add(breaker)
+
+
+def breaker_state_changed(breaker: str, old: BreakerState, new: BreakerState, reason: str) -> None:
+    """A breaker changed state: an event on the current span, and a count per meter provider."""
+    trace = sys.modules.get("opentelemetry.trace")
+    if trace is not None:
+        span = trace.get_current_span()
+        if span.is_recording():
+            span.add_event(
+                "resilient.breaker.state_change",
+                {
+                    "resilient.breaker": breaker,
+                    "resilient.breaker.state": new.value,
+                    "resilient.breaker.previous_state": old.value,
+                    "resilient.breaker.reason": reason,
+                },
+            )
+    for instruments in _live_instruments():
+        instruments.record_transition(breaker, new.value)
+
+
+# Calls --------------------------------------------------------------------------------
+
+
+def outcome_of(error: BaseException | None) -> str:
+    """The ``resilient.outcome`` of a call that raised ``error`` (``None``: it returned)."""
+    if error is None:
+        return "success"
+    if isinstance(error, CircuitOpenError):
+        return "circuit_open"
+    if isinstance(error, BulkheadFull):
+        return "bulkhead_full"
+    if isinstance(error, DeadlineExceeded):
+        return "deadline_exceeded"
+    if isinstance(error, Exception):
+        return "failure"
+    return "cancelled"  # cancellation and interrupts say nothing about the dependency
+
+
+def error_type(error: BaseException) -> str:
+    """``error.type`` as the semantic conventions ask: the exception's qualified class name."""
+    kind = type(error)
+    if kind.__module__ == "builtins":
+        return kind.__qualname__
+    return f"{kind.__module__}.{kind.__qualname__}"
+
+
+class CallSite:
+    """One function wrapped by a Policy: its span name, telemetry and timeout.
+
+    The driver calls :meth:`begin` only when the test of :meth:`Telemetry.wanted` passes.
+    """
+
+    __slots__ = ("name", "telemetry", "timeout")
+
+    def __init__(self, name: str, telemetry: Telemetry, timeout: float | None) -> None:
+        self.name = name
+        self.telemetry = telemetry
+        self.timeout = timeout
+
+    def begin(self) -> Call | None:
+        """Start recording one call (its span becomes current), or ``None`` if nobody listens."""
+        telemetry = self.telemetry
+        tracer = telemetry.tracer()
+        instruments = telemetry.instruments()
+        if tracer is None and instruments is None:
+            return None
+        return Call(self, tracer, instruments)
+
+
+class Call:
+    """One call being recorded: its span (current while it runs) and its counts.
+
+    The driver adds one to ``attempts`` per attempt, sets ``error`` when the call
+    raises, and calls :meth:`end` exactly once, when it returns or raises.
+    """
+
+    __slots__ = ("attempts", "budget", "error", "instruments", "site", "span", "started", "token")
+
+    def __init__(self, site: CallSite, tracer: Tracer | None, instruments: Instruments | None):
+        self.site = site
+        self.instruments = instruments
+        self.attempts = 0
+        self.error: BaseException | None = None
+        self.span: Span | None = None
+        self.token: Token[Context] | None = None  # set with span
+        self.budget: float | None = None
+        if tracer is not None:
+            budget = _deadline.get()
+            timeout = site.timeout
+            if budget != _INF or timeout is not None:
+                budget -= _monotonic()
+                self.budget = timeout if timeout is not None and timeout < budget else budget
+            # Attributes are set at the end, all at once: the SDK charges more for
+            # attributes given to start_span than for the same ones set later.
+            self.span = span = tracer.start_span(site.name)
+            self.token = _otel_context.attach(_otel_trace.set_span_in_context(span))
+        self.started = 0.0 if instruments is None else _perf_counter()
+
+    def retrying(self, attempt: int, error: BaseException | None, wait: float) -> None:
+        """Attempt ``attempt`` failed with ``error`` (``None``: its result); a retry follows."""
+        kind = "result" if error is None else error_type(error)
+        span = self.span
+        if span is not None:
+            span.add_event(
+                "resilient.retry",
+                {"resilient.attempt": attempt, "error.type": kind, "resilient.retry.wait": wait},
+            )
+        if self.instruments is not None:
+            self.instruments.record_retry(self.site.name, kind)
+
+    def rejected(self, error: CircuitOpenError) -> None:
+        """The breaker refused an attempt."""
+        span = self.span
+        if span is not None:
+            attributes: dict[str, str | float] = {"resilient.breaker": error.name}
+            if error.retry_after != _INF:
+                attributes["resilient.retry_after"] = error.retry_after
+            span.add_event("resilient.circuit_open", attributes)
+
+    def end(self) -> None:
+        """The call returned (``error`` is ``None``) or raised ``error``: record it."""
+        error = self.error
+        outcome = "success" if error is None else outcome_of(error)
+        span = self.span
+        if span is not None:
+            attributes: dict[str, str | int | float] = {
+                "resilient.outcome": outcome,
+                "resilient.attempts": self.attempts,
+            }
+            if self.budget is not None:
+                attributes["resilient.deadline.budget"] = self.budget
+            if error is not None and isinstance(error, Exception):
+                attributes["error.type"] = error_type(error)
+                span.record_exception(error)
+                span.set_status(
+                    _otel_trace.Status(
+                        _otel_trace.StatusCode.ERROR, f"{type(error).__name__}: {error}"
+                    )
+                )
+            span.set_attributes(attributes)
+            _otel_context.detach(self.token)
+            span.end()
+        instruments = self.instruments
+        if instruments is not None:
+            seconds = _perf_counter() - self.started
+            instruments.record_call(self.site.name, outcome, seconds, self.attempts)
