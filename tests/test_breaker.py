@@ -26,6 +26,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+from fake_clock import FakeClock
 
 from resilient.breaker import (
     BreakerEvent,
@@ -41,19 +42,6 @@ CLOSED = BreakerState.CLOSED
 OPEN = BreakerState.OPEN
 HALF_OPEN = BreakerState.HALF_OPEN
 ISOLATED = BreakerState.ISOLATED
-
-
-class FakeClock:
-    """Monotonic seconds that move only when a test says so."""
-
-    def __init__(self, start: float = 1000.0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 class Recorder:

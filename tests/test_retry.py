@@ -16,6 +16,7 @@ from datetime import timedelta
 
 import pytest
 import tenacity
+from fake_clock import FakeClock
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
@@ -27,16 +28,6 @@ from resilient.retry import (
     instant_retries,
     refuse_generators,
 )
-
-
-class FakeClock:
-    """A clock that only moves when told to."""
-
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def fixed(value: float):  # type: ignore[no-untyped-def]

@@ -9,23 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import json
 import logging
-import subprocess
-import sys
-import textwrap
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from fake_clock import FakeClock
 from opentelemetry import trace
 from opentelemetry.metrics import NoOpMeter, NoOpMeterProvider
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import NoOpTracer, NoOpTracerProvider, SpanKind, StatusCode
+from telemetry import attributes, events, points, run_python
 
 import resilient
 from resilient import tracing
@@ -37,41 +33,6 @@ WAIT = 0.25  # the first retry's wait with the backoff below; the second is twic
 def waits(record_waits: list[float]) -> list[float]:
     """Retry waits are recorded, not slept."""
     return record_waits
-
-
-@pytest.fixture
-def exporter() -> InMemorySpanExporter:
-    return InMemorySpanExporter()
-
-
-@pytest.fixture
-def tracer_provider(exporter: InMemorySpanExporter) -> Iterator[TracerProvider]:
-    provider = TracerProvider(shutdown_on_exit=False)
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    yield provider
-    provider.shutdown()
-
-
-@pytest.fixture
-def reader() -> InMemoryMetricReader:
-    return InMemoryMetricReader()
-
-
-@pytest.fixture
-def meter_provider(reader: InMemoryMetricReader) -> Iterator[MeterProvider]:
-    provider = MeterProvider(metric_readers=[reader], shutdown_on_exit=False)
-    yield provider
-    provider.shutdown()
-
-
-class FakeClock:
-    """Monotonic seconds that move only when a test says so."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def retry(attempts: int = 3) -> resilient.Retry:
@@ -99,33 +60,6 @@ def failing(times: int) -> Any:
 def only(exporter: InMemorySpanExporter) -> ReadableSpan:
     [span] = exporter.get_finished_spans()
     return span
-
-
-def attributes(span: ReadableSpan) -> dict[str, Any]:
-    return dict(span.attributes or {})
-
-
-def events(span: ReadableSpan, name: str) -> list[dict[str, Any]]:
-    return [dict(event.attributes or {}) for event in span.events if event.name == name]
-
-
-def points(reader: InMemoryMetricReader) -> dict[str, dict[frozenset[tuple[str, Any]], Any]]:
-    """Metric name -> attributes -> value (sums and gauges) or (count, sum) (histograms)."""
-    found: dict[str, dict[frozenset[tuple[str, Any]], Any]] = {}
-    data = reader.get_metrics_data()
-    if data is None:
-        return found
-    for resource in data.resource_metrics:
-        for scope in resource.scope_metrics:
-            for metric in scope.metrics:
-                series = found.setdefault(metric.name, {})
-                for point in metric.data.data_points:
-                    key = frozenset((point.attributes or {}).items())
-                    if hasattr(point, "bucket_counts"):
-                        series[key] = (point.count, point.sum)
-                    else:
-                        series[key] = point.value
-    return found
 
 
 def call_key(policy: str, outcome: str) -> frozenset[tuple[str, Any]]:
@@ -785,21 +719,6 @@ trace.get_tracer_provider().add_span_processor(SimpleSpanProcessor(Exporter()))
 resilient.Policy(name="configured").call(int, "1")
 print(json.dumps({"spans": spans}))
 """
-
-
-def run_python(source: str, **environment: str) -> dict[str, Any]:
-    import os
-
-    result = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(source)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-        env={**os.environ, **environment},
-    )
-    parsed: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
-    return parsed
 
 
 def test_providers_set_globally_after_the_policy_was_built_are_picked_up() -> None:

@@ -25,6 +25,7 @@ import httpx
 import pytest
 import respx
 import tenacity
+from fake_clock import FakeClock
 from live_server import LiveServer, Reply
 
 import resilient
@@ -64,19 +65,6 @@ def retry(attempts: int = 3, **options: Any) -> Retry:
 def sleeps(record_waits: list[float]) -> list[float]:
     """Retry waits are recorded, not slept."""
     return record_waits
-
-
-class FakeClock:
-    """Monotonic seconds that move only when a test says so."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 @pytest.fixture
