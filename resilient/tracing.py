@@ -198,6 +198,16 @@ class Telemetry:
         tracer_provider: TracerProvider | None = None,
         meter_provider: MeterProvider | None = None,
     ) -> None:
+        get_tracer = getattr(tracer_provider, "get_tracer", None)
+        if tracer_provider is not None and not callable(get_tracer):
+            raise TypeError(
+                f"tracer_provider must be an OpenTelemetry TracerProvider, got {tracer_provider!r}"
+            )
+        get_meter = getattr(meter_provider, "get_meter", None)
+        if meter_provider is not None and not callable(get_meter):
+            raise TypeError(
+                f"meter_provider must be an OpenTelemetry MeterProvider, got {meter_provider!r}"
+            )
         self.tracer_provider = tracer_provider
         self.meter_provider = meter_provider
         self.explicit = tracer_provider is not None or meter_provider is not None

@@ -48,6 +48,13 @@ count it once, and elapsed times start at its send).
 
 Per request, ``extensions={"resilient": {"retry": False}}`` turns retries off
 and ``{"idempotent": True}`` marks a POST or PATCH safe to retry.
+
+With an OpenTelemetry provider configured (globally or as ``tracer_provider=``
+/ ``meter_provider=``), each attempt is a CLIENT span per the HTTP client
+semantic conventions, carrying its ``traceparent`` to the server, and each
+request feeds the ``resilient.*`` metrics with the origin as ``resilient.policy``
+(see :mod:`resilient.tracing`). Such requests skip the fast path; with nothing
+configured, the test costs a few attribute reads.
 """
 
 from __future__ import annotations
@@ -62,10 +69,11 @@ import time
 from collections.abc import Callable, Collection, Mapping
 from contextvars import ContextVar
 from types import MappingProxyType
-from typing import Any, Final, Generic, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar, cast
 
 import httpx
 
+from resilient import tracing as _tracing
 from resilient._config import Duration, check_int, to_seconds
 from resilient.breaker import BreakerState, BreakerStore, CircuitBreaker
 from resilient.bulkhead import Bulkhead
@@ -74,6 +82,10 @@ from resilient.errors import BulkheadFull, CircuitOpenError, DeadlineExceeded, R
 from resilient.policy import Policy
 from resilient.retry import Retry, RetryBudget, RetryEvent
 from resilient.shardmap import ShardedMap
+
+if TYPE_CHECKING:
+    from opentelemetry.metrics import MeterProvider
+    from opentelemetry.trace import Tracer, TracerProvider
 
 __all__ = [
     "IDEMPOTENT_METHODS",
@@ -120,6 +132,11 @@ def _report(attempts: int, waited: float, state: BreakerState | None) -> Mapping
 _FIRST_TRY: Final = {state: _report(1, 0.0, state) for state in (None, *BreakerState)}
 _CLOSED: Final = BreakerState.CLOSED
 _INF: Final = math.inf
+# The OpenTelemetry API's modules holding the global providers (see
+# resilient.tracing.provider_globals), bound by the first transport with tracing on.
+_traces: Any = None
+_meters: Any = None
+_perf_counter = time.perf_counter
 
 
 # Errors --------------------------------------------------------------------------------
@@ -227,6 +244,12 @@ class _Call:
     # for the driver's first attempt to take over, and when it started (retry clock).
     first: httpx.Response | Exception | None = None
     started: float | None = None
+    # Telemetry, when somebody listens (see _Core.begin): attempt spans, call metrics.
+    tracer: Tracer | None = None
+    root: _HttpSpan | None = None  # the logical request's span, when nothing was current
+    instruments: _tracing.Instruments | None = None
+    origin = ""
+    began = 0.0
 
 
 # The retry hook and the attempts run inside the policy, in the caller's context.
@@ -234,7 +257,18 @@ _current_call: ContextVar[_Call] = ContextVar("resilient_transport_call")
 
 
 def _count_wait(event: RetryEvent) -> None:
-    _current_call.get().waited += event.delay
+    call = _current_call.get()
+    call.waited += event.delay
+    if call.instruments is not None:
+        failure = event.exception
+        kind = (
+            "result"
+            if failure is None
+            else str(failure.response.status_code)
+            if isinstance(failure, ResponseFailure)
+            else _tracing.error_type(failure)
+        )
+        call.instruments.record_retry(call.origin, kind)
 
 
 def _replayed_start() -> float | None:
@@ -316,14 +350,19 @@ class _Host:
     and retry budget.
     """
 
+    # The origin, "scheme://host:port": it names the breaker and the call metrics.
+    origin: str
     # The breaker's store, whose state is a plain read: reporting it on every response
     # must not run the breaker's lazy open -> half-open transition (and its listeners).
     store: BreakerStore | None
     retrying: Callable[[httpx.Request], Any]
     single: Callable[[httpx.Request], Any]
     # Whether a request may take the fast path (see ResilientTransport.handle_request):
-    # no bulkhead, no timeouts, and a breaker that records nothing on a healthy success.
+    # no bulkhead, no timeouts, a breaker that records nothing on a healthy success,
+    # and no explicit telemetry provider.
     fast: bool
+    # tracing=False: the fast path need not ask whether a global provider is set.
+    untraced: bool
     # The retry's clock (None without retries) and its budget, if any.
     clock: Callable[[], float] | None
     budget: RetryBudget | None
@@ -346,6 +385,9 @@ class _Core:
         propagate_deadline: bool,
         internal_hosts: Collection[str],
         max_hosts: int,
+        tracing: bool,
+        tracer_provider: TracerProvider | None,
+        meter_provider: MeterProvider | None,
     ) -> None:
         if retry is not None and not isinstance(retry, Retry):
             raise TypeError(f"retry must be a resilient.Retry or None, got {retry!r}")
@@ -376,10 +418,24 @@ class _Core:
         self.retry = retry
         self.breaker_factory = breaker
         self.bulkhead_factory = bulkhead
-        # Policy validates and normalises the timeouts; keep its result for every origin.
-        checked = Policy(timeout=timeout, attempt_timeout=attempt_timeout)
+        # Policy validates and normalises the timeouts and the telemetry options; keep
+        # its results for every origin.
+        checked = Policy(
+            timeout=timeout,
+            attempt_timeout=attempt_timeout,
+            tracing=tracing,
+            tracer_provider=tracer_provider,
+            meter_provider=meter_provider,
+        )
         self.timeout = checked.timeout
         self.attempt_timeout = checked.attempt_timeout
+        # None with tracing=False. Otherwise a request records (see begin) when
+        # Telemetry.wanted(): a provider was given, or one is set globally, which the
+        # fast path tests inline on the API's variables (see _traces).
+        self.telemetry = checked._telemetry
+        if self.telemetry is not None:
+            global _traces, _meters
+            _traces, _meters = _tracing.provider_globals()
         self.retry_statuses = statuses
         # What the breaker counts as a failure: 5xx but 501, 429, and the listed statuses.
         self.failing_statuses = frozenset({*range(500, 600), 429, *statuses} - {501})
@@ -436,6 +492,7 @@ class _Core:
                 f"the bulkhead factory must return a resilient.Bulkhead, got {bulkhead!r}"
             )
         stages: dict[str, Any] = {
+            "tracing": False,  # the transport records requests itself (see begin)
             "bulkhead": bulkhead,
             "timeout": self.timeout,
             "breaker": breaker,
@@ -453,6 +510,7 @@ class _Core:
             retry = self._host_retry(self.retry)
             retrying = driver(Policy(retry=retry, **stages))
         return _Host(
+            origin=origin,
             store=None if breaker is None else breaker._store,
             retrying=retrying,
             single=single,
@@ -461,7 +519,9 @@ class _Core:
                 and self.timeout is None
                 and self.attempt_timeout is None
                 and (breaker is None or breaker._plain)
+                and not (self.telemetry is not None and self.telemetry.explicit)
             ),
+            untraced=self.telemetry is None,
             clock=None if retry is None else retry.clock,
             budget=None if retry is None else retry.budget,
         )
@@ -557,13 +617,167 @@ class _Core:
             return DeadlineExceeded(f"the deadline passed while the request was in flight ({exc})")
         return exc
 
-    @staticmethod
-    def finish(response: httpx.Response, host: _Host, call: _Call) -> httpx.Response:
+    def finish(self, response: httpx.Response, host: _Host, call: _Call) -> httpx.Response:
+        """The request is answered: report what it went through, and record it."""
         # Each response owns its extensions dict: add to it rather than copying it.
         response.extensions["resilient"] = _report(
             call.attempts, call.waited, None if host.store is None else host.store.state
         )
+        if call.instruments is not None or call.root is not None:
+            self.end(call, response, None)
         return response
+
+    # Telemetry ------------------------------------------------------------------------------
+
+    def begin(self, call: _Call, host: _Host) -> None:
+        """Before a request goes to the driver: record it, if somebody listens."""
+        telemetry = self.telemetry
+        if telemetry is None or not telemetry.wanted():
+            return
+        call.tracer = tracer = telemetry.tracer()
+        call.instruments = instruments = telemetry.instruments()
+        if instruments is not None:
+            call.origin = host.origin
+            call.began = _perf_counter()
+        if tracer is not None:
+            from opentelemetry import trace
+
+            if not trace.get_current_span().get_span_context().is_valid:
+                # No trace to join: a span for the whole request keeps its attempts
+                # in one trace, as the HTTP conventions' retry examples show.
+                call.root = _HttpSpan(tracer, call.request, None)
+
+    def end(
+        self, call: _Call, response: httpx.Response | None, error: BaseException | None
+    ) -> None:
+        """The request was answered (``response``) or raised ``error``: record it.
+
+        An open circuit is also an event on the current span: no attempt span shows it.
+        """
+        instruments = call.instruments
+        if instruments is not None:
+            if error is not None:
+                outcome = _tracing.outcome_of(error)
+            else:
+                assert response is not None
+                failed = response.status_code in self.failing_statuses
+                outcome = "failure" if failed else "success"
+            seconds = _perf_counter() - call.began
+            instruments.record_call(call.origin, outcome, seconds, call.attempts)
+        if call.tracer is not None and isinstance(error, CircuitOpenError):
+            from opentelemetry import trace
+
+            span = trace.get_current_span()
+            if span.is_recording():
+                attributes: dict[str, str | float] = {"resilient.breaker": error.name}
+                if error.retry_after != _INF:
+                    attributes["resilient.retry_after"] = error.retry_after
+                span.add_event("resilient.circuit_open", attributes)
+        if call.root is not None:
+            call.root.end(response, error, call.attempts)
+
+
+# The names OpenTelemetry's HTTP conventions know; others are reported as "_OTHER".
+_KNOWN_METHODS: Final = frozenset(
+    {"CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "TRACE", "QUERY"}
+)
+# Query parameters the conventions ask to redact in url.full: signed-URL secrets.
+_SECRET_PARAMS: Final = ("AWSAccessKeyId", "Signature", "sig", "X-Goog-Signature")
+
+
+def _url_full(url: httpx.URL) -> str:
+    """``url.full`` as the conventions ask: credentials and URL signatures redacted."""
+    if url.userinfo:
+        url = url.copy_with(username="REDACTED", password="REDACTED")
+    if url.query:
+        params = url.params
+        secrets = [name for name in _SECRET_PARAMS if name in params]
+        if secrets:
+            for name in secrets:
+                params = params.set(name, "REDACTED")
+            url = url.copy_with(params=params)
+    return str(url)
+
+
+class _HttpSpan:
+    """A span per the OpenTelemetry HTTP client conventions, current until :meth:`end`.
+
+    With ``attempt``, it is that attempt's CLIENT span: its ``traceparent`` goes
+    in the request's headers (through the global propagator), and HTTP
+    instrumentation is suppressed while it is sent: opentelemetry-instrumentation-httpx,
+    had it patched the wrapped transport, would otherwise make a second span per
+    attempt. Without, it is an INTERNAL span for the whole request.
+    """
+
+    __slots__ = ("span", "token")
+
+    def __init__(self, tracer: Tracer, request: httpx.Request, attempt: int | None) -> None:
+        from opentelemetry import context, propagate, trace
+
+        url = request.url
+        method = request.method
+        port = url.port or (443 if url.scheme == "https" else 80)
+        attributes: dict[str, str | int] = {
+            "http.request.method": method,
+            "server.address": url.host,
+            "server.port": port,
+            "url.full": _url_full(url),
+        }
+        name = method
+        if method not in _KNOWN_METHODS:
+            name = "HTTP"
+            attributes["http.request.method"] = "_OTHER"
+            attributes["http.request.method_original"] = method
+        if attempt is None:
+            self.span = span = tracer.start_span(
+                name, kind=trace.SpanKind.INTERNAL, attributes=attributes
+            )
+            self.token = context.attach(trace.set_span_in_context(span))
+            return
+        if attempt > 1:
+            attributes["http.request.resend_count"] = attempt - 1
+        # Given at the start, as the conventions ask: samplers may decide on them.
+        self.span = span = tracer.start_span(
+            name, kind=trace.SpanKind.CLIENT, attributes=attributes
+        )
+        ctx = trace.set_span_in_context(span)
+        suppress = getattr(context, "_SUPPRESS_HTTP_INSTRUMENTATION_KEY", None)
+        if suppress is not None:
+            ctx = context.set_value(suppress, True, ctx)
+        self.token = context.attach(ctx)
+        propagate.inject(request.headers, context=ctx)
+
+    def end(
+        self,
+        response: httpx.Response | None,
+        error: BaseException | None,
+        attempts: int | None = None,
+    ) -> None:
+        """The attempt, or the request after ``attempts``, got ``response`` or raised ``error``."""
+        from opentelemetry import context, trace
+
+        span = self.span
+        context.detach(self.token)
+        if attempts is not None:
+            span.set_attribute("resilient.attempts", attempts)
+        failure: str | None = None
+        if response is not None:
+            status = response.status_code
+            span.set_attribute("http.response.status_code", status)
+            version = response.extensions.get("http_version")
+            if isinstance(version, bytes) and version.startswith(b"HTTP/"):
+                span.set_attribute("network.protocol.version", version[5:].decode("ascii"))
+            if status >= 400:
+                failure = str(status)
+        else:
+            assert error is not None
+            failure = _tracing.error_type(error)
+            if isinstance(error, Exception):
+                span.record_exception(error)
+        if failure is not None:
+            span.set_attribute("error.type", failure)
+            span.set_status(trace.Status(trace.StatusCode.ERROR))
+        span.end()
 
 
 def _replayable(
@@ -618,6 +832,9 @@ class _Configured(Generic[Inner]):
         propagate_deadline: bool = False,
         internal_hosts: Collection[str] = (),
         max_hosts: int = 1024,
+        tracing: bool = True,
+        tracer_provider: TracerProvider | None = None,
+        meter_provider: MeterProvider | None = None,
     ) -> None:
         if transport is not None and not isinstance(transport, self._inner_type):
             raise TypeError(
@@ -635,6 +852,9 @@ class _Configured(Generic[Inner]):
             propagate_deadline=propagate_deadline,
             internal_hosts=internal_hosts,
             max_hosts=max_hosts,
+            tracing=tracing,
+            tracer_provider=tracer_provider,
+            meter_provider=meter_provider,
         )
         self._transport: Inner = self._default_inner() if transport is None else transport
         # Bound once: each origin's drivers wrap this attempt function.
@@ -670,6 +890,8 @@ class ResilientTransport(_Configured[httpx.BaseTransport], httpx.BaseTransport):
       ``resilient-timeout-ms`` header to every host; ``internal_hosts`` sends it
       only to these host names.
     * ``max_hosts``: how many origins' state to keep (least recently used go).
+    * ``tracing``, ``tracer_provider``, ``meter_provider``: OpenTelemetry spans per
+      attempt and metrics per origin, as for :class:`~resilient.Policy`.
     """
 
     _inner_type = httpx.BaseTransport
@@ -690,6 +912,10 @@ class ResilientTransport(_Configured[httpx.BaseTransport], httpx.BaseTransport):
             and _deadline.get() == _INF
             and "resilient" not in request.extensions
             and (store is None or (store.state is _CLOSED and not store.consecutive_failures))
+            and (
+                host.untraced
+                or (_traces._TRACER_PROVIDER is None and _meters._METER_PROVIDER is None)
+            )
         ):
             # The fast path: what the driver would do for a healthy first attempt, with
             # nothing to clamp or count. A failure goes to the driver, which takes the
@@ -728,16 +954,23 @@ class ResilientTransport(_Configured[httpx.BaseTransport], httpx.BaseTransport):
         if first is not None:
             call.first = first
             call.started = started
+        core = self._core
+        core.begin(call, host)
         token = _current_call.set(call)
         try:
-            response = send(request)
-        except ResponseFailure as failure:
-            response = failure.response
-        except ResilientError as error:
-            response = _recover(error, request) if call.first is None else _replay_refused(call)
+            try:
+                response = send(request)
+            except ResponseFailure as failure:
+                response = failure.response
+            except ResilientError as error:
+                response = _recover(error, request) if call.first is None else _replay_refused(call)
+        except BaseException as error:
+            if call.instruments is not None or call.tracer is not None:
+                core.end(call, None, error)
+            raise
         finally:
             _current_call.reset(token)
-        return self._core.finish(response, host, call)
+        return core.finish(response, host, call)
 
     def _attempt(self, request: httpx.Request) -> httpx.Response:
         call = _current_call.get()
@@ -751,10 +984,18 @@ class ResilientTransport(_Configured[httpx.BaseTransport], httpx.BaseTransport):
         else:
             if _deadline.get() != _INF:
                 self._core.clamp(request, call)
+            tracer = call.tracer
+            span = None if tracer is None else _HttpSpan(tracer, request, call.attempts)
             try:
                 response = self._transport.handle_request(request)
-            except httpx.TimeoutException as exc:
-                raise self._core.timed_out(exc) from exc
+            except BaseException as exc:
+                if span is not None:
+                    span.end(None, exc)
+                if isinstance(exc, httpx.TimeoutException):
+                    raise self._core.timed_out(exc) from exc
+                raise
+            if span is not None:
+                span.end(response, None)
         if response.status_code in self._core.failing_statuses:
             # Read and close it now: a retry must find its connection back in the pool.
             try:
@@ -796,6 +1037,10 @@ class AsyncResilientTransport(_Configured[httpx.AsyncBaseTransport], httpx.Async
             and _deadline.get() == _INF
             and "resilient" not in request.extensions
             and (store is None or (store.state is _CLOSED and not store.consecutive_failures))
+            and (
+                host.untraced
+                or (_traces._TRACER_PROVIDER is None and _meters._METER_PROVIDER is None)
+            )
         ):
             # The fast path, as in ResilientTransport.handle_request.
             clock = host.clock
@@ -832,16 +1077,23 @@ class AsyncResilientTransport(_Configured[httpx.AsyncBaseTransport], httpx.Async
         if first is not None:
             call.first = first
             call.started = started
+        core = self._core
+        core.begin(call, host)
         token = _current_call.set(call)
         try:
-            response = await send(request)
-        except ResponseFailure as failure:
-            response = failure.response
-        except ResilientError as error:
-            response = _recover(error, request) if call.first is None else _replay_refused(call)
+            try:
+                response = await send(request)
+            except ResponseFailure as failure:
+                response = failure.response
+            except ResilientError as error:
+                response = _recover(error, request) if call.first is None else _replay_refused(call)
+        except BaseException as error:
+            if call.instruments is not None or call.tracer is not None:
+                core.end(call, None, error)
+            raise
         finally:
             _current_call.reset(token)
-        return self._core.finish(response, host, call)
+        return core.finish(response, host, call)
 
     async def _attempt(self, request: httpx.Request) -> httpx.Response:
         call = _current_call.get()
@@ -855,10 +1107,18 @@ class AsyncResilientTransport(_Configured[httpx.AsyncBaseTransport], httpx.Async
         else:
             if _deadline.get() != _INF:
                 self._core.clamp(request, call)
+            tracer = call.tracer
+            span = None if tracer is None else _HttpSpan(tracer, request, call.attempts)
             try:
                 response = await self._transport.handle_async_request(request)
-            except httpx.TimeoutException as exc:
-                raise self._core.timed_out(exc) from exc
+            except BaseException as exc:
+                if span is not None:
+                    span.end(None, exc)
+                if isinstance(exc, httpx.TimeoutException):
+                    raise self._core.timed_out(exc) from exc
+                raise
+            if span is not None:
+                span.end(response, None)
         if response.status_code in self._core.failing_statuses:
             # Read and close it now: a retry must find its connection back in the pool.
             try:
