@@ -14,8 +14,14 @@
    between two processes, whose time wanders too much for a best round to mean anything: see
    ``server_throughput`` for how it is measured instead.
    Target: resilient keeps at least 97% of plain httpx's requests per second.
+3. Tracing, on the transport alone as in 1b. With nothing configured (the OpenTelemetry
+   API's no-op providers) against ``tracing=False``: the check must cost essentially
+   nothing (target: at most 5% more overhead). With the SDK (in-memory exporter, under a
+   current parent span, so each variant makes one CLIENT span per request) against
+   opentelemetry-instrumentation-httpx's transport, which makes the same span: what
+   resilient adds on top of the span itself (the policy's slow path, retry bookkeeping).
 
-Run: ``make bench`` or ``.venv/bin/python benchmarks/transport.py`` (about a minute).
+Run: ``make bench`` or ``.venv/bin/python benchmarks/transport.py`` (about two minutes).
 """
 
 from __future__ import annotations
@@ -40,6 +46,15 @@ import httpx
 from _timing import best_of_interleaved, interleaved_rounds, table, time_async, time_sync
 from httpx_retries import Retry as HttpxRetry
 from httpx_retries import RetryTransport
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.instrumentation.httpx import (
+    AsyncOpenTelemetryTransport,
+    SyncOpenTelemetryTransport,
+)
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from resilient import Bulkhead
 from resilient.transport import AsyncResilientTransport, ResilientTransport
@@ -346,6 +361,143 @@ def throughput_verdict(mode: str, ratio: float) -> str:
     )
 
 
+# 3. Tracing -------------------------------------------------------------------------------
+
+# The API-only check costs tens of ns, a few % of the overhead, and a best round drifts by
+# as much: the no-SDK comparison takes many short rounds and pairs them (see _paired).
+TRACING_CALLS = 4_000
+TRACING_ROUNDS = 120
+SDK_CALLS = 2_000  # an SDK span costs ~10x the transport: fewer calls keep the run short
+SDK_ROUNDS = 15
+API_ONLY_LIMIT = 1.05  # overhead with the API's no-op providers, relative to tracing=False
+OFF = "ResilientTransport (tracing=False)"
+API_ONLY = "ResilientTransport (API only, no SDK)"
+THEIR_SPAN = "instrumentation-httpx transport (SDK)"
+OUR_SPAN = "ResilientTransport (SDK)"
+
+
+def tracing_overhead(
+    runner: asyncio.Runner,
+) -> list[tuple[dict[str, float], dict[str, float]]]:
+    """``[(no SDK, SDK)]`` seconds per request, sync then async."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    request = httpx.Client().build_request("GET", MOCK_URL)
+
+    def sync(transports: dict[str, httpx.BaseTransport]) -> dict[str, Callable[[], Any]]:
+        return {name: partial(t.handle_request, request) for name, t in transports.items()}
+
+    def asynchronous(
+        transports: dict[str, httpx.AsyncBaseTransport],
+    ) -> dict[str, Callable[[], Any]]:
+        return {name: partial(t.handle_async_request, request) for name, t in transports.items()}
+
+    def cleared_sync(fn: Callable[[], Any], calls: int) -> float:
+        exporter.clear()  # finished spans pile up in memory otherwise
+        return time_sync(fn, calls)
+
+    def cleared_async(fn: Callable[[], Awaitable[Any]], calls: int) -> float:
+        exporter.clear()
+        return time_async(fn, calls, runner)
+
+    sync_cheap = sync(
+        {
+            PLAIN: _mock(),
+            OFF: ResilientTransport(_mock(), tracing=False),
+            API_ONLY: ResilientTransport(_mock()),
+        }
+    )
+    async_cheap = asynchronous(
+        {
+            PLAIN: _mock(),
+            OFF: AsyncResilientTransport(_mock(), tracing=False),
+            API_ONLY: AsyncResilientTransport(_mock()),
+        }
+    )
+    sync_sdk = sync(
+        {
+            PLAIN: _mock(),
+            THEIR_SPAN: SyncOpenTelemetryTransport(_mock(), tracer_provider=provider),
+            OUR_SPAN: ResilientTransport(_mock(), tracer_provider=provider),
+        }
+    )
+    async_sdk = asynchronous(
+        {
+            PLAIN: _mock(),
+            THEIR_SPAN: AsyncOpenTelemetryTransport(_mock(), tracer_provider=provider),
+            OUR_SPAN: AsyncResilientTransport(_mock(), tracer_provider=provider),
+        }
+    )
+    cheap = [
+        _paired(interleaved_rounds(sync_cheap, time_sync, TRACING_CALLS, TRACING_ROUNDS)),
+        _paired(
+            interleaved_rounds(
+                async_cheap, partial(time_async, runner=runner), TRACING_CALLS, TRACING_ROUNDS
+            )
+        ),
+    ]
+    # A service's outbound calls happen under its own span: make one current.
+    token = otel_context.attach(
+        trace.set_span_in_context(provider.get_tracer("benchmark").start_span("parent"))
+    )
+    try:
+        sdk = [
+            best_of_interleaved(sync_sdk, cleared_sync, SDK_CALLS, SDK_ROUNDS),
+            best_of_interleaved(async_sdk, cleared_async, SDK_CALLS, SDK_ROUNDS),
+        ]
+    finally:
+        otel_context.detach(token)
+        exporter.clear()
+        provider.shutdown()
+    return list(zip(cheap, sdk, strict=True))
+
+
+def tracing_report(mode: str, cheap: dict[str, float], sdk: dict[str, float]) -> str:
+    """Print the tracing tables of ``mode``; return the API-only verdict."""
+    headers = ("variant", "ns/request", "overhead ns", "ratio")
+    base = cheap[PLAIN]
+    off = max(cheap[OFF] - base, 1e-12)
+    api = max(cheap[API_ONLY] - base, 0.0)
+    print(f"\n{mode.capitalize()}, nothing configured")
+    table(
+        [
+            (PLAIN, f"{base * 1e9:,.0f}", "(baseline)", ""),
+            (OFF, f"{cheap[OFF] * 1e9:,.0f}", f"{off * 1e9:+,.0f}", "1.00x of tracing=False"),
+            (
+                API_ONLY,
+                f"{cheap[API_ONLY] * 1e9:,.0f}",
+                f"{api * 1e9:+,.0f}",
+                f"{api / off:.3f}x of tracing=False",
+            ),
+        ],
+        headers,
+    )
+    span_base = sdk[PLAIN]
+    theirs = sdk[THEIR_SPAN] - span_base
+    ours = sdk[OUR_SPAN] - span_base
+    print(f"\n{mode.capitalize()}, SDK span per request (in-memory exporter)")
+    table(
+        [
+            (PLAIN, f"{span_base * 1e9:,.0f}", "(baseline)", ""),
+            (THEIR_SPAN, f"{sdk[THEIR_SPAN] * 1e9:,.0f}", f"{theirs * 1e9:+,.0f}", "(reference)"),
+            (
+                OUR_SPAN,
+                f"{sdk[OUR_SPAN] * 1e9:,.0f}",
+                f"{ours * 1e9:+,.0f}",
+                f"{ours / theirs:.2f}x of instrumentation-httpx",
+            ),
+        ],
+        headers,
+    )
+    ratio = api / off
+    return (
+        f"3 Tracing ({mode}): API only adds at most {API_ONLY_LIMIT}x tracing=False's "
+        f"overhead: {_verdict(ratio <= API_ONLY_LIMIT)} ({ratio:.3f}x); with the SDK, "
+        f"{ours / theirs:.2f}x instrumentation-httpx's overhead (no target)"
+    )
+
+
 def main() -> None:
     started = time.perf_counter()
     cores = os.cpu_count()
@@ -400,13 +552,23 @@ def main() -> None:
         )
         with uvicorn_server() as url:
             measured = server_throughput(url, runner)
-    headers = ("variant", "req/s", "us/request", "vs plain")
-    for mode, rounds in zip(("sync", "async"), measured, strict=True):
-        rows, ratio = throughput_rows(rounds)
-        print(_title(mode))
-        table(rows, headers)
-        verdicts.append(throughput_verdict(mode, ratio))
-        print(verdicts[-1])
+        headers = ("variant", "req/s", "us/request", "vs plain")
+        for mode, rounds in zip(("sync", "async"), measured, strict=True):
+            rows, ratio = throughput_rows(rounds)
+            print(_title(mode))
+            table(rows, headers)
+            verdicts.append(throughput_verdict(mode, ratio))
+            print(verdicts[-1])
+
+        print(
+            f"\n3. Tracing, the transport alone as in 1b. No SDK: {TRACING_ROUNDS} interleaved "
+            f"rounds of {TRACING_CALLS:,} calls, plain's median round + the median paired "
+            f"difference.\n   SDK: best of {SDK_ROUNDS} interleaved rounds of {SDK_CALLS:,} "
+            "calls under a current parent span"
+        )
+        for mode, (cheap, sdk) in zip(("sync", "async"), tracing_overhead(runner), strict=True):
+            verdicts.append(tracing_report(mode, cheap, sdk))
+            print(verdicts[-1])
 
     print("\nVerdicts")
     for line in verdicts:

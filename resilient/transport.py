@@ -758,24 +758,25 @@ class _HttpSpan:
 
         span = self.span
         context.detach(self.token)
+        # Set in one call: the SDK takes a lock per call.
+        attributes: dict[str, str | int] = {}
         if attempts is not None:
-            span.set_attribute("resilient.attempts", attempts)
-        failure: str | None = None
+            attributes["resilient.attempts"] = attempts
         if response is not None:
             status = response.status_code
-            span.set_attribute("http.response.status_code", status)
+            attributes["http.response.status_code"] = status
             version = response.extensions.get("http_version")
             if isinstance(version, bytes) and version.startswith(b"HTTP/"):
-                span.set_attribute("network.protocol.version", version[5:].decode("ascii"))
+                attributes["network.protocol.version"] = version[5:].decode("ascii")
             if status >= 400:
-                failure = str(status)
+                attributes["error.type"] = str(status)
         else:
             assert error is not None
-            failure = _tracing.error_type(error)
+            attributes["error.type"] = _tracing.error_type(error)
             if isinstance(error, Exception):
                 span.record_exception(error)
-        if failure is not None:
-            span.set_attribute("error.type", failure)
+        span.set_attributes(attributes)
+        if "error.type" in attributes:
             span.set_status(trace.Status(trace.StatusCode.ERROR))
         span.end()
 
