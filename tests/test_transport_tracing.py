@@ -39,6 +39,15 @@ BASE = "http://api.test"
 # Retry waits are recorded, not slept.
 pytestmark = pytest.mark.usefixtures("record_waits")
 
+
+@pytest.fixture(autouse=True)
+def contexts_restored(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    """Every span's context is detached where it was attached: OpenTelemetry logs if not."""
+    yield
+    assert not [r for r in caplog.records if r.name.startswith("opentelemetry.context")]
+    assert not trace.get_current_span().get_span_context().is_valid
+
+
 RETRY = Retry(attempts=3, backoff=Backoff(initial=0.25, jitter="none"), budget=None)
 
 
