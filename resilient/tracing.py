@@ -29,7 +29,7 @@ Internal API (used by :mod:`resilient.policy` and :mod:`resilient.transport`)
 * :class:`CallSite` and :class:`Call` — one decorated function, one call's recorder.
 * :func:`breaker_created` and :func:`breaker_state_changed` — the circuit breaker's hooks.
 * :func:`error_type` and :func:`outcome_of` — the values of ``error.type`` and
-  ``resilient.outcome``.
+  ``resilient.outcome``; :func:`circuit_open_event` — a breaker's refusal on a span.
 
 OpenTelemetry is imported on first use (when a Policy's driver is built, or an
 explicit provider is given), not by ``import resilient``.
@@ -67,6 +67,7 @@ __all__ = [
     "Telemetry",
     "breaker_created",
     "breaker_state_changed",
+    "circuit_open_event",
     "error_type",
     "instruments_for",
     "outcome_of",
@@ -494,6 +495,14 @@ def error_type(error: BaseException) -> str:
     return f"{kind.__module__}.{kind.__qualname__}"
 
 
+def circuit_open_event(span: Span, error: CircuitOpenError) -> None:
+    """Record on ``span`` that a breaker refused a call: ``resilient.circuit_open``."""
+    attributes: dict[str, str | float] = {"resilient.breaker": error.name}
+    if error.retry_after != _INF:
+        attributes["resilient.retry_after"] = error.retry_after
+    span.add_event("resilient.circuit_open", attributes)
+
+
 class CallSite:
     """One function wrapped by a Policy: its span name, telemetry and timeout.
 
@@ -560,12 +569,8 @@ class Call:
 
     def rejected(self, error: CircuitOpenError) -> None:
         """The breaker refused an attempt."""
-        span = self.span
-        if span is not None:
-            attributes: dict[str, str | float] = {"resilient.breaker": error.name}
-            if error.retry_after != _INF:
-                attributes["resilient.retry_after"] = error.retry_after
-            span.add_event("resilient.circuit_open", attributes)
+        if self.span is not None:
+            circuit_open_event(self.span, error)
 
     def end(self) -> None:
         """The call returned (``error`` is ``None``) or raised ``error``: record it."""

@@ -260,14 +260,12 @@ def _count_wait(event: RetryEvent) -> None:
     call = _current_call.get()
     call.waited += event.delay
     if call.instruments is not None:
-        failure = event.exception
-        kind = (
-            "result"
-            if failure is None
-            else str(failure.response.status_code)
-            if isinstance(failure, ResponseFailure)
-            else _tracing.error_type(failure)
-        )
+        # Always an exception: the transport refuses a Retry with on_result.
+        failure = cast(Exception, event.exception)
+        if isinstance(failure, ResponseFailure):
+            kind = str(failure.response.status_code)
+        else:
+            kind = _tracing.error_type(failure)
         call.instruments.record_retry(call.origin, kind)
 
 
@@ -669,10 +667,7 @@ class _Core:
 
             span = trace.get_current_span()
             if span.is_recording():
-                attributes: dict[str, str | float] = {"resilient.breaker": error.name}
-                if error.retry_after != _INF:
-                    attributes["resilient.retry_after"] = error.retry_after
-                span.add_event("resilient.circuit_open", attributes)
+                _tracing.circuit_open_event(span, error)
         if call.root is not None:
             call.root.end(response, error, call.attempts)
 
