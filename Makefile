@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: test lint typecheck unit bench clean
+.PHONY: test lint typecheck unit bench bench-check clean
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "resilient needs Python 3.11 or newer; set PYTHON=python3.11")'
@@ -32,12 +32,21 @@ unit: $(VENV)/.dev
 	$(BIN)/coverage run -m pytest
 	$(BIN)/coverage report --fail-under=90
 
+# Each script records its targets in $(BENCH_RESULTS); the run ends with their table.
+# `make bench` fails only when a benchmark breaks; `make bench-check` also when a target is missed.
+BENCH_RESULTS := $(VENV)/bench-results.jsonl
+
 bench: $(VENV)/.bench
+	@rm -f $(BENCH_RESULTS)
 	@for script in benchmarks/*.py; do \
 		case "$$script" in benchmarks/_*) continue;; esac; \
 		echo "== $$script"; \
-		$(BIN)/python "$$script" || exit 1; \
+		RESILIENT_BENCH_RESULTS=$(BENCH_RESULTS) $(BIN)/python "$$script" || exit 1; \
 	done
+	@$(BIN)/python benchmarks/_targets.py $(BENCH_RESULTS)
+
+bench-check: bench
+	@$(BIN)/python benchmarks/_targets.py $(BENCH_RESULTS) --check > /dev/null
 
 clean:
 	rm -rf $(VENV) .coverage .mypy_cache .pytest_cache .ruff_cache
