@@ -7,6 +7,9 @@ call path: a consistent hash ring and a sharded map for per-key state. See the
 README for a tour.
 """
 
+from importlib.metadata import PackageNotFoundError as _PackageNotFoundError
+from importlib.metadata import version as _version
+
 from resilient.breaker import (
     BreakerEvent,
     BreakerMetrics,
@@ -20,6 +23,7 @@ from resilient.deadline import (
     DEADLINE_HEADER,
     check_deadline,
     deadline,
+    deadline_at,
     format_deadline_header,
     parse_deadline_header,
     remaining,
@@ -29,6 +33,7 @@ from resilient.hashring import BoundedLoadRing, EmptyRingError, HashRing
 from resilient.policy import Policy
 from resilient.retry import Backoff, Retry, RetryBudget, RetryEvent, instant_retries
 from resilient.shardmap import ShardedMap
+from resilient.stages import Admission, CallObserver, CallRecord, Gate, Retrier
 from resilient.transport import (
     AsyncResilientTransport,
     ResilientTransport,
@@ -37,8 +42,14 @@ from resilient.transport import (
     TransportDeadlineExceeded,
 )
 
+try:
+    __version__ = _version("resilient")
+except _PackageNotFoundError:  # pragma: no cover - run from a source tree, not installed
+    __version__ = "0+unknown"
+
 __all__ = [
     "DEADLINE_HEADER",
+    "Admission",
     "AsyncResilientTransport",
     "Backoff",
     "BoundedLoadRing",
@@ -48,15 +59,19 @@ __all__ = [
     "BreakerStore",
     "Bulkhead",
     "BulkheadFull",
+    "CallObserver",
+    "CallRecord",
     "CircuitBreaker",
     "CircuitOpenError",
     "DeadlineExceeded",
     "EmptyRingError",
+    "Gate",
     "HashRing",
     "InMemoryBreakerStore",
     "Policy",
     "ResilientError",
     "ResilientTransport",
+    "Retrier",
     "Retry",
     "RetryBudget",
     "RetryEvent",
@@ -66,6 +81,7 @@ __all__ = [
     "TransportDeadlineExceeded",
     "check_deadline",
     "deadline",
+    "deadline_at",
     "format_deadline_header",
     "instant_retries",
     "parse_deadline_header",

@@ -28,25 +28,27 @@ between the states of :class:`BreakerState`::
   :meth:`CircuitBreaker.reset`; rejections carry ``retry_after == math.inf``.
 
 Every state change starts the new state with fresh counters and is reported to
-the ``listeners`` as a :class:`BreakerEvent`; it is also logged to the
-``resilient.breaker`` logger (WARNING when the breaker opens or is isolated,
-INFO otherwise) and recorded by :mod:`resilient.tracing` (an event on the
-current span, a metric). :meth:`CircuitBreaker.metrics` returns a
-:class:`BreakerMetrics` snapshot.
+the breaker's ``listeners`` as a :class:`BreakerEvent`, and to every subscriber
+of all breakers (:func:`subscribe`): the ``resilient.breaker`` logger is one
+(WARNING when a breaker opens or is isolated, INFO otherwise), and
+:mod:`resilient.tracing` another (an event on the current span, a metric).
+:meth:`CircuitBreaker.metrics` returns a :class:`BreakerMetrics` snapshot, and
+:func:`live_breakers` lists the breakers alive in this process.
 
 How calls are driven
 --------------------
-The breaker never runs or awaits the protected call. :class:`resilient.Policy`
-drives it through four methods around each attempt: ``_before_call()`` admits
-the attempt (or raises ``CircuitOpenError``) and returns a ticket, and exactly
-one of ``_on_success(ticket)``, ``_on_failure(ticket, exc)`` or
-``_on_abort(ticket)`` reports how it ended. ``_on_abort`` is for cancellation
-and interrupts, which say nothing about the dependency. No lock is held while
-the call runs. A closed breaker with the default configuration takes no lock,
-reads no clock and allocates nothing on a successful call: locks and the clock
-are for failures, timing and state changes. Calling the breaker directly
-(``@breaker``, :meth:`CircuitBreaker.call`, :meth:`CircuitBreaker.acall`) is a
-``Policy`` with this one stage.
+The breaker never runs or awaits the protected call: it is a
+:class:`~resilient.stages.Gate`, and :class:`resilient.Policy` drives it through
+four methods around each attempt: ``before_call()`` admits the attempt (or
+raises ``CircuitOpenError``) and returns a ticket, and exactly one of
+``on_success(ticket)``, ``on_failure(ticket, exc)`` or ``on_abort(ticket)``
+reports how it ended. ``on_abort`` is for cancellation and interrupts, which say
+nothing about the dependency. No lock is held while the call runs. A closed
+breaker with the default configuration takes no lock, reads no clock and
+allocates nothing on a successful call: locks and the clock are for failures,
+timing and state changes. Calling the breaker directly
+(``@breaker``, :meth:`CircuitBreaker.call`, :meth:`CircuitBreaker.acall`) is the
+same driver with this one stage.
 
 Where the state lives
 ---------------------
@@ -67,11 +69,12 @@ import math
 import pickle
 import threading
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Final, NamedTuple, ParamSpec, Protocol, TypeAlias, TypeVar, cast
 
-from resilient import tracing
+from resilient import _driver
 from resilient._config import Duration, check_int, check_number, to_seconds
 from resilient.errors import CircuitOpenError
 
@@ -86,6 +89,9 @@ __all__ = [
     "StoreFactory",
     "StoreSnapshot",
     "WindowSpec",
+    "live_breakers",
+    "subscribe",
+    "unsubscribe",
 ]
 
 P = ParamSpec("P")
@@ -451,7 +457,7 @@ StoreFactory: TypeAlias = Callable[[WindowSpec], BreakerStore]
 
 
 class _Ticket:
-    """What ``_before_call`` hands the after-methods when ``None`` is not enough."""
+    """What ``before_call`` hands the report methods when ``None`` is not enough."""
 
     __slots__ = ("probe_epoch", "started_at")
 
@@ -516,6 +522,7 @@ class CircuitBreaker:
         "__weakref__",
         "_clock",
         "_config",
+        "_drivers",
         "_failure_rate",
         "_failure_threshold",
         "_half_open_max_calls",
@@ -524,7 +531,6 @@ class CircuitBreaker:
         "_minimum_calls",
         "_name",
         "_plain",
-        "_policy",
         "_reset_timeout",
         "_slow_call_duration",
         "_store",
@@ -610,7 +616,7 @@ class CircuitBreaker:
         self._plain = slow_seconds is None and failure_rate is None
         self._total_failures = 0
         self._total_rejections = 0
-        self._policy: Any = None
+        self._drivers: dict[tuple[Any, bool], Callable[..., Any]] = {}
         self._config: dict[str, Any] = {
             "name": name,
             "failure_threshold": failure_threshold,
@@ -627,7 +633,8 @@ class CircuitBreaker:
             "store": store,
             "clock": clock,
         }
-        tracing.breaker_created(self)
+        with _live_lock:
+            _live.add(self)
 
     # Reading ----------------------------------------------------------------------------
 
@@ -635,6 +642,27 @@ class CircuitBreaker:
     def name(self) -> str:
         """The name shown in errors, events and ``repr``."""
         return self._name
+
+    @property
+    def store(self) -> BreakerStore:
+        """The store holding this breaker's state (see :class:`BreakerStore`)."""
+        return self._store
+
+    @property
+    def stored_state(self) -> BreakerState:
+        """The state as stored, read without side effects (``state`` may turn OPEN half-open)."""
+        return self._store.state
+
+    @property
+    def counts_successes(self) -> bool:
+        """Whether a success of a closed breaker with no failure counted is recorded at all.
+
+        ``False`` (no failure-rate window, no slow-call timing) means such a success
+        changes nothing, so a caller that sees the breaker closed with no failure
+        counted may skip :meth:`before_call` and :meth:`on_success` for a call that
+        then succeeds (the httpx transport's fast path does).
+        """
+        return not self._plain
 
     @property
     def state(self) -> BreakerState:
@@ -707,36 +735,38 @@ class CircuitBreaker:
                     self._emit(snapshot.state, new_state, reason, now)
                 return
 
-    # Sugar: the Policy driver with this one stage -------------------------------------
-
-    def _as_policy(self) -> Any:
-        policy = self._policy
-        if policy is None:
-            # Imported here because resilient.policy imports this module.
-            from resilient.policy import Policy
-
-            policy = self._policy = Policy(breaker=self)
-        return policy
+    # Sugar: the driver with this one stage ----------------------------------------------
 
     def __call__(self, fn: Callable[P, R]) -> Callable[P, R]:
         """Decorate sync or async ``fn`` so that every call goes through this breaker."""
-        return cast("Callable[P, R]", self._as_policy()(fn))
+        return cast("Callable[P, R]", _driver.decorate(fn, "CircuitBreaker", gate=self))
 
     def call(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
         """Call sync ``fn(*args, **kwargs)`` through this breaker."""
-        return cast(R, self._as_policy().call(fn, *args, **kwargs))
+        return cast(R, self._driver(fn, asynchronous=False)(*args, **kwargs))
 
     async def acall(self, fn: Callable[P, Awaitable[R]], /, *args: P.args, **kwargs: P.kwargs) -> R:
         """Await async ``fn(*args, **kwargs)`` through this breaker."""
-        return cast(R, await self._as_policy().acall(fn, *args, **kwargs))
+        return cast(R, await self._driver(fn, asynchronous=True)(*args, **kwargs))
 
-    # The core protocol, driven by resilient.policy --------------------------------------
+    def _driver(self, fn: Callable[..., Any], *, asynchronous: bool) -> Callable[..., Any]:
+        drivers = self._drivers
+        driver = drivers.get((fn, asynchronous))
+        if driver is None:
+            _driver.refuse_generators(fn, "CircuitBreaker")
+            driver = _driver.build(fn, asynchronous=asynchronous, gate=self)
+            if len(drivers) >= 64:
+                drivers.clear()  # bounded, for callers passing a new lambda each time
+            drivers[fn, asynchronous] = driver
+        return driver
 
-    def _before_call(self) -> object:
-        """Admit one call or raise ``CircuitOpenError``; return the ticket for the after-methods.
+    # The Gate protocol (resilient.stages) -------------------------------------------------
+
+    def before_call(self) -> object:
+        """Admit one call or raise ``CircuitOpenError``; return the ticket for the report.
 
         The ticket is ``None`` for a closed-state call with nothing to time or
-        record on success, else a ``_Ticket``.
+        record on success, else an object only this breaker reads.
         """
         if self._store.state is _CLOSED:
             if self._plain:
@@ -745,7 +775,7 @@ class CircuitBreaker:
                 return _UNTIMED  # a failure-rate window: the outcome is recorded, not timed
         return self._admit()
 
-    def _on_success(self, ticket: object) -> None:
+    def on_success(self, ticket: object) -> None:
         """The admitted call returned."""
         if ticket is None:
             # Most calls end here: nothing to write unless failures are being counted.
@@ -754,15 +784,15 @@ class CircuitBreaker:
             return
         self._finish(ticket, False)
 
-    def _on_failure(self, ticket: object, exc: BaseException) -> None:
-        """The admitted call raised ``exc``, an ``Exception``; excluded ones count as success."""
+    def on_failure(self, ticket: object, error: Exception) -> None:
+        """The admitted call raised ``error``; excluded ones count as success."""
         is_excluded = self._is_excluded
-        if is_excluded is not None and self._excluded(is_excluded, exc):
-            self._on_success(ticket)
+        if is_excluded is not None and self._excluded(is_excluded, error):
+            self.on_success(ticket)
             return
         self._finish(ticket, True)
 
-    def _on_abort(self, ticket: object) -> None:
+    def on_abort(self, ticket: object) -> None:
         """The call was cancelled or interrupted: not an outcome at all; frees a probe slot."""
         if isinstance(ticket, _Ticket) and ticket.probe_epoch is not None:
             self._store.release_probe(ticket.probe_epoch, False)
@@ -881,20 +911,8 @@ class CircuitBreaker:
             self._emit(_HALF_OPEN, _CLOSED, "probes succeeded", now)
 
     def _emit(self, old: BreakerState, new: BreakerState, reason: str, now: float) -> None:
-        # Opening means calls are being refused: worth a warning; the rest is news.
-        _logger.log(
-            logging.WARNING if new is _OPEN or new is _ISOLATED else logging.INFO,
-            "circuit breaker %r: %s -> %s (%s)",
-            self._name,
-            old.value,
-            new.value,
-            reason,
-        )
-        tracing.breaker_state_changed(self._name, old, new, reason)
-        if not self._listeners:
-            return
         event = BreakerEvent(self._name, old, new, reason, now)
-        for listener in self._listeners:
+        for listener in (*_subscribers, *self._listeners):
             try:
                 listener(event)
             except Exception:
@@ -905,6 +923,61 @@ class CircuitBreaker:
                     self._name,
                     event,
                 )
+
+
+# Every breaker's events, and every live breaker ------------------------------------------
+
+_subscribers: tuple[Callable[[BreakerEvent], object], ...] = ()
+_subscribers_lock = threading.Lock()
+_live: weakref.WeakSet[CircuitBreaker] = weakref.WeakSet()
+_live_lock = threading.Lock()
+
+
+def subscribe(listener: Callable[[BreakerEvent], object]) -> None:
+    """Give ``listener`` every state change of every breaker, present and future.
+
+    Subscribers run before a breaker's own ``listeners``, outside any lock, in the
+    thread that caused the change; one that raises is logged and ignored.
+    Subscribing the same listener twice is a no-op.
+    """
+    global _subscribers
+    if not callable(listener):
+        raise TypeError(f"listener must be callable, got {listener!r}")
+    with _subscribers_lock:
+        if listener not in _subscribers:
+            _subscribers = (*_subscribers, listener)
+
+
+def unsubscribe(listener: Callable[[BreakerEvent], object]) -> None:
+    """Stop giving ``listener`` breaker events; ``ValueError`` if it was not subscribed."""
+    global _subscribers
+    with _subscribers_lock:
+        if listener not in _subscribers:
+            raise ValueError(f"{listener!r} is not subscribed to breaker events")
+        _subscribers = tuple(item for item in _subscribers if item != listener)
+
+
+def live_breakers() -> list[CircuitBreaker]:
+    """The circuit breakers alive in this process (held weakly: listing keeps none alive)."""
+    with _live_lock:
+        return list(_live)
+
+
+def _log(event: BreakerEvent) -> None:
+    # Opening means calls are being refused: worth a warning; the rest is news.
+    _logger.log(
+        logging.WARNING
+        if event.new_state is _OPEN or event.new_state is _ISOLATED
+        else logging.INFO,
+        "circuit breaker %r: %s -> %s (%s)",
+        event.name,
+        event.old_state.value,
+        event.new_state.value,
+        event.reason,
+    )
+
+
+subscribe(_log)
 
 
 def _check_window(

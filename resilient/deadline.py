@@ -14,9 +14,14 @@ Tasks created inside the scope copy the context, so they inherit the deadline.
 Sync code cannot be interrupted: there the deadline is cooperative, read with
 :func:`remaining` or enforced with :func:`check_deadline`.
 
-Public names: :func:`deadline`, :func:`remaining`, :func:`check_deadline`,
-:class:`DeadlineExceeded`, :data:`DEADLINE_HEADER`, :func:`format_deadline_header`,
-:func:`parse_deadline_header`.
+This module is the only one that touches the ContextVar. Drivers (the Policy's,
+the transport's, yours) read and narrow the deadline through :func:`current`,
+:func:`narrow` and :func:`restore`.
+
+Public names: :func:`deadline` (relative, "within seconds"), :func:`deadline_at`
+(absolute, "no later than"), :func:`remaining`, :func:`check_deadline`,
+:func:`current`, :func:`narrow`, :func:`restore`, :class:`DeadlineExceeded`,
+:data:`DEADLINE_HEADER`, :func:`format_deadline_header`, :func:`parse_deadline_header`.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections.abc import Callable
 from contextvars import ContextVar, Token
 from types import TracebackType
 
@@ -37,9 +43,12 @@ __all__ = [
     "check_deadline",
     "current",
     "deadline",
+    "deadline_at",
     "format_deadline_header",
+    "narrow",
     "parse_deadline_header",
     "remaining",
+    "restore",
 ]
 
 _INF = math.inf
@@ -48,9 +57,30 @@ _INF = math.inf
 _deadline: ContextVar[float] = ContextVar("resilient_deadline", default=_INF)
 
 
-def current() -> float:
-    """Return the deadline in force as an absolute ``time.monotonic()`` value (``inf``: none)."""
-    return _deadline.get()
+_get = _deadline.get
+_set = _deadline.set
+
+
+#: ``current()``: the deadline in force, an absolute ``time.monotonic()`` value
+#: (``math.inf``: none). The ContextVar's own getter, so a driver reading it on every
+#: call pays for no Python frame.
+current: Callable[[], float] = _get
+
+
+def narrow(when: float) -> Token[float]:
+    """Put the deadline ``when`` (absolute, ``time.monotonic()``) in force, unless one is earlier.
+
+    Returns the token to hand to :func:`restore` when the narrowed stretch ends, in
+    the same context (thread or task). For drivers that bound one attempt; code
+    that opens a scope uses :func:`deadline` or :func:`deadline_at`.
+    """
+    outer = _get()
+    return _set(when if when < outer else outer)
+
+
+def restore(token: Token[float]) -> None:
+    """End a stretch begun with :func:`narrow`: the deadline before it is in force again."""
+    _deadline.reset(token)
 
 
 def remaining() -> float:
@@ -90,6 +120,7 @@ class Scope:
     """
 
     __slots__ = (
+        "_at",
         "_cancelling",
         "_expired",
         "_handle",
@@ -99,8 +130,9 @@ class Scope:
         "deadline",
     )
 
-    def __init__(self, seconds: float) -> None:
+    def __init__(self, seconds: float, at: float | None = None) -> None:
         self._seconds = seconds
+        self._at = at
         self._token: Token[float] | None = None
         self._handle: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[object] | None = None
@@ -115,7 +147,7 @@ class Scope:
         if self._token is not None:
             raise RuntimeError("a deadline scope cannot be entered twice; create a new one")
         outer = _deadline.get()
-        when = time.monotonic() + self._seconds
+        when = time.monotonic() + self._seconds if self._at is None else self._at
         self.deadline = when if when < outer else outer
         self._token = _deadline.set(self.deadline)
 
@@ -171,9 +203,9 @@ class Scope:
             # Only our own cancellation becomes DeadlineExceeded; one from outside
             # (counted in cancelling()) keeps propagating as CancelledError.
             if self._task.uncancel() <= self._cancelling and exc_type is asyncio.CancelledError:
+                what = f"of {self._seconds:g} s" if self._at is None else "set with deadline_at()"
                 raise DeadlineExceeded(
-                    f"the deadline of {self._seconds:g} s passed and the work inside "
-                    "the scope was cancelled"
+                    f"the deadline {what} passed and the work inside the scope was cancelled"
                 ) from exc
 
 
@@ -192,6 +224,27 @@ def deadline(seconds: Duration) -> Scope:
             await slow()                # cancelled at 0.5 s: DeadlineExceeded
     """
     return Scope(to_seconds("seconds", seconds, allow_inf=True))
+
+
+def deadline_at(when: float) -> Scope:
+    """Open a scope that must finish no later than ``when``, a ``time.monotonic()`` instant.
+
+    The absolute twin of :func:`deadline` (Go's ``WithDeadline``, trio's
+    ``move_on_at``): a scope already past its instant expires at once. Like any
+    scope it never extends an enclosing deadline; ``math.inf`` adds none::
+
+        end = time.monotonic() + 5.0
+        with resilient.deadline_at(end):
+            ...
+    """
+    if not isinstance(when, int | float) or isinstance(when, bool):
+        raise TypeError(
+            f"when must be a time.monotonic() instant as a number, got {type(when).__name__}: "
+            f"{when!r}"
+        )
+    if math.isnan(when):
+        raise ValueError("when must be a time.monotonic() instant, got NaN")
+    return Scope(math.inf, at=float(when))
 
 
 # Deadline propagation over the wire -------------------------------------------------

@@ -21,19 +21,18 @@ the AWS Architecture Blog's "Exponential Backoff And Jitter") or from a tenacity
 too, so existing tenacity configuration carries over.
 
 :class:`Retry` holds configuration and the decision core only: it never calls
-the function and never sleeps. :class:`resilient.Policy` drives it, and
-``@Retry(...)`` is a ``Policy`` with a single stage. :func:`instant_retries`
-makes every wait zero, so test suites that exercise retries stay fast.
+the function and never sleeps. It is a :class:`~resilient.stages.Retrier`: a
+:class:`resilient.Policy` drives it, and ``@Retry(...)`` is that driver with this
+one stage. :func:`instant_retries` makes every wait zero, so test suites that
+exercise retries stay fast (also in :mod:`resilient.testing`).
 
 Public names: :class:`Retry`, :class:`Backoff`, :class:`RetryBudget`,
-:class:`RetryEvent`, :class:`RetryHook`, :func:`instant_retries`,
-:func:`refuse_generators`.
+:class:`RetryEvent`, :class:`RetryHook`, :class:`RetryState`, :func:`instant_retries`.
 """
 
 from __future__ import annotations
 
 import enum
-import inspect
 import math
 import random as _random
 import sys
@@ -44,6 +43,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, ParamSpec, Protocol, TypeAlias, TypeVar, cast
 
+from resilient import _driver
 from resilient._config import Duration, check_int, check_number, to_seconds
 
 if TYPE_CHECKING:
@@ -64,7 +64,6 @@ __all__ = [
     "RetryState",
     "StopReason",
     "instant_retries",
-    "refuse_generators",
 ]
 
 P = ParamSpec("P")
@@ -92,8 +91,8 @@ StopReason: TypeAlias = Literal[
 ]
 """Why retrying stopped, as recorded on :class:`RetryState`.
 
-:meth:`Retry._next_delay` records all but ``"circuit open"``, which the driver
-records when a circuit breaker rejects the next attempt.
+:meth:`Retry.next_delay` records all but ``"circuit open"`` and ``"deadline"``, which
+the driver gives :meth:`Retry.give_up` when it stops for one of its own reasons.
 """
 
 _JITTERS: tuple[Jitter, ...] = ("full", "equal", "decorrelated", "none")
@@ -106,51 +105,44 @@ _BUDGET_SLICES = 10
 # How many instant_retries() blocks are open, in any thread. A plain int read on the
 # failure path; the lock only guards the (rare) updates.
 _instant_depth = 0
+# The attempt caps of the open blocks that set one; the smallest applies.
+_instant_caps: list[int] = []
+_instant_cap: int | None = None
 _instant_lock = threading.Lock()
 
 
 @contextmanager
-def instant_retries() -> Iterator[None]:
+def instant_retries(*, cap: int | None = None) -> Iterator[None]:
     """Make every retry wait zero seconds while the block runs, process-wide.
 
     Attempts, the stop strategy, the deadline and the retry budget still apply:
     only the waiting goes, so a test suite exercises the real retry decisions
-    without sleeping. It affects every thread and task, which is what a test
-    wants; blocks may nest. As a pytest fixture::
+    without sleeping. ``cap`` also limits every call to that many attempts (at
+    least 1), so a test of a ``Retry(attempts=10)`` path makes, say, two. It
+    affects every thread and task, which is what a test wants; blocks may nest,
+    and the smallest cap in force applies. As a pytest fixture::
 
         @pytest.fixture(autouse=True)
         def _fast_retries():
-            with resilient.instant_retries():
+            with resilient.instant_retries(cap=2):
                 yield
     """
-    global _instant_depth
+    global _instant_depth, _instant_cap
+    if cap is not None:
+        check_int("cap", cap, minimum=1)
     with _instant_lock:
         _instant_depth += 1
+        if cap is not None:
+            _instant_caps.append(cap)
+            _instant_cap = min(_instant_caps)
     try:
         yield
     finally:
         with _instant_lock:
             _instant_depth -= 1
-
-
-def refuse_generators(fn: Callable[..., object], what: str) -> None:
-    """Raise :class:`TypeError` if ``fn`` is a generator or async generator function.
-
-    Retrying a generator would run it again from the start and replay the items
-    the caller had already received. ``what`` names the wrapper in the message.
-    """
-    if inspect.isasyncgenfunction(fn):
-        kind = "an async generator function"
-    elif inspect.isgeneratorfunction(fn):
-        kind = "a generator function"
-    else:
-        return
-    name = getattr(fn, "__qualname__", repr(fn))
-    raise TypeError(
-        f"{what} cannot wrap {name}: it is {kind}, and retrying it would replay the items "
-        "it had already yielded. Wrap the code that produces each item instead, or a "
-        "regular function that returns them all."
-    )
+            if cap is not None:
+                _instant_caps.remove(cap)
+                _instant_cap = min(_instant_caps) if _instant_caps else None
 
 
 # Backoff ----------------------------------------------------------------------------
@@ -334,6 +326,15 @@ class RetryBudget:
         self._slice_end = -math.inf
         self._lock = threading.Lock()
 
+    def spawn(self) -> RetryBudget:
+        """A new, empty budget of the same shape and clock (one per origin, say)."""
+        return RetryBudget(
+            ratio=self._ratio,
+            min_retries_per_second=self._min_retries_per_second,
+            window=self._window,
+            clock=self._clock,
+        )
+
     @property
     def ratio(self) -> float:
         """The share of calls in the window that may be retried."""
@@ -417,8 +418,8 @@ class RetryBudget:
         self._slice_end = (index + 1) * width
 
 
-def _admit_nothing(now: float) -> None:
-    """``Retry._admit`` when there is no budget to deposit into."""
+def _count_nothing(now: float) -> None:
+    """``Retry.count_call`` when there is no budget to deposit into."""
 
 
 # Events and per-call state ------------------------------------------------------------
@@ -437,7 +438,7 @@ class RetryEvent:
     result: object
     """The value the attempt returned when ``on_result`` asked for a retry; else ``None``."""
     elapsed: float
-    """Seconds since the call's retry state began (see :meth:`Retry._new_state`)."""
+    """Seconds since the call began (the ``started`` given to :meth:`Retry.begin`)."""
 
 
 class RetryHook(Protocol):
@@ -452,18 +453,18 @@ class RetryHook(Protocol):
 
 
 class RetryState:
-    """One call's progress through its retries; the driver creates it on the first failure.
+    """One call's progress through its retries, from :meth:`Retry.begin` at its first failure.
 
-    Not user API: the driver threads it through :meth:`Retry._next_delay` and
-    :meth:`Retry._give_up`. It belongs to one call, so calls running at the same
-    time in different threads or tasks never share attempt numbers.
+    A driver threads it through :meth:`Retry.next_delay` and :meth:`Retry.give_up`.
+    It belongs to one call, so calls running at the same time in different threads
+    or tasks never share attempt numbers.
     """
 
     __slots__ = ("_tenacity", "attempt", "last_delay", "started", "stop_reason", "waited")
 
     def __init__(self, started: float) -> None:
         self.started = started
-        #: Attempts made so far (each _next_delay call records one).
+        #: Attempts made so far (each next_delay call records one).
         self.attempt = 0
         #: Seconds of waiting granted so far.
         self.waited = 0.0
@@ -567,7 +568,7 @@ class Retry:
     and ``kwargs`` are empty; its times come from ``clock``.
 
     ``Retry`` never sleeps or calls the function itself: :class:`resilient.Policy`
-    drives it, and this object is a ``Policy`` stage.
+    drives it, and this object is a ``Policy`` stage (a :class:`~resilient.stages.Retrier`).
     """
 
     attempts: int | None
@@ -581,17 +582,20 @@ class Retry:
     on_retry: RetryHook | Sequence[RetryHook] | None
     clock: Callable[[], float]
     random: Callable[[], float]
-    # Called by the driver once per call; the budget's deposit, bound here so the
-    # success path pays for one call and nothing else.
-    _admit: Callable[[float], None] = field(init=False)
+    count_call: Callable[[float], None] = field(init=False)
+    """Count one call made at ``now`` in the budget; the driver calls it once per call.
+
+    The budget's own ``deposit``, bound at construction, so a healthy call pays
+    for one call and nothing else.
+    """
     _on_types: tuple[type[BaseException], ...] | None = field(init=False)
     _on_is_tenacity: bool = field(init=False)
     _on_result_is_tenacity: bool = field(init=False)
     _hooks: tuple[RetryHook, ...] = field(init=False)
     # Set when any strategy is tenacity's: the retry_object their call state carries.
     _tenacity_retrying: BaseRetrying | None = field(init=False)
-    # The one-stage Policy behind call() and acall(), built on first use.
-    _policy: Any = field(init=False)
+    # The drivers behind call() and acall(), per function, built on first use.
+    _drivers: dict[tuple[Any, bool], Callable[..., Any]] = field(init=False)
 
     def __init__(
         self,
@@ -721,13 +725,13 @@ class Retry:
         setattr_(self, "on_retry", on_retry)
         setattr_(self, "clock", clock)
         setattr_(self, "random", random)
-        setattr_(self, "_admit", _admit_nothing if budget is None else budget.deposit)
+        setattr_(self, "count_call", _count_nothing if budget is None else budget.deposit)
         setattr_(self, "_on_types", on_types)
         setattr_(self, "_on_is_tenacity", on_is_tenacity)
         setattr_(self, "_on_result_is_tenacity", on_result_is_tenacity)
         setattr_(self, "_hooks", hooks)
         setattr_(self, "_tenacity_retrying", retrying)
-        setattr_(self, "_policy", None)
+        setattr_(self, "_drivers", {})
 
     def __repr__(self) -> str:
         parts = [f"attempts={self.attempts!r}", f"on={_describe(self.on)}"]
@@ -746,59 +750,64 @@ class Retry:
             parts.append(f"on_retry={', '.join(_describe(hook) for hook in self._hooks)}")
         return f"Retry({', '.join(parts)})"
 
-    # Using it alone: a single-stage Policy --------------------------------------------
+    # Using it alone: the driver with this one stage ------------------------------------
 
     def __call__(self, fn: Callable[P, R]) -> Callable[P, R]:
         """Decorate ``fn`` (sync or async) to retry it; generators are refused."""
-        refuse_generators(fn, "Retry")
-        from resilient.policy import Policy
-
-        return cast("Callable[P, R]", Policy(retry=self)(fn))
+        return cast("Callable[P, R]", _driver.decorate(fn, "Retry", retrier=self))
 
     def call(self, fn: Callable[..., R], /, *args: Any, **kwargs: Any) -> R:
         """Call sync ``fn(*args, **kwargs)`` with retries, without decorating it."""
-        return cast(R, self._as_policy().call(fn, *args, **kwargs))
+        return cast(R, self._driver(fn, asynchronous=False)(*args, **kwargs))
 
     async def acall(self, fn: Callable[..., Awaitable[R]], /, *args: Any, **kwargs: Any) -> R:
         """Await async ``fn(*args, **kwargs)`` with retries, without decorating it."""
-        return cast(R, await self._as_policy().acall(fn, *args, **kwargs))
+        return cast(R, await self._driver(fn, asynchronous=True)(*args, **kwargs))
 
-    def _as_policy(self) -> Any:
-        policy = self._policy
-        if policy is None:
-            # Imported here because resilient.policy imports this module.
-            from resilient.policy import Policy
+    def _driver(self, fn: Callable[..., Any], *, asynchronous: bool) -> Callable[..., Any]:
+        drivers = self._drivers
+        driver = drivers.get((fn, asynchronous))
+        if driver is None:
+            _driver.refuse_generators(fn, "Retry")
+            driver = _driver.build(fn, asynchronous=asynchronous, retrier=self)
+            if len(drivers) >= 64:
+                drivers.clear()  # bounded, for callers passing a new lambda each time
+            drivers[fn, asynchronous] = driver
+        return driver
 
-            policy = Policy(retry=self)
-            object.__setattr__(self, "_policy", policy)
-        return policy
+    # The Retrier protocol (resilient.stages) ----------------------------------------------
 
-    # The decision core, for the driver --------------------------------------------------
+    @property
+    def judges_results(self) -> bool:
+        """Whether returned values are judged too (``on_result`` is set)."""
+        return self.on_result is not None
 
-    def _new_state(self, started: float) -> RetryState:
-        """Per-call state, made by the driver on a call's first failure.
+    def begin(self, started: float) -> RetryState:
+        """The state of one call that began at ``started``, made at its first failure.
 
         ``started`` (on ``clock``) is when the call began; elapsed times and
         tenacity's ``stop_after_delay`` count from it.
         """
         return RetryState(started)
 
-    def _next_delay(
+    def next_delay(
         self,
-        state: RetryState,
+        state: object,
         *,
         now: float,
         deadline: float = math.inf,
-        exc: BaseException | None = None,
+        error: Exception | None = None,
         result: object = None,
     ) -> float | None:
         """Record one failed attempt; return the seconds to wait before the next, or ``None``.
 
-        Pass ``exc`` when the attempt raised, else ``result``. ``now`` and
+        Pass ``error`` when the attempt raised, else ``result``. ``now`` and
         ``deadline`` (absolute, ``math.inf`` for none) are on ``clock``. ``None``
         means stop: ``state.stop_reason`` says why. Before returning a wait it
         calls the ``on_retry`` hooks.
         """
+        assert isinstance(state, RetryState)
+        exc: BaseException | None = error
         state.attempt = attempt = state.attempt + 1
         retrying = self._tenacity_retrying
         view = None if retrying is None else self._tenacity_view(retrying, state, now, exc, result)
@@ -824,6 +833,9 @@ class Retry:
             return None
 
         attempts = self.attempts
+        cap = _instant_cap
+        if cap is not None and (attempts is None or cap < attempts):
+            attempts = cap
         if attempts is not None and attempt >= attempts:
             state.stop_reason = "attempts exhausted"
             return None
@@ -884,6 +896,15 @@ class Retry:
                 hook(event)
         return delay
 
+    def accepts(self, error: Exception) -> bool:
+        """Whether ``on`` takes ``error`` as worth retrying (attempts and budget aside)."""
+        if self._on_is_tenacity:
+            retrying = cast("BaseRetrying", self._tenacity_retrying)
+            now = self.clock()
+            view = self._tenacity_view(retrying, RetryState(now), now, error, None)
+            return bool(cast("retry_base", self.on)(view))
+        return self._accepts(error)
+
     def _accepts(self, exc: Exception) -> bool:
         """Whether ``on`` (exception types or a predicate, not tenacity's) takes ``exc``."""
         on_types = self._on_types
@@ -891,12 +912,17 @@ class Retry:
             return isinstance(exc, on_types)
         return bool(cast("Callable[[Exception], bool]", self.on)(exc))
 
-    def _give_up(self, state: RetryState, exc: BaseException) -> None:
-        """Note on ``exc`` why retrying stopped, unless it simply was not retryable at once.
+    def give_up(self, state: object, error: BaseException, reason: str | None = None) -> None:
+        """Note on ``error`` why retrying stopped, unless it simply was not retryable at once.
 
-        A state whose last decision was to retry means the driver stopped for the
-        deadline (it passed during the wait).
+        ``reason`` is the driver's, when it stopped for one of its own: ``"deadline"``
+        (it passed during the wait) or ``"circuit open"`` (the breaker refused the
+        next attempt).
         """
+        assert isinstance(state, RetryState)
+        exc = error
+        if reason is not None:
+            state.stop_reason = cast(StopReason, reason)
         reason = state.stop_reason or "deadline"
         attempts = state.attempt
         if reason == "not retryable" and attempts <= 1:

@@ -27,7 +27,7 @@ Internal API (used by :mod:`resilient.policy` and :mod:`resilient.transport`)
 * :class:`Instruments` — the metric instruments of one meter provider, with
   ``record_call``, ``record_retry`` and ``record_transition``; :func:`instruments_for`.
 * :class:`CallSite` and :class:`Call` — one decorated function, one call's recorder.
-* :func:`breaker_created` and :func:`breaker_state_changed` — the circuit breaker's hooks.
+* :func:`breaker_state_changed` — subscribed to every circuit breaker's state changes.
 * :func:`error_type` and :func:`outcome_of` — the values of ``error.type`` and
   ``resilient.outcome``; :func:`circuit_open_event` — a breaker's refusal on a span.
 
@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import sys
 import threading
 import time
@@ -47,7 +46,9 @@ import weakref
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Final
 
-from resilient.deadline import _deadline
+from resilient._compat.otel import provider_globals, proxy_meter_provider
+from resilient.breaker import BreakerEvent, BreakerState, live_breakers, subscribe
+from resilient.deadline import current as _current_deadline
 from resilient.errors import BulkheadFull, CircuitOpenError, DeadlineExceeded
 
 if TYPE_CHECKING:
@@ -57,7 +58,6 @@ if TYPE_CHECKING:
     from opentelemetry.metrics import CallbackOptions, MeterProvider, Observation
     from opentelemetry.trace import Span, Tracer, TracerProvider
 
-    from resilient.breaker import BreakerState, CircuitBreaker
 
 __all__ = [
     "OUTCOMES",
@@ -65,7 +65,6 @@ __all__ = [
     "CallSite",
     "Instruments",
     "Telemetry",
-    "breaker_created",
     "breaker_state_changed",
     "circuit_open_event",
     "error_type",
@@ -95,66 +94,9 @@ _monotonic = time.monotonic
 _INF = math.inf
 
 
-# The global providers ----------------------------------------------------------------
-
-_traces: Any = None
-_meters: Any = None
 # The API modules Call needs, bound on first use (a Call with a span implies they are).
 _otel_context: Any = None
 _otel_trace: Any = None
-
-
-class _PublicTraces:
-    """Stands in for ``opentelemetry.trace`` if its ``_TRACER_PROVIDER`` is ever renamed."""
-
-    @property
-    def _TRACER_PROVIDER(self) -> object:
-        from opentelemetry import trace
-
-        provider = trace.get_tracer_provider()
-        return None if isinstance(provider, trace.ProxyTracerProvider) else provider
-
-
-class _PublicMeters:
-    """Stands in for ``opentelemetry.metrics._internal`` if its ``_METER_PROVIDER`` goes."""
-
-    @property
-    def _METER_PROVIDER(self) -> object:
-        from opentelemetry import metrics
-        from opentelemetry.metrics import _internal
-
-        provider = metrics.get_meter_provider()
-        proxy = getattr(_internal, "_ProxyMeterProvider", None)
-        return None if proxy is not None and isinstance(provider, proxy) else provider
-
-
-def provider_globals() -> tuple[Any, Any]:
-    """``(traces, meters)``: the objects whose provider variables a driver reads per call.
-
-    ``traces._TRACER_PROVIDER`` and ``meters._METER_PROVIDER`` are the API's own
-    globals, ``None`` until a provider is set: two attribute reads tell a driver
-    that nothing is configured. If a future API renames them, stand-ins read the
-    public getters instead (slower, still correct). Imports the API on first use.
-    """
-    global _traces, _meters
-    if _traces is None:
-        from opentelemetry import trace
-        from opentelemetry.metrics import _internal as metrics_internal
-
-        traces: Any = trace if hasattr(trace, "_TRACER_PROVIDER") else _PublicTraces()
-        meters: Any = (
-            metrics_internal if hasattr(metrics_internal, "_METER_PROVIDER") else _PublicMeters()
-        )
-        # A provider named by environment variable is only loaded by the first
-        # get_*_provider() call; make it so now, so the variables show it.
-        if "OTEL_PYTHON_TRACER_PROVIDER" in os.environ:
-            trace.get_tracer_provider()
-        if "OTEL_PYTHON_METER_PROVIDER" in os.environ:
-            from opentelemetry import metrics
-
-            metrics.get_meter_provider()
-        _traces, _meters = traces, meters
-    return _traces, _meters
 
 
 def _tracer_for(provider: object) -> Tracer | None:
@@ -243,7 +185,7 @@ class Telemetry:
         """The tracer to record spans with, or ``None`` when tracing is off."""
         provider: object = self.tracer_provider
         if provider is None:
-            provider = (_traces or provider_globals()[0])._TRACER_PROVIDER
+            provider = provider_globals()[0]._TRACER_PROVIDER
             if provider is None:
                 return None
         seen, tracer = self._tracing
@@ -256,7 +198,7 @@ class Telemetry:
         """The metric instruments to record with, or ``None`` when metrics are off."""
         provider: object = self.meter_provider
         if provider is None:
-            provider = (_meters or provider_globals()[1])._METER_PROVIDER
+            provider = provider_globals()[1]._METER_PROVIDER
             if provider is None:
                 return None
         seen, instruments = self._metrics
@@ -273,10 +215,6 @@ class Telemetry:
 _instruments: weakref.WeakKeyDictionary[Any, Instruments | None] = weakref.WeakKeyDictionary()
 _pinned: dict[int, tuple[object, Instruments | None]] = {}  # providers without weakrefs
 _instruments_lock = threading.Lock()
-
-# Every live CircuitBreaker, for the state gauge; weak, so breakers are not kept alive.
-_breakers: weakref.WeakSet[CircuitBreaker] = weakref.WeakSet()
-_breakers_lock = threading.Lock()
 
 
 class Instruments:
@@ -391,7 +329,7 @@ def instruments_for(provider: object) -> Instruments | None:
 
         instruments: Instruments | None = None
         if not isinstance(provider, metrics.NoOpMeterProvider) and (
-            provider is not _proxy_meter_provider()
+            provider is not proxy_meter_provider()
         ):
             meter = provider.get_meter(_SCOPE, _version())  # type: ignore[attr-defined]
             if not isinstance(meter, metrics.NoOpMeter):
@@ -401,12 +339,6 @@ def instruments_for(provider: object) -> Instruments | None:
         except TypeError:
             _pinned[id(provider)] = (provider, instruments)
         return instruments
-
-
-def _proxy_meter_provider() -> object:
-    from opentelemetry.metrics import _internal
-
-    return getattr(_internal, "_PROXY_METER_PROVIDER", None)
 
 
 def _live_instruments() -> list[Instruments]:
@@ -428,12 +360,8 @@ def _observe_breakers(options: CallbackOptions) -> Iterable[Observation]:
     """
     from opentelemetry.metrics import Observation
 
-    from resilient.breaker import BreakerState
-
-    with _breakers_lock:
-        breakers = list(_breakers)
-    for breaker in breakers:
-        current = breaker._store.state
+    for breaker in live_breakers():
+        current = breaker.stored_state
         for state in BreakerState:
             yield Observation(
                 1 if state is current else 0,
@@ -444,14 +372,12 @@ def _observe_breakers(options: CallbackOptions) -> Iterable[Observation]:
 # Circuit breakers ---------------------------------------------------------------------
 
 
-def breaker_created(breaker: CircuitBreaker) -> None:
-    """Register a new breaker with the state gauge (weakly: it is not kept alive)."""
-    with _breakers_lock:
-        _breakers.add(breaker)
+def breaker_state_changed(event: BreakerEvent) -> None:
+    """A breaker changed state: an event on the current span, and a count per meter provider.
 
-
-def breaker_state_changed(breaker: str, old: BreakerState, new: BreakerState, reason: str) -> None:
-    """A breaker changed state: an event on the current span, and a count per meter provider."""
+    Subscribed to every breaker's events (:func:`resilient.breaker.subscribe`) when
+    this module is imported.
+    """
     trace = sys.modules.get("opentelemetry.trace")
     if trace is not None:
         span = trace.get_current_span()
@@ -459,14 +385,17 @@ def breaker_state_changed(breaker: str, old: BreakerState, new: BreakerState, re
             span.add_event(
                 "resilient.breaker.state_change",
                 {
-                    "resilient.breaker": breaker,
-                    "resilient.breaker.state": new.value,
-                    "resilient.breaker.previous_state": old.value,
-                    "resilient.breaker.reason": reason,
+                    "resilient.breaker": event.name,
+                    "resilient.breaker.state": event.new_state.value,
+                    "resilient.breaker.previous_state": event.old_state.value,
+                    "resilient.breaker.reason": event.reason,
                 },
             )
     for instruments in _live_instruments():
-        instruments.record_transition(breaker, new.value)
+        instruments.record_transition(event.name, event.new_state.value)
+
+
+subscribe(breaker_state_changed)
 
 
 # Calls --------------------------------------------------------------------------------
@@ -516,6 +445,11 @@ class CallSite:
         self.telemetry = telemetry
         self.timeout = timeout
 
+    @property
+    def explicit(self) -> bool:
+        """Whether a provider was given, so that every call asks :meth:`begin`."""
+        return self.telemetry.explicit
+
     def begin(self) -> Call | None:
         """Start recording one call (its span becomes current), or ``None`` if nobody listens."""
         telemetry = self.telemetry
@@ -544,7 +478,7 @@ class Call:
         self.token: Token[Context] | None = None  # set with span
         self.budget: float | None = None
         if tracer is not None:
-            budget = _deadline.get()
+            budget = _current_deadline()
             timeout = site.timeout
             if budget != _INF or timeout is not None:
                 budget -= _monotonic()
@@ -567,10 +501,14 @@ class Call:
         if self.instruments is not None:
             self.instruments.record_retry(self.site.name, kind)
 
-    def rejected(self, error: CircuitOpenError) -> None:
-        """The breaker refused an attempt."""
-        if self.span is not None:
-            circuit_open_event(self.span, error)
+    def rejected(self, error: Exception) -> None:
+        """The gate refused an attempt: ``resilient.circuit_open`` for a breaker's refusal."""
+        span = self.span
+        if span is not None:
+            if isinstance(error, CircuitOpenError):
+                circuit_open_event(span, error)
+            else:
+                span.add_event("resilient.rejected", {"error.type": error_type(error)})
 
     def end(self) -> None:
         """The call returned (``error`` is ``None``) or raised ``error``: record it."""

@@ -77,10 +77,11 @@ from resilient import tracing as _tracing
 from resilient._config import Duration, check_int, to_seconds
 from resilient.breaker import BreakerState, BreakerStore, CircuitBreaker
 from resilient.bulkhead import Bulkhead
-from resilient.deadline import DEADLINE_HEADER, _deadline, format_deadline_header, remaining
+from resilient.deadline import DEADLINE_HEADER, format_deadline_header, remaining
+from resilient.deadline import current as _current_deadline
 from resilient.errors import BulkheadFull, CircuitOpenError, DeadlineExceeded, ResilientError
 from resilient.policy import Policy
-from resilient.retry import Retry, RetryBudget, RetryEvent
+from resilient.retry import Retry, RetryEvent
 from resilient.shardmap import ShardedMap
 
 if TYPE_CHECKING:
@@ -96,6 +97,8 @@ __all__ = [
     "TransportBulkheadFull",
     "TransportCircuitOpen",
     "TransportDeadlineExceeded",
+    "default_breaker",
+    "parse_retry_after",
 ]
 
 #: Methods RFC 9110 defines as idempotent: sending them twice does no harm.
@@ -361,9 +364,9 @@ class _Host:
     fast: bool
     # tracing=False: the fast path need not ask whether a global provider is set.
     untraced: bool
-    # The retry's clock (None without retries) and its budget, if any.
+    # The retry's clock and how it counts a call in its budget (None without retries).
     clock: Callable[[], float] | None
-    budget: RetryBudget | None
+    count_call: Callable[[float], None] | None
 
 
 class _Core:
@@ -430,7 +433,7 @@ class _Core:
         # None with tracing=False. Otherwise a request records (see begin) when
         # Telemetry.wanted(): a provider was given, or one is set globally, which the
         # fast path tests inline on the API's variables (see _traces).
-        self.telemetry = checked._telemetry
+        self.telemetry = checked.telemetry
         if self.telemetry is not None:
             global _traces, _meters
             _traces, _meters = _tracing.provider_globals()
@@ -499,8 +502,7 @@ class _Core:
         asynchronous = inspect.iscoroutinefunction(attempt)
 
         def driver(policy: Policy) -> Callable[[httpx.Request], Any]:
-            build = policy._async_driver if asynchronous else policy._sync_driver
-            return build(attempt, _replayed_start)
+            return policy.driver(attempt, asynchronous, replayed_start=_replayed_start)
 
         single = retrying = driver(Policy(**stages))
         retry = None
@@ -509,48 +511,33 @@ class _Core:
             retrying = driver(Policy(retry=retry, **stages))
         return _Host(
             origin=origin,
-            store=None if breaker is None else breaker._store,
+            store=None if breaker is None else breaker.store,
             retrying=retrying,
             single=single,
             fast=(
                 bulkhead is None
                 and self.timeout is None
                 and self.attempt_timeout is None
-                and (breaker is None or breaker._plain)
+                and (breaker is None or not breaker.counts_successes)
                 and not (self.telemetry is not None and self.telemetry.explicit)
             ),
             untraced=self.telemetry is None,
             clock=None if retry is None else retry.clock,
-            budget=None if retry is None else retry.budget,
+            count_call=None if retry is None else retry.count_call,
         )
 
     def _host_retry(self, base: Retry) -> Retry:
         """The base Retry with this transport's rules, and a retry budget of the origin's own."""
-        budget = base.budget
-        if budget is not None:
-            budget = RetryBudget(
-                ratio=budget.ratio,
-                min_retries_per_second=budget.min_retries_per_second,
-                window=budget.window,
-                clock=budget.clock,
-            )
+        budget = None if base.budget is None else base.budget.spawn()
         hooks = base.on_retry
         hooks = [_count_wait] if hooks is None else [_count_wait, *_as_list(hooks)]
 
         # The user's own `on` narrows the transport's rules; it cannot widen them.
         def retryable(failure: Exception) -> bool:
-            return self._retryable(failure) and base._accepts(failure)
+            return self._retryable(failure) and base.accepts(failure)
 
-        on: Any = retryable
-        if base._on_is_tenacity:
-            import tenacity
-
-            rules = tenacity.retry_if_exception(
-                cast(Callable[[BaseException], bool], self._retryable)
-            )
-            on = rules & cast(tenacity.retry_base, base.on)
         return dataclasses.replace(
-            base, on=on, budget=budget, retry_after=self._retry_after, on_retry=hooks
+            base, on=retryable, budget=budget, retry_after=self._retry_after, on_retry=hooks
         )
 
     # Decisions ----------------------------------------------------------------------------
@@ -905,7 +892,7 @@ class ResilientTransport(_Configured[httpx.BaseTransport], httpx.BaseTransport):
         store = host.store
         if (
             host.fast
-            and _deadline.get() == _INF
+            and _current_deadline() == _INF
             and "resilient" not in request.extensions
             and (store is None or (store.state is _CLOSED and not store.consecutive_failures))
             and (
@@ -924,13 +911,9 @@ class ResilientTransport(_Configured[httpx.BaseTransport], httpx.BaseTransport):
                 return self._send(request, host, None, exc, started)
             if response.status_code in core.failing_statuses:
                 return self._send(request, host, None, response, started)
-            budget = host.budget
-            if budget is not None:
-                # RetryBudget.deposit, inlined: one call counted in the current slice.
-                if started < budget._slice_end:  # type: ignore[operator]
-                    budget._calls[budget._current] += 1
-                else:
-                    budget.deposit(started)  # type: ignore[arg-type]
+            count_call = host.count_call
+            if count_call is not None:
+                count_call(started)  # type: ignore[arg-type]
             response.extensions["resilient"] = _FIRST_TRY[None if store is None else store.state]
             return response
         return self._send(request, host, request.extensions.get("resilient"))
@@ -978,7 +961,7 @@ class ResilientTransport(_Configured[httpx.BaseTransport], httpx.BaseTransport):
                 raise first
             response = first
         else:
-            if _deadline.get() != _INF:
+            if _current_deadline() != _INF:
                 self._core.clamp(request, call)
             tracer = call.tracer
             span = None if tracer is None else _HttpSpan(tracer, request, call.attempts)
@@ -1030,7 +1013,7 @@ class AsyncResilientTransport(_Configured[httpx.AsyncBaseTransport], httpx.Async
         store = host.store
         if (
             host.fast
-            and _deadline.get() == _INF
+            and _current_deadline() == _INF
             and "resilient" not in request.extensions
             and (store is None or (store.state is _CLOSED and not store.consecutive_failures))
             and (
@@ -1047,13 +1030,9 @@ class AsyncResilientTransport(_Configured[httpx.AsyncBaseTransport], httpx.Async
                 return await self._send(request, host, None, exc, started)
             if response.status_code in core.failing_statuses:
                 return await self._send(request, host, None, response, started)
-            budget = host.budget
-            if budget is not None:
-                # RetryBudget.deposit, inlined: one call counted in the current slice.
-                if started < budget._slice_end:  # type: ignore[operator]
-                    budget._calls[budget._current] += 1
-                else:
-                    budget.deposit(started)  # type: ignore[arg-type]
+            count_call = host.count_call
+            if count_call is not None:
+                count_call(started)  # type: ignore[arg-type]
             response.extensions["resilient"] = _FIRST_TRY[None if store is None else store.state]
             return response
         return await self._send(request, host, request.extensions.get("resilient"))
@@ -1101,7 +1080,7 @@ class AsyncResilientTransport(_Configured[httpx.AsyncBaseTransport], httpx.Async
                 raise first
             response = first
         else:
-            if _deadline.get() != _INF:
+            if _current_deadline() != _INF:
                 self._core.clamp(request, call)
             tracer = call.tracer
             span = None if tracer is None else _HttpSpan(tracer, request, call.attempts)

@@ -13,6 +13,8 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from resilient.testing import record_sleeps
+
 
 @pytest.fixture
 def frequent_thread_switches() -> Iterator[None]:
@@ -26,18 +28,10 @@ def frequent_thread_switches() -> Iterator[None]:
 
 
 @pytest.fixture
-def record_waits(monkeypatch: pytest.MonkeyPatch) -> list[float]:
-    """Record the Policy's retry waits instead of sleeping them, sync and async drivers alike."""
-    from resilient import policy
-
-    waits: list[float] = []
-
-    async def record(delay: float) -> None:
-        waits.append(delay)
-
-    monkeypatch.setattr(policy, "_sleep", waits.append)
-    monkeypatch.setattr(policy, "_async_sleep", record)
-    return waits
+def record_waits() -> Iterator[list[float]]:
+    """Record the drivers' retry waits instead of sleeping them (resilient.testing)."""
+    with record_sleeps() as waits:
+        yield waits
 
 
 @pytest.fixture

@@ -26,7 +26,6 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from fake_clock import FakeClock
 
 from resilient.breaker import (
     BreakerEvent,
@@ -37,6 +36,7 @@ from resilient.breaker import (
     WindowSpec,
 )
 from resilient.errors import CircuitOpenError
+from resilient.testing import FakeClock
 
 CLOSED = BreakerState.CLOSED
 OPEN = BreakerState.OPEN
@@ -67,30 +67,30 @@ def make(**config: Any) -> tuple[CircuitBreaker, FakeClock, Recorder]:
 
 def succeed(breaker: CircuitBreaker, duration: float = 0.0, clock: FakeClock | None = None) -> None:
     """One call that returns after ``duration`` seconds."""
-    ticket = breaker._before_call()
+    ticket = breaker.before_call()
     if clock is not None:
         clock.advance(duration)
-    breaker._on_success(ticket)
+    breaker.on_success(ticket)
 
 
 def fail(breaker: CircuitBreaker, exc: Exception | None = None) -> None:
     """One call that raises ``exc`` (a RuntimeError by default)."""
-    ticket = breaker._before_call()
-    breaker._on_failure(ticket, RuntimeError("boom") if exc is None else exc)
+    ticket = breaker.before_call()
+    breaker.on_failure(ticket, RuntimeError("boom") if exc is None else exc)
 
 
 def drive(breaker: CircuitBreaker, fn: Callable[[], object]) -> object:
     """Run ``fn`` as the Policy driver does: Exception is a failure, anything else an abort."""
-    ticket = breaker._before_call()
+    ticket = breaker.before_call()
     try:
         result = fn()
     except Exception as exc:
-        breaker._on_failure(ticket, exc)
+        breaker.on_failure(ticket, exc)
         raise
     except BaseException:
-        breaker._on_abort(ticket)
+        breaker.on_abort(ticket)
         raise
-    breaker._on_success(ticket)
+    breaker.on_success(ticket)
     return result
 
 
@@ -102,7 +102,7 @@ def trip(breaker: CircuitBreaker) -> None:
 
 def rejection(breaker: CircuitBreaker) -> CircuitOpenError:
     with pytest.raises(CircuitOpenError) as caught:
-        breaker._before_call()
+        breaker.before_call()
     return caught.value
 
 
@@ -223,9 +223,9 @@ def test_slow_calls_feed_the_rate_window() -> None:
 def test_call_admitted_before_opening_does_not_count_after() -> None:
     """An outcome of a call admitted while closed is ignored once the breaker has opened."""
     breaker, clock, _ = make(failure_threshold=1, reset_timeout=5)
-    straggler = breaker._before_call()
+    straggler = breaker.before_call()
     fail(breaker)
-    breaker._on_failure(straggler, RuntimeError("late"))
+    breaker.on_failure(straggler, RuntimeError("late"))
     clock.advance(5)
     assert breaker.state is HALF_OPEN  # the late failure did not re-open or restart the clock
     assert breaker.metrics().total_failures == 2
@@ -252,10 +252,10 @@ def test_half_open_after_reset_timeout_admits_one_probe() -> None:
     clock.advance(29.9)
     assert breaker.state is OPEN
     clock.advance(0.1)
-    probe = breaker._before_call()
+    probe = breaker.before_call()
     assert rejection(breaker).retry_after == 0.0
     assert breaker.state is HALF_OPEN
-    breaker._on_success(probe)
+    breaker.on_success(probe)
     assert breaker.state is CLOSED
     assert recorder.transitions() == [
         (CLOSED, OPEN, "failure_threshold"),
@@ -313,11 +313,11 @@ def test_probe_that_finishes_after_its_half_open_ended_is_ignored() -> None:
     breaker, clock, _ = make(failure_threshold=1, reset_timeout=1, half_open_max_calls=2)
     fail(breaker)
     clock.advance(1)
-    first = breaker._before_call()
-    second = breaker._before_call()
-    breaker._on_success(first)
+    first = breaker.before_call()
+    second = breaker.before_call()
+    breaker.on_success(first)
     assert breaker.state is CLOSED
-    breaker._on_failure(second, RuntimeError("late probe"))
+    breaker.on_failure(second, RuntimeError("late probe"))
     assert breaker.state is CLOSED
     assert breaker.metrics().consecutive_failures == 0
 
@@ -337,14 +337,14 @@ def test_threads_racing_a_half_open_breaker_admit_exactly_max_calls(max_calls: i
     def caller() -> None:
         start.wait()
         try:
-            ticket = breaker._before_call()
+            ticket = breaker.before_call()
         except CircuitOpenError as error:
             rejected.append(error.retry_after)
             everyone_tried.wait()
             return
         admitted.append(ticket)
         everyone_tried.wait()  # the probe is "running" until every caller has been answered
-        breaker._on_success(ticket)
+        breaker.on_success(ticket)
 
     threads = [threading.Thread(target=caller) for _ in range(50)]
     for thread in threads:
@@ -372,14 +372,14 @@ async def test_tasks_racing_a_half_open_breaker_admit_exactly_max_calls(max_call
     async def caller() -> None:
         await start.wait()
         try:
-            ticket = breaker._before_call()
+            ticket = breaker.before_call()
         except CircuitOpenError as error:
             rejected.append(error.retry_after)
             await everyone_tried.wait()
             return
         admitted.append(ticket)
         await everyone_tried.wait()
-        breaker._on_success(ticket)
+        breaker.on_success(ticket)
 
     async with asyncio.timeout(10):
         tasks = [asyncio.create_task(caller()) for _ in range(50)]
@@ -609,7 +609,7 @@ def test_metrics_snapshot() -> None:
     assert (metrics.window_calls, metrics.failure_rate) == (0, 0.0)  # fresh counters once open
     assert (metrics.total_failures, metrics.total_rejections) == (3, 1)
     clock.advance(18)
-    breaker._before_call()
+    breaker.before_call()
     metrics = breaker.metrics()
     assert (metrics.state, metrics.probes_in_flight) == (HALF_OPEN, 1)
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import types
+from typing import ParamSpec, TypeVar
 
 import resilient
 
@@ -23,15 +25,44 @@ def test_all_is_sorted_and_complete() -> None:
         assert not name.startswith("_")
 
 
+def test_root_all_is_exactly_the_public_names() -> None:
+    """Every public name of the root is in __all__, and nothing else is (as httpx checks)."""
+    public = {
+        name
+        for name, value in vars(resilient).items()
+        if not name.startswith("_") and not isinstance(value, types.ModuleType)
+    }
+    assert set(resilient.__all__) == public
+    assert resilient.__version__ == importlib.metadata.version("resilient")
+
+
+def modules() -> list[types.ModuleType]:
+    found = []
+    for info in pkgutil.walk_packages(resilient.__path__, "resilient."):
+        found.append(importlib.import_module(info.name))
+    return found
+
+
+def test_every_module_all_names_every_public_class_and_function() -> None:
+    """A class or function defined in a module is in its __all__ unless its name is private."""
+    for module in modules():
+        names = set(getattr(module, "__all__", ()))
+        for name, value in vars(module).items():
+            if name.startswith("_") or isinstance(value, TypeVar | ParamSpec):
+                continue
+            if getattr(value, "__module__", None) == module.__name__ and callable(value):
+                assert name in names, f"{module.__name__}.{name} is public but not in __all__"
+
+
 def test_every_module_all_is_sorted() -> None:
-    """Each public module keeps its own __all__ sorted and truthful too."""
-    for info in pkgutil.iter_modules(resilient.__path__):
-        module = importlib.import_module(f"resilient.{info.name}")
+    """Each module keeps its own __all__ sorted and truthful too."""
+    for module in modules():
+        info = module
         names = getattr(module, "__all__", None)
-        assert names is not None, f"resilient.{info.name} has no __all__"
-        assert list(names) == sorted(names, key=isort_order), info.name
+        assert names is not None, f"{info.__name__} has no __all__"
+        assert list(names) == sorted(names, key=isort_order), info.__name__
         for name in names:
-            assert hasattr(module, name), f"resilient.{info.name}.{name}"
+            assert hasattr(module, name), f"{info.__name__}.{name}"
 
 
 def test_package_ships_type_information() -> None:

@@ -16,18 +16,18 @@ from datetime import timedelta
 
 import pytest
 import tenacity
-from fake_clock import FakeClock
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
+from resilient._driver import refuse_generators
 from resilient.retry import (
     Backoff,
     Retry,
     RetryBudget,
     RetryEvent,
     instant_retries,
-    refuse_generators,
 )
+from resilient.testing import FakeClock
 
 
 def fixed(value: float):  # type: ignore[no-untyped-def]
@@ -37,10 +37,10 @@ def fixed(value: float):  # type: ignore[no-untyped-def]
 
 def failures(retry: Retry, exc: BaseException, *, now: float = 0.0) -> list[float | None]:
     """Feed ``exc`` to a fresh state until the core stops; return every decision."""
-    state = retry._new_state(now)
+    state = retry.begin(now)
     decisions: list[float | None] = []
     while True:
-        delay = retry._next_delay(state, now=now, deadline=math.inf, exc=exc)
+        delay = retry.next_delay(state, now=now, deadline=math.inf, error=exc)
         decisions.append(delay)
         if delay is None or len(decisions) > 50:
             return decisions
@@ -337,11 +337,11 @@ def test_budget_config_errors_name_the_parameter(
 def test_attempts_counts_total_tries() -> None:
     """attempts=3 allows two retries; the third failure stops with 'attempts exhausted'."""
     retry = Retry(attempts=3, backoff=Backoff(initial=1.0, jitter="none"), budget=None)
-    state = retry._new_state(0.0)
+    state = retry.begin(0.0)
     exc = ConnectionError("down")
-    assert retry._next_delay(state, now=0.0, exc=exc) == 1.0
-    assert retry._next_delay(state, now=1.0, exc=exc) == 2.0
-    assert retry._next_delay(state, now=3.0, exc=exc) is None
+    assert retry.next_delay(state, now=0.0, error=exc) == 1.0
+    assert retry.next_delay(state, now=1.0, error=exc) == 2.0
+    assert retry.next_delay(state, now=3.0, error=exc) is None
     assert (state.attempt, state.waited, state.stop_reason) == (3, 3.0, "attempts exhausted")
 
 
@@ -371,8 +371,8 @@ def test_every_form_of_on_selects_retryable_exceptions(on: object) -> None:
     """on= as a type, tuple, predicate or tenacity strategy retries matching errors only."""
     retry = Retry(attempts=2, on=on, budget=None, random=fixed(0.5))  # type: ignore[arg-type]
     assert failures(retry, ConnectionError("retry me")) == [0.05, None]
-    state = retry._new_state(0.0)
-    assert retry._next_delay(state, now=0.0, exc=ValueError("no")) is None
+    state = retry.begin(0.0)
+    assert retry.next_delay(state, now=0.0, error=ValueError("no")) is None
     assert state.stop_reason == "not retryable"
 
 
@@ -383,12 +383,12 @@ def test_every_form_of_on_selects_retryable_exceptions(on: object) -> None:
 def test_on_result_retries_matching_return_values(on_result: object) -> None:
     """on_result (predicate or tenacity strategy) retries unwanted results, not others."""
     retry = Retry(attempts=3, on_result=on_result, budget=None, random=fixed(0.5))  # type: ignore[arg-type]
-    state = retry._new_state(0.0)
-    assert retry._next_delay(state, now=0.0, result=None) == 0.05
-    assert retry._next_delay(state, now=0.1, result="ok") is None
+    state = retry.begin(0.0)
+    assert retry.next_delay(state, now=0.0, result=None) == 0.05
+    assert retry.next_delay(state, now=0.1, result="ok") is None
     assert state.stop_reason == "not retryable"
-    exhausted = retry._new_state(0.0)
-    assert [retry._next_delay(exhausted, now=0.0, result=None) for _ in range(3)] == [
+    exhausted = retry.begin(0.0)
+    assert [retry.next_delay(exhausted, now=0.0, result=None) for _ in range(3)] == [
         0.05,
         0.1,
         None,
@@ -399,16 +399,16 @@ def test_on_result_retries_matching_return_values(on_result: object) -> None:
 def test_results_are_not_retried_without_on_result() -> None:
     """With on_result=None a returned value is never a reason to retry."""
     retry = Retry()
-    state = retry._new_state(0.0)
-    assert retry._next_delay(state, now=0.0, result=None) is None
+    state = retry.begin(0.0)
+    assert retry.next_delay(state, now=0.0, result=None) is None
     assert retry.on_result is None
 
 
 def test_tenacity_exception_strategy_does_not_retry_results() -> None:
     """A tenacity exception strategy given as on_result sees a successful outcome: no retry."""
     retry = Retry(on_result=tenacity.retry_if_exception_type(), budget=None)
-    state = retry._new_state(0.0)
-    assert retry._next_delay(state, now=0.0, result=None) is None
+    state = retry.begin(0.0)
+    assert retry.next_delay(state, now=0.0, result=None) is None
 
 
 @pytest.mark.parametrize(
@@ -426,10 +426,10 @@ def test_tenacity_exception_strategy_does_not_retry_results() -> None:
 def test_base_exceptions_are_never_retried(exc: BaseException, on: object) -> None:
     """Cancellation and interpreter exits are refused whatever `on` says."""
     retry = Retry(on=on)  # type: ignore[arg-type]
-    state = retry._new_state(0.0)
-    assert retry._next_delay(state, now=0.0, exc=exc) is None
+    state = retry.begin(0.0)
+    assert retry.next_delay(state, now=0.0, error=exc) is None
     assert state.stop_reason == "not retryable"
-    retry._give_up(state, exc)
+    retry.give_up(state, exc)
     assert not getattr(exc, "__notes__", [])
 
 
@@ -461,19 +461,19 @@ def test_attempts_none_means_no_limit_with_a_stop_strategy() -> None:
 def test_attempts_and_stop_both_apply_when_both_given() -> None:
     """attempts= passed explicitly keeps applying next to stop=; the first to stop wins."""
     retry = Retry(attempts=2, stop=tenacity.stop_after_attempt(5), random=fixed(0.0))
-    state = retry._new_state(0.0)
-    assert retry._next_delay(state, now=0.0, exc=OSError()) == 0.0
-    assert retry._next_delay(state, now=0.0, exc=OSError()) is None
+    state = retry.begin(0.0)
+    assert retry.next_delay(state, now=0.0, error=OSError()) == 0.0
+    assert retry.next_delay(state, now=0.0, error=OSError()) is None
     assert state.stop_reason == "attempts exhausted"
 
 
 def test_tenacity_stop_after_delay_counts_from_the_state_start_on_the_retry_clock() -> None:
     """stop_after_delay measures seconds since _new_state(started), on the injected clock."""
     retry = Retry(stop=tenacity.stop_after_delay(10), wait=tenacity.wait_fixed(1), budget=None)
-    state = retry._new_state(100.0)
-    assert retry._next_delay(state, now=105.0, exc=OSError()) == 1.0
-    assert retry._next_delay(state, now=109.9, exc=OSError()) == 1.0
-    assert retry._next_delay(state, now=110.0, exc=OSError()) is None
+    state = retry.begin(100.0)
+    assert retry.next_delay(state, now=105.0, error=OSError()) == 1.0
+    assert retry.next_delay(state, now=109.9, error=OSError()) == 1.0
+    assert retry.next_delay(state, now=110.0, error=OSError()) is None
     assert state.stop_reason == "stop condition"
 
 
@@ -506,9 +506,9 @@ def test_tenacity_strategies_see_a_faithful_call_state() -> None:
         wait=tenacity.wait_fixed(2),
         budget=None,
     )
-    state = retry._new_state(10.0)
-    assert retry._next_delay(state, now=11.0, exc=error) == 2.0
-    assert retry._next_delay(state, now=14.0, result="again") == 2.0
+    state = retry.begin(10.0)
+    assert retry.next_delay(state, now=11.0, error=error) == 2.0
+    assert retry.next_delay(state, now=14.0, result="again") == 2.0
     assert seen == [
         (1, True, error, 0.0, 2.0, 1.0, True),
         (2, False, "again", 2.0, 2.0, 4.0, True),
@@ -518,9 +518,9 @@ def test_tenacity_strategies_see_a_faithful_call_state() -> None:
 def test_a_wait_strategy_returning_a_negative_wait_is_reported() -> None:
     """A wait strategy must return finite seconds >= 0; anything else is a ValueError."""
     retry = Retry(wait=tenacity.wait_fixed(-1), budget=None)
-    state = retry._new_state(0.0)
+    state = retry.begin(0.0)
     with pytest.raises(ValueError, match=r"wait strategy .*wait_fixed.* returned -1\.0"):
-        retry._next_delay(state, now=0.0, exc=OSError())
+        retry.next_delay(state, now=0.0, error=OSError())
 
 
 def test_decorrelated_jitter_grows_from_this_call_previous_wait() -> None:
@@ -542,12 +542,12 @@ def test_per_call_states_are_independent_when_interleaved() -> None:
         random=fixed(0.5),
         budget=None,
     )
-    first, second = retry._new_state(0.0), retry._new_state(0.0)
-    assert retry._next_delay(first, now=0.0, exc=OSError()) == 2.0
-    assert retry._next_delay(first, now=2.0, exc=OSError()) == 3.5
-    assert retry._next_delay(second, now=2.0, exc=OSError()) == 2.0
-    assert retry._next_delay(first, now=5.5, exc=OSError()) is None
-    assert retry._next_delay(second, now=5.5, exc=OSError()) == 3.5
+    first, second = retry.begin(0.0), retry.begin(0.0)
+    assert retry.next_delay(first, now=0.0, error=OSError()) == 2.0
+    assert retry.next_delay(first, now=2.0, error=OSError()) == 3.5
+    assert retry.next_delay(second, now=2.0, error=OSError()) == 2.0
+    assert retry.next_delay(first, now=5.5, error=OSError()) is None
+    assert retry.next_delay(second, now=5.5, error=OSError()) == 3.5
     assert (first.attempt, first.waited) == (3, 5.5)
     assert (second.attempt, second.waited) == (2, 5.5)
     assert second.stop_reason is None
@@ -561,9 +561,9 @@ def test_a_wait_that_would_end_at_or_after_the_deadline_stops_now() -> None:
     """The core never grants a wait that ends at or after the deadline: it stops at once."""
     budget = RetryBudget(min_retries_per_second=1, window=10.0)
     retry = Retry(attempts=5, backoff=Backoff(initial=1.0, jitter="none"), budget=budget)
-    state = retry._new_state(0.0)
-    assert retry._next_delay(state, now=0.0, deadline=1.5, exc=OSError()) == 1.0
-    assert retry._next_delay(state, now=1.0, deadline=3.0, exc=OSError()) is None
+    state = retry.begin(0.0)
+    assert retry.next_delay(state, now=0.0, deadline=1.5, error=OSError()) == 1.0
+    assert retry.next_delay(state, now=1.0, deadline=3.0, error=OSError()) is None
     assert state.stop_reason == "deadline"
     assert budget.available(1.0) == 9  # the refused retry took nothing from the budget
 
@@ -572,11 +572,11 @@ def test_exhausted_budget_stops_retries_at_once() -> None:
     """When the shared budget is spent, the next failure is not retried."""
     budget = RetryBudget(ratio=0.5, min_retries_per_second=0)
     retry = Retry(attempts=10, budget=budget, random=fixed(0.0))
-    retry._admit(0.0)
-    retry._admit(0.0)
-    state = retry._new_state(0.0)
-    assert retry._next_delay(state, now=0.0, exc=OSError()) == 0.0
-    assert retry._next_delay(state, now=0.0, exc=OSError()) is None
+    retry.count_call(0.0)
+    retry.count_call(0.0)
+    state = retry.begin(0.0)
+    assert retry.next_delay(state, now=0.0, error=OSError()) == 0.0
+    assert retry.next_delay(state, now=0.0, error=OSError()) is None
     assert state.stop_reason == "retry budget exhausted"
 
 
@@ -591,16 +591,16 @@ def test_budget_is_shared_by_calls_through_the_same_retry_only() -> None:
     # Default budget: 10 retries/s over 10 s, and nothing earned from calls yet.
     granted = 0
     for _ in range(200):
-        state = retry._new_state(0.0)
-        if retry._next_delay(state, now=0.0, exc=OSError()) is not None:
+        state = retry.begin(0.0)
+        if retry.next_delay(state, now=0.0, error=OSError()) is not None:
             granted += 1
     assert granted == 100
 
 
 def test_admit_without_a_budget_does_nothing() -> None:
-    """budget=None disables the budget; _admit still works and retries are unlimited by it."""
+    """budget=None disables the budget; count_call still works and retries are unlimited by it."""
     retry = Retry(attempts=500, budget=None, random=fixed(0.0))
-    retry._admit(0.0)
+    retry.count_call(0.0)
     decisions = failures(retry, OSError())
     assert len(decisions) == 51  # failures() gives up after 50 retries
 
@@ -612,10 +612,10 @@ def test_give_up_notes_how_many_attempts_and_how_long() -> None:
     """Running out of attempts adds a note with the count, the time waited and the reason."""
     retry = Retry(attempts=3, backoff=Backoff(initial=0.1, jitter="none"), budget=None)
     exc = ConnectionError("down")
-    state = retry._new_state(0.0)
-    while retry._next_delay(state, now=0.0, exc=exc) is not None:
+    state = retry.begin(0.0)
+    while retry.next_delay(state, now=0.0, error=exc) is not None:
         pass
-    retry._give_up(state, exc)
+    retry.give_up(state, exc)
     assert exc.__notes__ == [
         "resilient.Retry: gave up after 3 attempts (0.30 s waiting in total): "
         "attempts exhausted (attempts=3)"
@@ -649,9 +649,9 @@ def test_give_up_note_says_why_retrying_stopped(
 ) -> None:
     """Each way of running out (attempts, budget, deadline, stop strategy) is named."""
     exc = OSError()
-    state = retry._new_state(0.0)
-    assert retry._next_delay(state, now=0.0, deadline=deadline, exc=exc) is None
-    retry._give_up(state, exc)
+    state = retry.begin(0.0)
+    assert retry.next_delay(state, now=0.0, deadline=deadline, error=exc) is None
+    retry.give_up(state, exc)
     assert len(exc.__notes__) == 1
     assert exc.__notes__[0].startswith("resilient.Retry: gave up after 1 attempt")
     assert exc.__notes__[0].endswith(expected)
@@ -661,20 +661,20 @@ def test_no_note_when_the_first_failure_is_not_retryable() -> None:
     """An error that was never retryable propagates untouched."""
     retry = Retry(on=ConnectionError)
     exc = ValueError("bad input")
-    state = retry._new_state(0.0)
-    assert retry._next_delay(state, now=0.0, exc=exc) is None
-    retry._give_up(state, exc)
+    state = retry.begin(0.0)
+    assert retry.next_delay(state, now=0.0, error=exc) is None
+    retry.give_up(state, exc)
     assert not hasattr(exc, "__notes__")
 
 
 def test_note_when_a_later_failure_is_not_retryable() -> None:
     """After retries, a non-retryable error still says how many attempts were made."""
     retry = Retry(on=ConnectionError, random=fixed(0.5), budget=None)
-    state = retry._new_state(0.0)
-    assert retry._next_delay(state, now=0.0, exc=ConnectionError()) == 0.05
+    state = retry.begin(0.0)
+    assert retry.next_delay(state, now=0.0, error=ConnectionError()) == 0.05
     exc = ValueError("bad input")
-    assert retry._next_delay(state, now=0.0, exc=exc) is None
-    retry._give_up(state, exc)
+    assert retry.next_delay(state, now=0.0, error=exc) is None
+    retry.give_up(state, exc)
     assert exc.__notes__ == [
         "resilient.Retry: gave up after 2 attempts (0.05 s waiting in total): "
         "ValueError is not retryable (on=ConnectionError)"
@@ -684,10 +684,10 @@ def test_note_when_a_later_failure_is_not_retryable() -> None:
 def test_give_up_after_a_granted_wait_blames_the_deadline() -> None:
     """When the driver gives up although the core granted a wait, the deadline passed."""
     retry = Retry(random=fixed(0.5))
-    state = retry._new_state(0.0)
+    state = retry.begin(0.0)
     exc = OSError()
-    assert retry._next_delay(state, now=0.0, exc=exc) == 0.05
-    retry._give_up(state, exc)
+    assert retry.next_delay(state, now=0.0, error=exc) == 0.05
+    retry.give_up(state, exc)
     assert exc.__notes__ == [
         "resilient.Retry: gave up after 1 attempt (0.05 s waiting in total): "
         "the deadline would pass before the next attempt could start"
@@ -709,10 +709,10 @@ def test_on_retry_hooks_receive_a_frozen_event_before_each_wait() -> None:
         budget=None,
     )
     error = OSError("first")
-    state = retry._new_state(10.0)
-    assert retry._next_delay(state, now=10.5, exc=error) == 1.0
-    assert retry._next_delay(state, now=12.0, result="bad") == 2.0
-    assert retry._next_delay(state, now=14.0, exc=error) is None
+    state = retry.begin(10.0)
+    assert retry.next_delay(state, now=10.5, error=error) == 1.0
+    assert retry.next_delay(state, now=12.0, result="bad") == 2.0
+    assert retry.next_delay(state, now=14.0, error=error) is None
     assert events == [
         RetryEvent(attempt=1, delay=1.0, exception=error, result=None, elapsed=0.5),
         RetryEvent(attempt=2, delay=2.0, exception=None, result="bad", elapsed=2.0),
@@ -730,7 +730,7 @@ def test_a_failing_hook_propagates() -> None:
 
     retry = Retry(on_retry=broken)
     with pytest.raises(RuntimeError, match="hook bug"):
-        retry._next_delay(retry._new_state(0.0), now=0.0, exc=OSError())
+        retry.next_delay(retry.begin(0.0), now=0.0, error=OSError())
 
 
 # instant_retries ----------------------------------------------------------------------
@@ -754,9 +754,9 @@ def test_instant_retries_applies_to_other_threads_and_keeps_the_deadline() -> No
     seen: list[float | None] = []
 
     def worker() -> None:
-        state = retry._new_state(0.0)
-        seen.append(retry._next_delay(state, now=0.0, deadline=1.0, exc=OSError()))
-        seen.append(retry._next_delay(state, now=1.0, deadline=1.0, exc=OSError()))
+        state = retry.begin(0.0)
+        seen.append(retry.next_delay(state, now=0.0, deadline=1.0, error=OSError()))
+        seen.append(retry.next_delay(state, now=1.0, deadline=1.0, error=OSError()))
 
     with instant_retries():
         thread = threading.Thread(target=worker)
@@ -893,29 +893,29 @@ def test_retry_after_replaces_the_backoff_wait() -> None:
         backoff=Backoff(initial=5.0, jitter="none"),
         retry_after=lambda exc: 0.25 if isinstance(exc, ConnectionError) else None,
     )
-    state = retry._new_state(0.0)
-    assert retry._next_delay(state, now=0.0, exc=ConnectionError()) == 0.25
-    state = retry._new_state(0.0)
-    assert retry._next_delay(state, now=0.0, exc=TimeoutError()) == 5.0
+    state = retry.begin(0.0)
+    assert retry.next_delay(state, now=0.0, error=ConnectionError()) == 0.25
+    state = retry.begin(0.0)
+    assert retry.next_delay(state, now=0.0, error=TimeoutError()) == 5.0
     assert "retry_after=" in repr(retry)
 
 
 def test_retry_after_beyond_the_deadline_stops_at_once() -> None:
     """If the dependency asks for more time than the deadline leaves, stop now."""
     retry = Retry(attempts=3, budget=None, retry_after=lambda exc: 30.0)
-    state = retry._new_state(0.0)
-    assert retry._next_delay(state, now=0.0, deadline=10.0, exc=ConnectionError()) is None
+    state = retry.begin(0.0)
+    assert retry.next_delay(state, now=0.0, deadline=10.0, error=ConnectionError()) is None
     assert state.stop_reason == "deadline"
 
 
 def test_retry_after_sees_results_and_is_zero_under_instant_retries() -> None:
     """Result retries get the hint from the result; the testing switch still wins."""
     retry = Retry(attempts=3, budget=None, on_result=lambda value: value == 503, retry_after=float)
-    state = retry._new_state(0.0)
-    assert retry._next_delay(state, now=0.0, result=503) == 503.0
+    state = retry.begin(0.0)
+    assert retry.next_delay(state, now=0.0, result=503) == 503.0
     with instant_retries():
-        state = retry._new_state(0.0)
-        assert retry._next_delay(state, now=0.0, result=503) == 0.0
+        state = retry.begin(0.0)
+        assert retry.next_delay(state, now=0.0, result=503) == 0.0
 
 
 @pytest.mark.parametrize("bad", [-1.0, math.inf, math.nan])
@@ -923,7 +923,7 @@ def test_retry_after_returning_nonsense_is_an_error(bad: float) -> None:
     """A hint that is not a finite, non-negative number is a bug in the hint function."""
     retry = Retry(attempts=3, budget=None, retry_after=lambda exc: bad)
     with pytest.raises(ValueError, match="retry_after"):
-        retry._next_delay(retry._new_state(0.0), now=0.0, exc=ConnectionError())
+        retry.next_delay(retry.begin(0.0), now=0.0, error=ConnectionError())
 
 
 def test_retry_after_must_be_callable() -> None:

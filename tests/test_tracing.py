@@ -13,7 +13,6 @@ import logging
 from typing import Any
 
 import pytest
-from fake_clock import FakeClock
 from opentelemetry import trace
 from opentelemetry.metrics import NoOpMeter, NoOpMeterProvider
 from opentelemetry.sdk.metrics import MeterProvider
@@ -25,6 +24,7 @@ from telemetry import attributes, events, points, run_python
 
 import resilient
 from resilient import tracing
+from resilient.testing import FakeClock
 
 WAIT = 0.25  # the first retry's wait with the backoff below; the second is twice that
 
@@ -630,12 +630,6 @@ def test_no_op_providers_given_explicitly_record_nothing() -> None:
     disabled = tracing.Telemetry(Disabled(), Disabled())  # type: ignore[arg-type]
     assert disabled.tracer() is None
     assert disabled.instruments() is None
-
-
-def test_stand_ins_for_renamed_api_globals_read_the_public_getters() -> None:
-    """If the API renames its provider variables, the public getters answer (None: unset)."""
-    assert tracing._PublicTraces()._TRACER_PROVIDER is None
-    assert tracing._PublicMeters()._METER_PROVIDER is None
 
 
 def test_values_of_error_type_and_outcome() -> None:

@@ -25,7 +25,6 @@ import httpx
 import pytest
 import respx
 import tenacity
-from fake_clock import FakeClock
 from live_server import LiveServer, Reply
 
 import resilient
@@ -42,6 +41,7 @@ from resilient import (
     TransportCircuitOpen,
     TransportDeadlineExceeded,
 )
+from resilient.testing import FakeClock
 from resilient.transport import ResponseFailure, parse_retry_after
 
 BASE = "http://api.test"

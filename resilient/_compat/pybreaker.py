@@ -2,8 +2,10 @@
 
 Users who already have pybreaker breakers keep them: pybreaker's own state
 machine, thresholds, excluded exceptions, listeners and storage (memory or
-Redis) decide, and this adapter only drives them through the core protocol the
-Policy speaks. Two things differ from ``pybreaker.CircuitBreaker.call``, both on
+Redis) decide, and this adapter only drives them as a :class:`~resilient.stages.Gate`.
+It reads pybreaker's internals (``_lock``, ``_state_storage``, the state objects'
+``_handle_success`` / ``_handle_error``): the canary in ``tests/test_compat.py``
+fails first if they change. Two things differ from ``pybreaker.CircuitBreaker.call``, both on
 purpose:
 
 * pybreaker holds its lock while the protected call runs, serialising every
@@ -40,7 +42,7 @@ def _noop() -> None:  # pragma: no cover - pybreaker only passes it to listeners
 
 
 class PyBreakerStage:
-    """Drive a ``pybreaker.CircuitBreaker`` through the Policy's breaker protocol."""
+    """Drive a ``pybreaker.CircuitBreaker`` as a :class:`~resilient.stages.Gate`."""
 
     __slots__ = ("_breaker", "_probe", "name")
 
@@ -58,7 +60,7 @@ class PyBreakerStage:
             retry_after = max(0.0, (reopen - datetime.now(UTC)).total_seconds())
         return PyBreakerOpenError(self.name, retry_after)
 
-    def _before_call(self) -> object:
+    def before_call(self) -> object:
         breaker = self._breaker
         with breaker._lock:
             state = breaker.state
@@ -81,7 +83,7 @@ class PyBreakerStage:
         if ticket is _PROBE:
             self._probe.release()
 
-    def _on_success(self, ticket: object) -> None:
+    def on_success(self, ticket: object) -> None:
         breaker = self._breaker
         try:
             with breaker._lock:
@@ -89,7 +91,7 @@ class PyBreakerStage:
         finally:
             self._release(ticket)
 
-    def _on_failure(self, ticket: object, exc: BaseException) -> None:
+    def on_failure(self, ticket: object, exc: Exception) -> None:
         breaker = self._breaker
         try:
             with breaker._lock:
@@ -100,7 +102,7 @@ class PyBreakerStage:
         finally:
             self._release(ticket)
 
-    def _on_abort(self, ticket: object) -> None:
+    def on_abort(self, ticket: object) -> None:
         self._release(ticket)
 
     def __repr__(self) -> str:

@@ -1,0 +1,622 @@
+"""The drivers: one call through the stages of :mod:`resilient.stages`, sync or async.
+
+A driver is a closure built once per wrapped function over the stages it runs.
+Its healthy path is a straight line: take an admission slot, narrow the
+deadline, ask the gate, call, report the outcome, return. It builds no object
+and reads the clock at most once. Only when an attempt fails (or returns a
+value the retrier must judge) does the driver make a :class:`Recovery`, the
+call's failure path. Its :meth:`Recovery.flow` is a generator that makes every
+decision after a failed attempt: the deadline checks, the gate's verdicts, the
+retrier's waits, the notes on the error the caller gets. Two thin loops run it,
+one sleeping and one awaiting (the model is httpx's ``Auth.auth_flow``).
+
+This module knows the stage protocols and nothing else: it imports no stage
+module, so the stages can use it for their own decorators without a cycle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import heapq
+import inspect
+import math
+import threading
+import time
+from collections.abc import Awaitable, Callable, Generator
+from typing import TYPE_CHECKING, Any, Final
+
+from resilient.deadline import current as _current
+from resilient.deadline import narrow as _narrow
+from resilient.deadline import restore as _restore
+from resilient.errors import DeadlineExceeded
+
+if TYPE_CHECKING:
+    from resilient.stages import Admission, CallObserver, CallRecord, Gate, Retrier
+
+__all__ = ["Recovery", "build", "decorate", "refuse_generators"]
+
+_INF: Final = math.inf
+_monotonic = time.monotonic
+# What a Recovery yields to ask its driver for one more attempt (a float asks it to wait).
+_ATTEMPT: Final = object()
+# Read at call time, so resilient.testing.record_sleeps() can stand in for them.
+_sleep: Callable[[float], object] = time.sleep
+_async_sleep: Callable[[float], Awaitable[object]] = asyncio.sleep
+
+
+def refuse_generators(fn: Callable[..., object], what: str) -> None:
+    """Raise :class:`TypeError` if ``fn`` is a generator or async generator function.
+
+    Retrying a generator would run it again from the start and replay the items
+    the caller had already received. ``what`` names the wrapper in the message.
+    """
+    if inspect.isasyncgenfunction(fn):
+        kind = "an async generator function"
+    elif inspect.isgeneratorfunction(fn):
+        kind = "a generator function"
+    else:
+        return
+    name = getattr(fn, "__qualname__", repr(fn))
+    raise TypeError(
+        f"{what} cannot wrap {name}: it is {kind}, and retrying it would replay the items "
+        "it had already yielded. Wrap the code that produces each item instead, or a "
+        "regular function that returns them all."
+    )
+
+
+def decorate(fn: Callable[..., Any], what: str, **stages: Any) -> Callable[..., Any]:
+    """Wrap ``fn`` in a driver over ``stages`` (see :func:`build`), keeping its metadata."""
+    refuse_generators(fn, what)
+    asynchronous = inspect.iscoroutinefunction(fn)
+    return functools.wraps(fn)(build(fn, asynchronous=asynchronous, **stages))
+
+
+def build(
+    fn: Callable[..., Any],
+    *,
+    asynchronous: bool,
+    admission: Admission | None = None,
+    timeout: float | None = None,
+    retrier: Retrier | None = None,
+    gate: Gate | None = None,
+    attempt_timeout: float | None = None,
+    observer: CallObserver | None = None,
+    replayed_start: Callable[[], float | None] | None = None,
+) -> Callable[..., Any]:
+    """The driver running ``fn`` through the stages, in pipeline order.
+
+    ``replayed_start`` serves a caller that makes a healthy call's first attempt
+    itself and hands only a failed one to the driver (the httpx transport does):
+    it returns when that call began, on the retrier's clock, so elapsed times
+    count from then; ``None`` for a call the driver runs from the start.
+    """
+    explicit = True
+    traces: Any = None
+    meters: Any = None
+    if observer is not None:
+        explicit = observer.explicit
+        if not explicit:
+            from resilient._compat.otel import provider_globals
+
+            traces, meters = provider_globals()
+    begin = None if observer is None else observer.begin
+    try_acquire = None if admission is None else admission.try_acquire
+    release = None if admission is None else admission.release
+    before_call = None if gate is None else gate.before_call
+    on_success = None if gate is None else gate.on_success
+    on_failure = None if gate is None else gate.on_failure
+    on_abort = None if gate is None else gate.on_abort
+    count_call = None if retrier is None else retrier.count_call
+    clock = None if retrier is None else retrier.clock
+    judges = retrier is not None and retrier.judges_results
+    # A healthy call reads the clock once when the retrier's clock is the deadline's.
+    shared_clock = clock is _monotonic
+    bounded = timeout is not None or attempt_timeout is not None
+
+    def recovery(started: float, total: float, outer: float) -> Recovery:
+        assert retrier is not None
+        return Recovery(retrier, gate, started, total, outer, timeout, attempt_timeout)
+
+    def start(record: CallRecord | None, now: float) -> float:
+        """Count the call with the retrier; return when it began, on the retrier's clock."""
+        started = now if now and shared_clock else clock()  # type: ignore[misc]
+        if replayed_start is not None:
+            replayed = replayed_start()
+            if replayed is not None:
+                started = replayed
+        count_call(started)  # type: ignore[misc]
+        return started
+
+    if not asynchronous:
+
+        def run(*args: Any, **kwargs: Any) -> Any:
+            record = None
+            if begin is not None and (
+                explicit
+                or traces._TRACER_PROVIDER is not None
+                or meters._METER_PROVIDER is not None
+            ):
+                record = begin()
+            outer = total = limit = _current()
+            now = 0.0
+            if bounded or outer != _INF:
+                now = _monotonic()
+                total, limit = _limits(now, outer, timeout, attempt_timeout)
+            if try_acquire is not None and not try_acquire():
+                _wait_for_slot(admission, total, outer, record)
+                if bounded or outer != _INF:
+                    now = _monotonic()
+                    limit = _limits(now, total, None, attempt_timeout)[1]
+            try:
+                started = 0.0 if count_call is None else start(record, now)
+                if now >= total:
+                    raise _expired(timeout)
+                token = None if limit >= outer else _narrow(limit)
+                try:
+                    ticket = None
+                    if before_call is not None:
+                        ticket = _ask(before_call, record)
+                    if record is not None:
+                        record.attempts += 1
+                    try:
+                        result = fn(*args, **kwargs)
+                    except Exception as exc:
+                        if on_failure is not None:
+                            on_failure(ticket, exc)
+                        if retrier is None:
+                            raise
+                        error: Exception | None = exc
+                        result = None
+                    except BaseException:
+                        if on_abort is not None:
+                            on_abort(ticket)
+                        raise
+                    else:
+                        if on_success is not None:
+                            on_success(ticket)
+                        if not judges:
+                            return result
+                        error = None
+                finally:
+                    if token is not None:
+                        _restore(token)
+                flow = recovery(started, total, outer).flow(error, result, record)
+                return _run_sync(flow, fn, args, kwargs)
+            except BaseException as exc:
+                if record is not None:
+                    record.error = exc
+                raise
+            finally:
+                if release is not None:
+                    release()
+                if record is not None:
+                    record.end()
+
+        return run
+
+    async def run_async(*args: Any, **kwargs: Any) -> Any:
+        record = None
+        if begin is not None and (
+            explicit or traces._TRACER_PROVIDER is not None or meters._METER_PROVIDER is not None
+        ):
+            record = begin()
+        outer = total = limit = _current()
+        now = 0.0
+        if bounded or outer != _INF:
+            now = _monotonic()
+            total, limit = _limits(now, outer, timeout, attempt_timeout)
+        if try_acquire is not None and not try_acquire():
+            await _wait_for_slot_async(admission, total, outer, record)
+            if bounded or outer != _INF:
+                now = _monotonic()
+                limit = _limits(now, total, None, attempt_timeout)[1]
+        try:
+            started = 0.0 if count_call is None else start(record, now)
+            if now >= total:
+                raise _expired(timeout)
+            token = None if limit >= outer else _narrow(limit)
+            try:
+                ticket = None
+                if before_call is not None:
+                    ticket = _ask(before_call, record)
+                if record is not None:
+                    record.attempts += 1
+                try:
+                    if limit == _INF:
+                        result = await fn(*args, **kwargs)
+                    else:
+                        result = await _bounded(fn(*args, **kwargs), limit, total, attempt_timeout)
+                except Exception as exc:
+                    if on_failure is not None:
+                        on_failure(ticket, exc)
+                    if retrier is None:
+                        raise
+                    error: Exception | None = exc
+                    result = None
+                except BaseException:
+                    if on_abort is not None:
+                        on_abort(ticket)
+                    raise
+                else:
+                    if on_success is not None:
+                        on_success(ticket)
+                    if not judges:
+                        return result
+                    error = None
+            finally:
+                if token is not None:
+                    _restore(token)
+            flow = recovery(started, total, outer)
+            return await _run_async(flow, flow.flow(error, result, record), fn, args, kwargs)
+        except BaseException as exc:
+            if record is not None:
+                record.error = exc
+            raise
+        finally:
+            if release is not None:
+                release()
+            if record is not None:
+                record.end()
+
+    return run_async
+
+
+def _limits(
+    now: float, outer: float, timeout: float | None, attempt_timeout: float | None
+) -> tuple[float, float]:
+    """The call's total deadline and its attempt's, from ``now`` and the one in force."""
+    total = outer
+    if timeout is not None and now + timeout < total:
+        total = now + timeout
+    limit = total
+    if attempt_timeout is not None and now + attempt_timeout < limit:
+        limit = now + attempt_timeout
+    return total, limit
+
+
+def _ask(before_call: Callable[[], object], record: CallRecord | None) -> object:
+    """The gate's ticket; a refusal is recorded before it propagates."""
+    try:
+        return before_call()
+    except Exception as refused:
+        if record is not None:
+            record.rejected(refused)
+        raise
+
+
+def _expired(timeout: float | None) -> DeadlineExceeded:
+    if timeout is not None:
+        return DeadlineExceeded(
+            f"the call's timeout of {timeout:g} s passed before an attempt could start"
+        )
+    return DeadlineExceeded("the deadline passed before an attempt could start")
+
+
+def _wait_for_slot(admission: Any, total: float, outer: float, record: CallRecord | None) -> None:
+    """No free slot: wait for one within the call's total deadline."""
+    token = None if total >= outer else _narrow(total)
+    try:
+        admission.acquire()
+    except BaseException as exc:
+        if record is not None:
+            record.error = exc
+            record.end()
+        raise
+    finally:
+        if token is not None:
+            _restore(token)
+
+
+async def _wait_for_slot_async(
+    admission: Any, total: float, outer: float, record: CallRecord | None
+) -> None:
+    token = None if total >= outer else _narrow(total)
+    try:
+        await admission.acquire_async()
+    except BaseException as exc:
+        if record is not None:
+            record.error = exc
+            record.end()
+        raise
+    finally:
+        if token is not None:
+            _restore(token)
+
+
+# The failure path ---------------------------------------------------------------------
+
+
+class Recovery:
+    """One call's failure path: everything decided once an attempt has failed.
+
+    :meth:`flow` is sans-I/O. It yields a float to ask its driver to wait that
+    many seconds, or ``_ATTEMPT`` to ask for one more attempt, bounded by
+    :attr:`limit`; the driver sends back what the attempt returned, or throws in
+    what it raised. The flow returns the value the caller gets, or raises the
+    error the caller gets, with the retrier's notes on it.
+    """
+
+    __slots__ = (
+        "attempt_timeout",
+        "gate",
+        "limit",
+        "outer",
+        "retrier",
+        "started",
+        "timeout",
+        "total",
+    )
+
+    def __init__(
+        self,
+        retrier: Retrier,
+        gate: Gate | None,
+        started: float,
+        total: float,
+        outer: float,
+        timeout: float | None,
+        attempt_timeout: float | None,
+    ) -> None:
+        self.retrier = retrier
+        self.gate = gate
+        self.started = started
+        self.total = total
+        self.outer = outer
+        self.timeout = timeout
+        self.attempt_timeout = attempt_timeout
+        #: The deadline of the attempt the flow asks for (``inf``: none).
+        self.limit = _INF
+
+    def flow(
+        self, error: Exception | None, result: Any, record: CallRecord | None
+    ) -> Generator[object, Any, Any]:
+        """Decide after each failed attempt; the first one's outcome is ``error`` or ``result``."""
+        retrier = self.retrier
+        gate = self.gate
+        total = self.total
+        timed = total != _INF or self.attempt_timeout is not None
+        state = retrier.begin(self.started)
+        attempt = 1
+        while True:
+            now = retrier.clock()
+            # The deadline expressed on the retrier's own (injectable) clock.
+            deadline = _INF if total == _INF else now + (total - _monotonic())
+            delay = retrier.next_delay(
+                state, now=now, deadline=deadline, error=error, result=result
+            )
+            if delay is None:
+                if error is None:
+                    return result
+                retrier.give_up(state, error)
+                raise error
+            if record is not None:
+                record.retrying(attempt, error, delay)
+            if delay > 0.0:
+                yield delay
+            attempt += 1
+            limit = total
+            if timed:
+                now = _monotonic()
+                if now >= total:
+                    if error is None:
+                        raise _expired(self.timeout)
+                    retrier.give_up(state, error, "deadline")
+                    raise error
+                attempt_timeout = self.attempt_timeout
+                if attempt_timeout is not None and now + attempt_timeout < limit:
+                    limit = now + attempt_timeout
+            self.limit = limit
+            token = None if limit >= self.outer else _narrow(limit)
+            try:
+                ticket = None
+                if gate is not None:
+                    try:
+                        ticket = gate.before_call()
+                    except Exception as refused:
+                        if record is not None:
+                            record.rejected(refused)
+                        retrier.give_up(state, refused, "circuit open")
+                        if error is not None:
+                            raise refused from error
+                        raise
+                if record is not None:
+                    record.attempts += 1
+                try:
+                    result = yield _ATTEMPT
+                except Exception as exc:
+                    if gate is not None:
+                        gate.on_failure(ticket, exc)
+                    error = exc
+                    result = None
+                    continue
+                except BaseException:
+                    if gate is not None:
+                        gate.on_abort(ticket)
+                    raise
+                if gate is not None:
+                    gate.on_success(ticket)
+                if not retrier.judges_results:
+                    return result
+                error = None
+            finally:
+                if token is not None:
+                    _restore(token)
+
+
+def _run_sync(
+    flow: Generator[object, Any, Any],
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Any:
+    """Run a recovery's flow in a thread: sleep when it asks, call when it asks."""
+    try:
+        command = next(flow)
+        while True:
+            if command is _ATTEMPT:
+                try:
+                    outcome = fn(*args, **kwargs)
+                except BaseException as exc:
+                    command = flow.throw(exc)
+                    continue
+                command = flow.send(outcome)
+            else:
+                _sleep(command)  # type: ignore[arg-type]
+                command = next(flow)
+    except StopIteration as stop:
+        return stop.value
+
+
+async def _run_async(
+    recovery: Recovery,
+    flow: Generator[object, Any, Any],
+    fn: Callable[..., Awaitable[Any]],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Any:
+    """Run a recovery's flow in a task: await when it asks, bound each attempt by its limit."""
+    try:
+        command = next(flow)
+        while True:
+            if command is _ATTEMPT:
+                limit = recovery.limit
+                try:
+                    if limit == _INF:
+                        outcome = await fn(*args, **kwargs)
+                    else:
+                        outcome = await _bounded(
+                            fn(*args, **kwargs), limit, recovery.total, recovery.attempt_timeout
+                        )
+                except BaseException as exc:
+                    command = flow.throw(exc)
+                    continue
+                command = flow.send(outcome)
+            else:
+                await _async_sleep(command)  # type: ignore[arg-type]
+                command = next(flow)
+    except StopIteration as stop:
+        return stop.value
+
+
+# Bounding async attempts --------------------------------------------------------------
+#
+# Every bounded attempt needs "cancel this task at that instant". A loop timer per
+# attempt (call_at, then cancel) costs more than the rest of the Policy together, so
+# each event loop has one queue of attempt deadlines served by a single timer, armed
+# for the earliest one. An attempt that ends early just marks its entry done; the
+# timer pops done entries when it fires and re-arms for the next live one.
+
+
+class _Deadlines:
+    """One event loop's attempt deadlines (monotonic instants), served by one loop timer."""
+
+    __slots__ = ("armed", "done", "handle", "heap", "loop", "sequence")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        # Entries are [when, sequence, task or None once done, fired].
+        self.heap: list[list[Any]] = []
+        self.handle: asyncio.TimerHandle | None = None
+        self.armed = _INF
+        self.done = 0
+        self.sequence = 0
+
+    def add(self, when: float, task: asyncio.Task[Any]) -> list[Any]:
+        self.sequence += 1
+        entry = [when, self.sequence, task, False]
+        heapq.heappush(self.heap, entry)
+        if when < self.armed:
+            self._arm(when)
+        return entry
+
+    def finish(self, entry: list[Any]) -> None:
+        entry[2] = None
+        self.done += 1
+        heap = self.heap
+        if self.done > 1024 and self.done * 2 > len(heap):
+            # Keep memory to the attempts in flight when deadlines are long and calls many.
+            heap[:] = [item for item in heap if item[2] is not None]
+            heapq.heapify(heap)
+            self.done = 0
+
+    def _arm(self, when: float) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+        self.armed = when
+        loop = self.loop
+        # The loop's clock need not be time.monotonic(): convert through "seconds left".
+        self.handle = loop.call_at(loop.time() + (when - _monotonic()), self._fire)
+
+    def _fire(self) -> None:
+        self.handle = None
+        self.armed = _INF
+        heap = self.heap
+        now = _monotonic()
+        while heap and heap[0][0] <= now:
+            entry = heapq.heappop(heap)
+            task = entry[2]
+            if task is None:
+                self.done -= 1
+            else:
+                entry[3] = True
+                task.cancel(msg="resilient attempt deadline exceeded")
+        if heap:
+            self._arm(heap[0][0])
+
+
+_queues_lock = threading.Lock()
+_queues: dict[asyncio.AbstractEventLoop, _Deadlines] = {}
+# The last loop's queue, read without the lock: most programs have one loop.
+_last: tuple[asyncio.AbstractEventLoop | None, _Deadlines | None] = (None, None)
+
+
+def _queue(loop: asyncio.AbstractEventLoop) -> _Deadlines:
+    global _last
+    with _queues_lock:
+        queue = _queues.get(loop)
+        if queue is None:
+            for old in [old for old in _queues if old.is_closed()]:
+                del _queues[old]
+            queue = _queues[loop] = _Deadlines(loop)
+    _last = (loop, queue)
+    return queue
+
+
+async def _bounded(
+    awaitable: Awaitable[Any], limit: float, total: float, attempt_timeout: float | None
+) -> Any:
+    """Await ``awaitable``, cancelling it at ``limit``, which then raises DeadlineExceeded.
+
+    A cancellation from outside stays ``CancelledError``, even one that lands in
+    the same loop iteration as ours, and ``task.cancelling()`` ends balanced.
+    """
+    task = asyncio.current_task()
+    assert task is not None
+    loop, queue = _last
+    if loop is not task.get_loop():
+        queue = _queue(task.get_loop())
+    assert queue is not None
+    cancelling = task.cancelling()
+    entry = queue.add(limit, task)
+    try:
+        return await awaitable
+    except asyncio.CancelledError:
+        if entry[3]:
+            entry[3] = False  # our cancel() is accounted for here, once
+            if task.uncancel() <= cancelling:
+                if limit < total:
+                    raise DeadlineExceeded(
+                        f"the attempt took longer than attempt_timeout={attempt_timeout:g} s "
+                        "and was cancelled"
+                    ) from None
+                raise DeadlineExceeded(
+                    "the call's deadline passed while an attempt was running; it was cancelled"
+                ) from None
+        raise
+    finally:
+        if entry[2] is not None:
+            queue.finish(entry)
+        if entry[3]:
+            # Our timer fired but the attempt swallowed the cancellation and returned.
+            task.uncancel()

@@ -1,0 +1,191 @@
+"""The stage contract: how a :class:`~resilient.Policy` drives the stages of one call.
+
+A call passes through at most these stages, outermost first, and each kind has one
+protocol here::
+
+    admission ─▶ total deadline ─▶ retrier ─▶ gate ─▶ attempt deadline ─▶ the call
+    (Bulkhead)   (timeout=)       (Retry)    (CircuitBreaker)   (attempt_timeout=)
+
+    observer: sees the whole call (resilient's OpenTelemetry tracing)
+
+The built-in stages implement these protocols, and so can yours: a class with the
+methods below can be passed to ``Policy(bulkhead=..., retry=..., breaker=...)``, and
+the httpx transport drives the same stages through the same driver. Stages never
+sleep, never call the protected function and never touch the deadline themselves:
+the driver does all three, so one stage works for sync and async callers alike.
+
+Rules every stage can rely on
+-----------------------------
+* **Times.** ``now`` is always a reading of the :class:`Retrier`'s own ``clock``
+  (injectable, :func:`time.monotonic` by default). Deadlines passed to a retrier are
+  absolute instants on that same clock, ``math.inf`` for none.
+* **Tickets.** :meth:`Gate.before_call` returns a ticket that the driver owns until
+  it hands it back, exactly once, to one of :meth:`Gate.on_success`,
+  :meth:`Gate.on_failure` or :meth:`Gate.on_abort`. A gate must not keep it.
+  Likewise every successful :meth:`Admission.try_acquire` or ``acquire`` is paired
+  with exactly one :meth:`Admission.release`, whatever the call did.
+* **Cancellation.** ``asyncio.CancelledError``, ``KeyboardInterrupt`` and other
+  ``BaseException`` that is not an ``Exception`` are no outcome: the gate hears
+  :meth:`Gate.on_abort` (free any probe slot, count nothing), the retrier is not
+  asked, and the exception propagates unchanged.
+* **Rejections.** A stage refuses by raising a :class:`~resilient.ResilientError`
+  (``BulkheadFull``, ``CircuitOpenError``, ``DeadlineExceeded``). A gate's refusal
+  during retries ends them at once: the caller gets it, chained to the last failure.
+* **Cost.** Admission, gate and the retrier's :meth:`Retrier.count_call` run on every
+  healthy call: keep them to a few attribute reads. Everything else runs only once
+  an attempt has failed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol, runtime_checkable
+
+__all__ = ["Admission", "CallObserver", "CallRecord", "Gate", "Retrier"]
+
+
+@runtime_checkable
+class Admission(Protocol):
+    """Bounds how many calls run at once: :class:`~resilient.Bulkhead`, for one.
+
+    The driver tries :meth:`try_acquire` first (the healthy path) and only when it
+    returns ``False`` waits in :meth:`acquire` or :meth:`acquire_async`, with the
+    call's total deadline in force (read it with :func:`resilient.deadline.current`),
+    so ``Policy(timeout=)`` bounds the wait too.
+    """
+
+    def try_acquire(self) -> bool:
+        """Take a slot without waiting; return whether one was taken."""
+        ...
+
+    def acquire(self) -> None:
+        """Take a slot, blocking this thread at most until the deadline in force; or raise."""
+        ...
+
+    async def acquire_async(self) -> None:
+        """Take a slot, suspending this task at most until the deadline in force; or raise."""
+        ...
+
+    def release(self) -> None:
+        """Give back a slot taken by one of the acquire methods."""
+        ...
+
+
+@runtime_checkable
+class Gate(Protocol):
+    """Decides, per attempt, whether it may go out: :class:`~resilient.CircuitBreaker`, for one.
+
+    A gate reads its own clock when it needs one (a healthy closed breaker reads none).
+    """
+
+    def before_call(self) -> object:
+        """Admit one attempt and return its ticket, or raise (``CircuitOpenError``) to refuse."""
+        ...
+
+    def on_success(self, ticket: object) -> None:
+        """The admitted attempt returned."""
+        ...
+
+    def on_failure(self, ticket: object, error: Exception) -> None:
+        """The admitted attempt raised ``error``."""
+        ...
+
+    def on_abort(self, ticket: object) -> None:
+        """The admitted attempt was cancelled or interrupted: no outcome at all."""
+        ...
+
+
+@runtime_checkable
+class Retrier(Protocol):
+    """Decides whether a failed attempt is tried again, and when: :class:`~resilient.Retry`.
+
+    The driver calls :meth:`count_call` once per call. Only once an attempt has
+    failed (or returned a value the retrier must judge) does it call :meth:`begin`,
+    then :meth:`next_delay` after each failed attempt, and :meth:`give_up` when the
+    caller is about to get the failure. ``state`` is whatever :meth:`begin`
+    returned: it belongs to one call.
+    """
+
+    @property
+    def clock(self) -> Callable[[], float]:
+        """The clock ``now`` and ``deadline`` are read on."""
+        ...
+
+    @property
+    def judges_results(self) -> bool:
+        """Whether a returned value may be retried too (``Retry(on_result=...)``)."""
+        ...
+
+    def count_call(self, now: float) -> None:
+        """Count one call made at ``now`` (a retry budget's deposit). Runs on every call."""
+        ...
+
+    def begin(self, started: float) -> object:
+        """Make the state of one call that began at ``started``, at its first failure."""
+        ...
+
+    def next_delay(
+        self,
+        state: object,
+        *,
+        now: float,
+        deadline: float,
+        error: Exception | None = None,
+        result: object = None,
+    ) -> float | None:
+        """Record one failed attempt (``error``, or else ``result``); return the wait, or ``None``.
+
+        ``None`` means stop: the caller gets ``error`` (or ``result``). A wait must
+        end before ``deadline``.
+        """
+        ...
+
+    def give_up(self, state: object, error: BaseException, reason: str | None = None) -> None:
+        """Say on ``error`` (as notes) why retrying stopped; ``reason`` names a driver's reason.
+
+        The driver's reasons: ``"deadline"`` (it passed while waiting) and
+        ``"circuit open"`` (the gate refused the next attempt).
+        """
+        ...
+
+
+class CallRecord(Protocol):
+    """One call as an observer records it, from :meth:`CallObserver.begin`.
+
+    The driver adds one to ``attempts`` per attempt made, sets ``error`` when the call
+    raises, reports each retry and each gate refusal, and calls :meth:`end` exactly once.
+    """
+
+    attempts: int
+    error: BaseException | None
+
+    def retrying(self, attempt: int, error: BaseException | None, wait: float) -> None:
+        """Attempt ``attempt`` failed with ``error`` (``None``: its result); a retry follows."""
+        ...
+
+    def rejected(self, error: Exception) -> None:
+        """The gate refused an attempt with ``error``."""
+        ...
+
+    def end(self) -> None:
+        """The call returned (``error`` is ``None``) or raised ``error``."""
+        ...
+
+
+@runtime_checkable
+class CallObserver(Protocol):
+    """Sees each whole call: resilient's OpenTelemetry tracing is one.
+
+    ``explicit`` true means :meth:`begin` is asked on every call. False lets an
+    OpenTelemetry-based observer cost nothing while nobody listens: the driver then
+    asks only while a global OpenTelemetry tracer or meter provider is set.
+    """
+
+    @property
+    def explicit(self) -> bool:
+        """Whether :meth:`begin` must be asked on every call."""
+        ...
+
+    def begin(self) -> CallRecord | None:
+        """Start recording one call, or return ``None`` to record nothing this time."""
+        ...
