@@ -23,7 +23,8 @@ import inspect
 import math
 import threading
 import time
-from collections.abc import Awaitable, Callable, Generator
+import types
+from collections.abc import Awaitable, Callable, Coroutine, Generator
 from typing import TYPE_CHECKING, Any, Final
 
 from resilient.deadline import current as _current
@@ -38,6 +39,7 @@ __all__ = ["Recovery", "build", "decorate", "refuse_generators"]
 
 _INF: Final = math.inf
 _monotonic = time.monotonic
+_CoroutineType = types.CoroutineType
 # What a Recovery yields to ask its driver for one more attempt (a float asks it to wait).
 _ATTEMPT: Final = object()
 # Read at call time, so resilient.testing.record_sleeps() can stand in for them.
@@ -118,7 +120,7 @@ def build(
         assert retrier is not None
         return Recovery(retrier, gate, started, total, outer, timeout, attempt_timeout)
 
-    def start(record: CallRecord | None, now: float) -> float:
+    def start(now: float) -> float:
         """Count the call with the retrier; return when it began, on the retrier's clock."""
         started = now if now and shared_clock else clock()  # type: ignore[misc]
         if replayed_start is not None:
@@ -127,6 +129,11 @@ def build(
                 started = replayed
         count_call(started)  # type: ignore[misc]
         return started
+
+    if replayed_start is not None or not shared_clock:
+        counted = start
+    else:
+        counted = None
 
     if not asynchronous:
 
@@ -142,21 +149,37 @@ def build(
             now = 0.0
             if bounded or outer != _INF:
                 now = _monotonic()
-                total, limit = _limits(now, outer, timeout, attempt_timeout)
+                if timeout is not None and now + timeout < total:
+                    total = now + timeout
+                limit = total
+                if attempt_timeout is not None and now + attempt_timeout < limit:
+                    limit = now + attempt_timeout
             if try_acquire is not None and not try_acquire():
                 _wait_for_slot(admission, total, outer, record)
                 if bounded or outer != _INF:
                     now = _monotonic()
                     limit = _limits(now, total, None, attempt_timeout)[1]
             try:
-                started = 0.0 if count_call is None else start(record, now)
+                started = now
+                if count_call is not None:
+                    if counted is not None:
+                        started = counted(now)
+                    else:
+                        if not now:
+                            started = _monotonic()
+                        count_call(started)
                 if now >= total:
                     raise _expired(timeout)
                 token = None if limit >= outer else _narrow(limit)
                 try:
                     ticket = None
                     if before_call is not None:
-                        ticket = _ask(before_call, record)
+                        try:
+                            ticket = before_call()
+                        except Exception as refused:
+                            if record is not None:
+                                record.rejected(refused)
+                            raise
                     if record is not None:
                         record.attempts += 1
                     try:
@@ -205,28 +228,56 @@ def build(
         now = 0.0
         if bounded or outer != _INF:
             now = _monotonic()
-            total, limit = _limits(now, outer, timeout, attempt_timeout)
+            if timeout is not None and now + timeout < total:
+                total = now + timeout
+            limit = total
+            if attempt_timeout is not None and now + attempt_timeout < limit:
+                limit = now + attempt_timeout
         if try_acquire is not None and not try_acquire():
             await _wait_for_slot_async(admission, total, outer, record)
             if bounded or outer != _INF:
                 now = _monotonic()
                 limit = _limits(now, total, None, attempt_timeout)[1]
         try:
-            started = 0.0 if count_call is None else start(record, now)
+            started = now
+            if count_call is not None:
+                if counted is not None:
+                    started = counted(now)
+                else:
+                    if not now:
+                        started = _monotonic()
+                    count_call(started)
             if now >= total:
                 raise _expired(timeout)
             token = None if limit >= outer else _narrow(limit)
             try:
                 ticket = None
                 if before_call is not None:
-                    ticket = _ask(before_call, record)
+                    try:
+                        ticket = before_call()
+                    except Exception as refused:
+                        if record is not None:
+                            record.rejected(refused)
+                        raise
                 if record is not None:
                     record.attempts += 1
                 try:
+                    awaitable = fn(*args, **kwargs)
                     if limit == _INF:
-                        result = await fn(*args, **kwargs)
+                        result = await awaitable
                     else:
-                        result = await _bounded(fn(*args, **kwargs), limit, total, attempt_timeout)
+                        # Step the coroutine once by hand: one that finishes without
+                        # suspending (a cache hit, say) never needs its deadline watched.
+                        if type(awaitable) is not _CoroutineType:
+                            awaitable = _as_coroutine(awaitable)
+                        try:
+                            pending = awaitable.send(None)
+                        except StopIteration as stop:
+                            result = stop.value
+                        else:
+                            result = await _suspended(
+                                awaitable, pending, limit, total, attempt_timeout
+                            )
                 except Exception as exc:
                     if on_failure is not None:
                         on_failure(ticket, exc)
@@ -273,16 +324,6 @@ def _limits(
     if attempt_timeout is not None and now + attempt_timeout < limit:
         limit = now + attempt_timeout
     return total, limit
-
-
-def _ask(before_call: Callable[[], object], record: CallRecord | None) -> object:
-    """The gate's ticket; a refusal is recorded before it propagates."""
-    try:
-        return before_call()
-    except Exception as refused:
-        if record is not None:
-            record.rejected(refused)
-        raise
 
 
 def _expired(timeout: float | None) -> DeadlineExceeded:
@@ -480,14 +521,10 @@ async def _run_async(
         command = next(flow)
         while True:
             if command is _ATTEMPT:
-                limit = recovery.limit
                 try:
-                    if limit == _INF:
-                        outcome = await fn(*args, **kwargs)
-                    else:
-                        outcome = await _bounded(
-                            fn(*args, **kwargs), limit, recovery.total, recovery.attempt_timeout
-                        )
+                    outcome = await _attempt(
+                        fn(*args, **kwargs), recovery.limit, recovery.total, recovery.attempt_timeout
+                    )
                 except BaseException as exc:
                     command = flow.throw(exc)
                     continue
@@ -559,6 +596,7 @@ class _Deadlines:
             if task is None:
                 self.done -= 1
             else:
+                entry[2] = None
                 entry[3] = True
                 task.cancel(msg="resilient attempt deadline exceeded")
         if heap:
@@ -583,10 +621,54 @@ def _queue(loop: asyncio.AbstractEventLoop) -> _Deadlines:
     return queue
 
 
-async def _bounded(
+async def _attempt(
     awaitable: Awaitable[Any], limit: float, total: float, attempt_timeout: float | None
 ) -> Any:
-    """Await ``awaitable``, cancelling it at ``limit``, which then raises DeadlineExceeded.
+    """Await one attempt, cancelled at ``limit`` (``inf``: not bounded) with DeadlineExceeded."""
+    if limit == _INF:
+        return await awaitable
+    if type(awaitable) is not _CoroutineType:
+        awaitable = _as_coroutine(awaitable)
+    coroutine: Coroutine[Any, Any, Any] = awaitable
+    try:
+        pending = coroutine.send(None)
+    except StopIteration as stop:
+        return stop.value
+    return await _suspended(coroutine, pending, limit, total, attempt_timeout)
+
+
+async def _as_coroutine(awaitable: Awaitable[Any]) -> Any:
+    return await awaitable
+
+
+@types.coroutine
+def _resume(coroutine: Coroutine[Any, Any, Any], pending: Any) -> Generator[Any, Any, Any]:
+    """Await the rest of ``coroutine``, whose first step already ran and yielded ``pending``."""
+    while True:
+        try:
+            yield pending
+        except GeneratorExit:
+            coroutine.close()
+            raise
+        except BaseException as exc:
+            try:
+                pending = coroutine.throw(exc)
+            except StopIteration as stop:
+                return stop.value
+            continue
+        # The task resumes a suspended coroutine with send(None); `yield from` does that.
+        return (yield from coroutine.__await__())
+
+
+@types.coroutine
+def _suspended(
+    coroutine: Coroutine[Any, Any, Any],
+    pending: Any,
+    limit: float,
+    total: float,
+    attempt_timeout: float | None,
+) -> Generator[Any, Any, Any]:
+    """Finish an attempt that suspended, cancelling it at ``limit``: then DeadlineExceeded.
 
     A cancellation from outside stays ``CancelledError``, even one that lands in
     the same loop iteration as ours, and ``task.cancelling()`` ends balanced.
@@ -600,7 +682,7 @@ async def _bounded(
     cancelling = task.cancelling()
     entry = queue.add(limit, task)
     try:
-        return await awaitable
+        return (yield from _resume(coroutine, pending))
     except asyncio.CancelledError:
         if entry[3]:
             entry[3] = False  # our cancel() is accounted for here, once

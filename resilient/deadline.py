@@ -67,20 +67,16 @@ _set = _deadline.set
 current: Callable[[], float] = _get
 
 
-def narrow(when: float) -> Token[float]:
-    """Put the deadline ``when`` (absolute, ``time.monotonic()``) in force, unless one is earlier.
+#: ``narrow(when)``: put ``when``, an absolute ``time.monotonic()`` instant no later
+#: than :func:`current`, in force, and return the token for :func:`restore`. For
+#: drivers bounding one attempt, which have just compared ``when`` with
+#: :func:`current`: it is the ContextVar's own setter, so it checks nothing. Code
+#: that opens a scope uses :func:`deadline` or :func:`deadline_at`, which never extend.
+narrow: Callable[[float], Token[float]] = _set
 
-    Returns the token to hand to :func:`restore` when the narrowed stretch ends, in
-    the same context (thread or task). For drivers that bound one attempt; code
-    that opens a scope uses :func:`deadline` or :func:`deadline_at`.
-    """
-    outer = _get()
-    return _set(when if when < outer else outer)
-
-
-def restore(token: Token[float]) -> None:
-    """End a stretch begun with :func:`narrow`: the deadline before it is in force again."""
-    _deadline.reset(token)
+#: ``restore(token)``: end a stretch begun with :func:`narrow`, in the same thread or
+#: task; the deadline before it is in force again.
+restore: Callable[[Token[float]], None] = _deadline.reset
 
 
 def remaining() -> float:
