@@ -130,10 +130,8 @@ def build(
         count_call(started)  # type: ignore[misc]
         return started
 
-    if replayed_start is not None or not shared_clock:
-        counted = start
-    else:
-        counted = None
+    # Only a replayed start or a clock of the retrier's own needs start(); else inline.
+    counted = start if replayed_start is not None or not shared_clock else None
 
     if not asynchronous:
 
@@ -158,7 +156,7 @@ def build(
                 _wait_for_slot(admission, total, outer, record)
                 if bounded or outer != _INF:
                     now = _monotonic()
-                    limit = _limits(now, total, None, attempt_timeout)[1]
+                    limit = _attempt_limit(now, total, attempt_timeout)
             try:
                 started = now
                 if count_call is not None:
@@ -237,7 +235,7 @@ def build(
             await _wait_for_slot_async(admission, total, outer, record)
             if bounded or outer != _INF:
                 now = _monotonic()
-                limit = _limits(now, total, None, attempt_timeout)[1]
+                limit = _attempt_limit(now, total, attempt_timeout)
         try:
             started = now
             if count_call is not None:
@@ -313,17 +311,11 @@ def build(
     return run_async
 
 
-def _limits(
-    now: float, outer: float, timeout: float | None, attempt_timeout: float | None
-) -> tuple[float, float]:
-    """The call's total deadline and its attempt's, from ``now`` and the one in force."""
-    total = outer
-    if timeout is not None and now + timeout < total:
-        total = now + timeout
-    limit = total
-    if attempt_timeout is not None and now + attempt_timeout < limit:
-        limit = now + attempt_timeout
-    return total, limit
+def _attempt_limit(now: float, total: float, attempt_timeout: float | None) -> float:
+    """The deadline of an attempt starting at ``now`` within the call's ``total``."""
+    if attempt_timeout is not None and now + attempt_timeout < total:
+        return now + attempt_timeout
+    return total
 
 
 def _expired(timeout: float | None) -> DeadlineExceeded:
@@ -444,9 +436,7 @@ class Recovery:
                         raise _expired(self.timeout)
                     retrier.give_up(state, error, "deadline")
                     raise error
-                attempt_timeout = self.attempt_timeout
-                if attempt_timeout is not None and now + attempt_timeout < limit:
-                    limit = now + attempt_timeout
+                limit = _attempt_limit(now, total, self.attempt_timeout)
             self.limit = limit
             token = None if limit >= self.outer else _narrow(limit)
             try:
@@ -522,9 +512,9 @@ async def _run_async(
         while True:
             if command is _ATTEMPT:
                 try:
-                    outcome = await _attempt(
-                        fn(*args, **kwargs), recovery.limit, recovery.total, recovery.attempt_timeout
-                    )
+                    awaitable = fn(*args, **kwargs)
+                    limit, total = recovery.limit, recovery.total
+                    outcome = await _attempt(awaitable, limit, total, recovery.attempt_timeout)
                 except BaseException as exc:
                     command = flow.throw(exc)
                     continue
