@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 import pickle
+import struct
 import threading
 from bisect import bisect_right
 from collections import Counter
 from collections.abc import Mapping
 from fractions import Fraction
+from hashlib import md5
 
 import pytest
 from hypothesis import given, settings
@@ -343,6 +345,113 @@ def test_readers_during_membership_changes_always_get_a_member(
         reader.join()
     assert not failures
     assert all(lookups)
+
+
+# -- large rings ----------------------------------------------------------------------------
+
+# 1,000 nodes of 160 points: 160,000 points, far past the 2**15 buckets the lookup table was
+# once capped at, so this ring's table is one that grew with it.
+LARGE_RING_NODES = [f"cache-{index}" for index in range(1000)]
+
+
+def canonical_bytes(key: str | bytes | int) -> bytes:
+    """A key's bytes as the module docstring defines them."""
+    if isinstance(key, str):
+        return key.encode()
+    return key if isinstance(key, bytes) else str(key).encode()
+
+
+def plain_continuum(
+    points_of: Mapping[str, list[int]], *, last_added_wins: bool = False
+) -> tuple[list[int], list[str]]:
+    """The sorted distinct points and the owner of each, built the slow, obvious way.
+
+    A point shared by two nodes goes to the smaller id, or with ``last_added_wins`` (ketama)
+    to the node that comes later in ``points_of``.
+    """
+    owner_of: dict[int, str] = {}
+    for node, points in points_of.items():
+        for point in points:
+            if last_added_wins or point not in owner_of or node < owner_of[point]:
+                owner_of[point] = node
+    points = sorted(owner_of)
+    return points, [owner_of[point] for point in points]
+
+
+def plain_bisect(points: list[int], owners: list[str], hashed: int) -> str:
+    """The owner of the first point strictly greater than ``hashed``, wrapping to the first."""
+    return owners[bisect_right(points, hashed) % len(points)]
+
+
+def test_large_ring_lookups_match_a_plain_bisect_over_its_points() -> None:
+    """On a 1,000-node ring every key goes to the node a plain bisect over the points gives.
+
+    The bucket table only speeds lookups up; whatever its size, a user must get the very node
+    the documented placement names.
+    """
+    ring = HashRing(LARGE_RING_NODES)
+    assert len(ring._snapshot.lookup[2]) > 2**15  # the grown table is what is under test
+    points, owners = plain_continuum(
+        {
+            node: [xxh3_64_intdigest(node.encode(), seed=index) for index in range(160)]
+            for node in LARGE_RING_NODES
+        }
+    )
+    keys = [*KEYS, *(f"key:{index}" for index in range(60_000))]
+    expected = [plain_bisect(points, owners, xxh3_64_intdigest(canonical_bytes(k))) for k in keys]
+    assert list(map(ring.get, keys)) == expected
+
+
+def test_large_ketama_ring_lookups_match_a_plain_bisect_over_its_points() -> None:
+    """The same on a 1,000-node ketama continuum, whose 32-bit hashes index the table too."""
+    ring = HashRing(LARGE_RING_NODES, compat="ketama")
+    assert len(ring._snapshot.lookup[2]) > 2**15
+    points_of = {
+        node: [
+            point
+            for digest in range(40)
+            for point in struct.unpack("<4I", md5(f"{node}-{digest}".encode()).digest())
+        ]
+        for node in LARGE_RING_NODES
+    }
+    points, owners = plain_continuum(points_of, last_added_wins=True)
+    keys = [*KEYS, *(f"key:{index}" for index in range(60_000))]
+    expected = [
+        plain_bisect(points, owners, int.from_bytes(md5(canonical_bytes(k)).digest()[:4], "little"))
+        for k in keys
+    ]
+    assert list(map(ring.get, keys)) == expected
+
+
+def test_large_ring_lookups_on_beside_and_among_crowded_points_match_a_plain_bisect(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Keys that hash exactly onto a point, one off either side of one, or into a bucket
+    crowded with hundreds of points still get the plain bisect's node on a large ring.
+
+    Random keys rarely land on these edges: here the points are placed around the keys.
+    """
+    keys = [f"edge:{index}" for index in range(45_000)]
+    hashes = [xxh3_64_intdigest(key.encode()) for key in keys]
+    nodes = [f"node-{index:03}" for index in range(300)]
+    points_of: dict[str, list[int]] = {node: [] for node in nodes}
+    for index, hashed in enumerate(hashes):
+        # On the key's hash (the key must go past it), just above, or just below it.
+        points_of[nodes[index % len(nodes)]].append(hashed + index % 3 - 1)
+    # Crowds of hundreds of points in one bucket, all below a key's hash (the fullest bucket:
+    # the key goes past all of them), all above one, and around one.
+    for hashed, offsets in zip(
+        hashes, (range(-500, 0), range(1, 401), range(-200, 200)), strict=False
+    ):
+        for offset in offsets:
+            points_of[nodes[(offset * 7) % len(nodes)]].append(hashed + offset)
+    monkeypatch.setattr(hashring_module, "_xxh3_points", lambda node, count: points_of[node])
+    ring = HashRing(nodes, vnodes=10_000)  # more than any node's points, so none are cut
+    assert len(ring._snapshot.lookup[2]) > 2**15
+    points, owners = plain_continuum(points_of)
+    assert [ring.get(key) for key in keys] == [
+        plain_bisect(points, owners, hashed) for hashed in hashes
+    ]
 
 
 # -- ketama compatibility --------------------------------------------------------------------
