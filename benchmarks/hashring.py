@@ -1,14 +1,26 @@
 """resilient.HashRing against uhashring: lookup rate, build time, balance, churn, bounded loads.
 
-Both rings get the same one million distinct keys and the same node names, 160 points per node
-of weight 1 (uhashring's ketama mode: 40 digests of 4 points, which is what ``compat="ketama"``
-reproduces). Timings are interleaved -- one run of each side in turn -- and each side keeps its
-best run, because the machine is shared and noisy: the least disturbed run is the best estimate.
-Balance and churn are averaged over 20 sets of node names, so one lucky or unlucky set of names
-does not decide them. The ``target`` column says whether the result meets the goal it was
-built for.
+Hashes. resilient's default mode hashes with xxh3_64 (64-bit points). uhashring's rings here
+hash with mmh3: ``hash_fn=mmh3.hash`` (MurmurHash3_x86_32, 32-bit points), its fastest hash.
+uhashring never picks mmh3 by itself -- without ``hash_fn`` its ``MetaRing`` hashes with md5
+(``int(md5(str(key)).hexdigest(), 16)``), about twice as slow to build as with mmh3 -- so the
+function is passed explicitly and each ring is checked to hash its keys and points with it.
+In ketama mode both sides hash with md5: that is the continuum, and uhashring's ketama ring
+ignores ``hash_fn``.
 
-Run: ``.venv/bin/python benchmarks/hashring.py`` (about two minutes on two cores).
+Both rings get the same distinct keys and node names, 160 points per node of weight 1
+(uhashring's ketama mode: 40 digests of 4 points, which is what ``compat="ketama"``
+reproduces). Lookups and builds are compared at 10, 100, 1,000 and 10,000 nodes in paired
+rounds: in each round both sides run back to back on the same input (a fresh slice of keys
+for lookups, so no round is served from a warm cache), taking turns at going first, and the
+figure judged is the median over rounds of the per-round ratio. The machine is shared and
+noisy: a slow moment slows both sides of a round alike, so ratios hold where absolute times
+drift. Ketama lookups stop at 1,000 nodes: uhashring builds its ketama ring by ``insort`` of
+each point, quadratic in the points -- about a second at 1,000 nodes, minutes at 10,000.
+Balance and churn are averaged over 20 sets of node names, so one lucky or unlucky set of
+names does not decide them. Every verdict is recorded as a target (see ``_targets.py``).
+
+Run: ``make bench`` or ``.venv/bin/python benchmarks/hashring.py`` (about 40 s on two cores).
 """
 
 from __future__ import annotations
@@ -22,19 +34,31 @@ from functools import partial
 from importlib.metadata import version
 from typing import Any
 
-from _timing import best_of, table
+import mmh3
+from _targets import record
+from _timing import table
 from uhashring import HashRing as UHashRing
 
 from resilient.hashring import HashRing
 
-KEY_COUNT = 1_000_000
-NAME_SETS = 20
+SCRIPT = "hashring.py"
 VNODES = 160
-NODE_COUNTS = (10, 100)
-LOOKUP_ROUNDS = 3
+NODE_COUNTS = (10, 100, 1_000, 10_000)
+KETAMA_NODE_COUNTS = (10, 100, 1_000)
+LOOKUP_ROUNDS = 30
+KEYS_PER_ROUND = 20_000
+# (calls per timing, rounds) for each build size: about a second or less per size, but 10,000
+# nodes, where one build takes 1.5-2 s a side.
+BUILD_PLAN = {10: (20, 30), 100: (3, 20), 1_000: (1, 9), 10_000: (1, 3)}
+KEY_COUNT = 200_000  # keys routed in the balance, churn and bounded-load sections
+NAME_SETS = 20
+BOUNDED_NODE_COUNTS = (10, 100)
 BOUNDED_FACTORS = (1.25, 1.10)
+LOOKUP_TARGET = {"default": 4.0, "ketama": 1.5}  # resilient get vs uhashring get_node
+BUILD_TARGET = 0.5  # resilient build time / uhashring's
 
-KEYS = [f"user:{index}" for index in range(KEY_COUNT)]
+POOL = [f"user:{index}" for index in range((LOOKUP_ROUNDS + 1) * KEYS_PER_ROUND)]  # + warm-up
+KEYS = POOL[:KEY_COUNT]
 
 
 def node_names(name_set: int, count: int) -> list[str]:
@@ -45,85 +69,147 @@ def verdict(ok: bool) -> str:
     return "ok" if ok else "MISS"
 
 
-def interleaved_best(
-    sides: Sequence[Callable[[], Any]], rounds: int, number: int = 1
-) -> list[float]:
-    """Best seconds per call of each side, the sides taking turns run by run."""
-    best = [float("inf")] * len(sides)
-    for _ in range(rounds):
-        for index, side in enumerate(sides):
-            best[index] = min(best[index], best_of(side, repeat=1, number=number))
-    return best
+def uhashring_mmh3(nodes: Sequence[str]) -> Any:
+    """uhashring's default ring over ``nodes``, hashing keys and points with mmh3.hash."""
+    return UHashRing(list(nodes), vnodes=VNODES, hash_fn=mmh3.hash)
 
 
-def lookup_rows() -> list[list[object]]:
+def check_uses_mmh3(ring: Any, nodes: Sequence[str]) -> None:
+    """Fail unless ``ring`` hashes keys (hashi) and its points (f"{node}-{i}") with mmh3.hash."""
+    probe = "user:probe"
+    if ring.hashi(probe) != mmh3.hash(probe):
+        raise RuntimeError("uhashring does not hash keys with mmh3.hash")
+    points = ring.ring  # point -> node
+    for node in (nodes[0], nodes[-1]):
+        for index in (0, VNODES - 1):
+            if mmh3.hash(f"{node}-{index}") not in points:
+                raise RuntimeError("uhashring's points are not mmh3.hash of f'{node}-{i}'")
+
+
+def paired_times(
+    ours: Callable[[int], Any], theirs: Callable[[int], Any], rounds: int
+) -> tuple[list[float], list[float]]:
+    """Seconds of each side in each round; both get the round's index, and go first in turn.
+
+    First one untimed call of each side, for caches and lazy state, with index ``rounds``.
+    """
+    ours(rounds)
+    theirs(rounds)
+    our_times: list[float] = []
+    their_times: list[float] = []
+    for round_index in range(rounds):
+        sides = [(ours, our_times), (theirs, their_times)]
+        for side, times in sides if round_index % 2 == 0 else sides[::-1]:
+            started = time.perf_counter()
+            side(round_index)
+            times.append(time.perf_counter() - started)
+    return our_times, their_times
+
+
+def median_ratio(numerators: list[float], denominators: list[float]) -> float:
+    return statistics.median(a / b for a, b in zip(numerators, denominators, strict=True))
+
+
+def lookup_rows() -> tuple[list[list[object]], list[tuple[str, str, bool]]]:
     rows: list[list[object]] = []
-    for compat in (None, "ketama"):
-        for count in NODE_COUNTS:
+    targets: list[tuple[str, str, bool]] = []
+    slices = [
+        POOL[index * KEYS_PER_ROUND : (index + 1) * KEYS_PER_ROUND]
+        for index in range(LOOKUP_ROUNDS + 1)
+    ]
+    for mode in ("default", "ketama"):
+        for count in NODE_COUNTS if mode == "default" else KETAMA_NODE_COUNTS:
             nodes = node_names(0, count)
-            ours = HashRing(nodes, vnodes=VNODES, compat=compat)
-            if compat == "ketama":
-                theirs = UHashRing(nodes, hash_fn="ketama")  # 40 digests x 4 points
+            if mode == "ketama":
+                ours = HashRing(nodes, vnodes=VNODES, compat="ketama")
+                theirs = UHashRing(nodes, hash_fn="ketama")  # 40 digests x 4 points, md5
             else:
-                theirs = UHashRing(nodes, vnodes=VNODES)
-            our_get, their_get = ours.get, theirs.get_node
-            answers: dict[str, list[str]] = {}
+                ours = HashRing(nodes, vnodes=VNODES)
+                theirs = uhashring_mmh3(nodes)
+                check_uses_mmh3(theirs, nodes)
+            answers: dict[str, list[list[str]]] = {"ours": [], "theirs": []}
 
-            def run_ours(
-                get: Callable[[str], str] = our_get, answers: dict[str, list[str]] = answers
+            def run(
+                round_index: int,
+                get: Callable[[str], str],
+                side: list[list[str]],
             ) -> None:
-                answers["ours"] = list(map(get, KEYS))
+                side.append(list(map(get, slices[round_index])))
 
-            def run_theirs(
-                get: Callable[[str], str] = their_get, answers: dict[str, list[str]] = answers
-            ) -> None:
-                answers["theirs"] = list(map(get, KEYS))
-
-            our_time, their_time = interleaved_best([run_ours, run_theirs], LOOKUP_ROUNDS)
-            ratio = their_time / our_time
-            target = 1.5 if compat == "ketama" else 4.0
-            if compat == "ketama":
-                agreeing = sum(
-                    a == b for a, b in zip(answers["ours"], answers["theirs"], strict=True)
-                )
-                agreement = f"{agreeing / KEY_COUNT:.4%}"
+            our_times, their_times = paired_times(
+                partial(run, get=ours.get, side=answers["ours"]),
+                partial(run, get=theirs.get_node, side=answers["theirs"]),
+                LOOKUP_ROUNDS,
+            )
+            ratio = median_ratio(their_times, our_times)
+            target = LOOKUP_TARGET[mode]
+            if mode == "ketama":
+                pairs = [
+                    (a, b)
+                    for mine, yours in zip(answers["ours"], answers["theirs"], strict=True)
+                    for a, b in zip(mine, yours, strict=True)
+                ]
+                agreement = f"{sum(a == b for a, b in pairs) / len(pairs):.4%}"
             else:
                 agreement = "-"
             rows.append(
                 [
-                    compat or "default",
+                    mode,
                     count,
-                    f"{KEY_COUNT / our_time / 1e6:.2f} M/s",
-                    f"{KEY_COUNT / their_time / 1e6:.2f} M/s",
-                    f"{ratio:.1f}x",
+                    f"{KEYS_PER_ROUND / statistics.median(our_times) / 1e6:.2f} M/s",
+                    f"{KEYS_PER_ROUND / statistics.median(their_times) / 1e6:.2f} M/s",
+                    f"{ratio:.2f}x",
                     agreement,
                     f">= {target}x {verdict(ratio >= target)}",
                 ]
             )
-    return rows
+            theirs_name = "uhashring ketama (md5)" if mode == "ketama" else "uhashring (mmh3)"
+            targets.append(
+                (
+                    f"{mode} get, {count:,} nodes >= {target}x {theirs_name} get_node",
+                    f"{ratio:.2f}x (median of {LOOKUP_ROUNDS} paired rounds)",
+                    ratio >= target,
+                )
+            )
+            del ours, theirs, answers
+    return rows, targets
 
 
-def build_rows() -> list[list[object]]:
+def build_rows() -> tuple[list[list[object]], list[tuple[str, str, bool]]]:
     rows: list[list[object]] = []
+    targets: list[tuple[str, str, bool]] = []
     for count in NODE_COUNTS:
         nodes = node_names(0, count)
-        rounds = 40 if count <= 10 else 12
-        our_time, their_time = interleaved_best(
-            [partial(HashRing, nodes, vnodes=VNODES), partial(UHashRing, nodes, vnodes=VNODES)],
+        check_uses_mmh3(uhashring_mmh3(nodes), nodes)
+        number, rounds = BUILD_PLAN[count]
+
+        def build(round_index: int, make: Callable[[], Any], number: int = number) -> None:
+            for _ in range(number):
+                make()
+
+        our_times, their_times = paired_times(
+            partial(build, make=partial(HashRing, nodes, vnodes=VNODES)),
+            partial(build, make=partial(uhashring_mmh3, nodes)),
             rounds,
-            number=5,
         )
-        ratio = our_time / their_time
+        ratio = median_ratio(our_times, their_times)
         rows.append(
             [
                 count,
-                f"{our_time * 1e3:.2f} ms",
-                f"{their_time * 1e3:.2f} ms",
+                f"{statistics.median(our_times) / number * 1e3:.2f} ms",
+                f"{statistics.median(their_times) / number * 1e3:.2f} ms",
                 f"{ratio:.2f}",
-                f"<= 0.50 {verdict(ratio <= 0.5)}",
+                f"<= {BUILD_TARGET:.2f} {verdict(ratio <= BUILD_TARGET)}",
             ]
         )
-    return rows
+        targets.append(
+            (
+                f"build, {count:,} nodes: resilient / uhashring (mmh3) time <= {BUILD_TARGET:.2f}",
+                f"{ratio:.2f} (median of {rounds} paired rounds)",
+                ratio <= BUILD_TARGET,
+            )
+        )
+    return rows, targets
 
 
 def spread(owners: list[str], nodes: Sequence[str]) -> tuple[float, float]:
@@ -144,7 +230,9 @@ def moves(before: list[str], after: list[str], *, changed: str) -> tuple[int, in
     return moved, stray
 
 
-def balance_and_churn_rows() -> tuple[list[list[object]], list[list[object]]]:
+def balance_and_churn_rows() -> tuple[
+    list[list[object]], list[list[object]], list[tuple[str, str, bool]]
+]:
     ours_spread: list[tuple[float, float]] = []
     theirs_spread: list[tuple[float, float]] = []
     added_fractions: list[float] = []
@@ -157,7 +245,7 @@ def balance_and_churn_rows() -> tuple[list[list[object]], list[list[object]]]:
         ring = HashRing(ten, vnodes=VNODES)
         before = list(map(ring.get, KEYS))
         ours_spread.append(spread(before, ten))
-        theirs_spread.append(spread(list(map(UHashRing(ten, vnodes=VNODES).get_node, KEYS)), ten))
+        theirs_spread.append(spread(list(map(uhashring_mmh3(ten).get_node, KEYS)), ten))
 
         ring.add(newcomer)
         moved, stray = moves(before, list(map(ring.get, KEYS)), changed=newcomer)
@@ -173,26 +261,28 @@ def balance_and_churn_rows() -> tuple[list[list[object]], list[list[object]]]:
     def mean_of(values: list[tuple[float, float]], index: int) -> float:
         return statistics.fmean(value[index] for value in values)
 
-    balance: list[list[object]] = [
-        [
-            "stddev/mean",
-            f"{mean_of(ours_spread, 0):.4f}",
-            f"{mean_of(theirs_spread, 0):.4f}",
-            f"<= 0.085 {verdict(mean_of(ours_spread, 0) <= 0.085)}",
-        ],
-        [
-            "max/mean",
-            f"{mean_of(ours_spread, 1):.4f}",
-            f"{mean_of(theirs_spread, 1):.4f}",
-            f"<= 1.15 {verdict(mean_of(ours_spread, 1) <= 1.15)}",
-        ],
-    ]
+    targets: list[tuple[str, str, bool]] = []
+    balance: list[list[object]] = []
+    for index, metric, limit in ((0, "stddev/mean", 0.085), (1, "max/mean", 1.15)):
+        ours = mean_of(ours_spread, index)
+        balance.append(
+            [
+                metric,
+                f"{ours:.4f}",
+                f"{mean_of(theirs_spread, index):.4f}",
+                f"<= {limit} {verdict(ours <= limit)}",
+            ]
+        )
+        targets.append(
+            (f"keys per node {metric}, 10 nodes <= {limit}", f"{ours:.4f}", ours <= limit)
+        )
     churn: list[list[object]] = []
     for change, fractions, ideal in (
         ("add an 11th node", added_fractions, 1 / 11),
         ("remove 1 of 10 nodes", removed_fractions, 1 / 10),
     ):
         mean_moved = statistics.fmean(fractions)
+        ok = abs(mean_moved / ideal - 1) <= 0.05
         churn.append(
             [
                 change,
@@ -200,8 +290,11 @@ def balance_and_churn_rows() -> tuple[list[list[object]], list[list[object]]]:
                 f"{ideal:.4f}",
                 f"{mean_moved / ideal:.3f}",
                 f"{min(fractions) / ideal:.2f}-{max(fractions) / ideal:.2f}",
-                f"within 5% {verdict(abs(mean_moved / ideal - 1) <= 0.05)}",
+                f"within 5% {verdict(ok)}",
             ]
+        )
+        targets.append(
+            (f"keys moved to {change} within 5% of ideal", f"{mean_moved / ideal:.3f}x ideal", ok)
         )
     churn.append(
         [
@@ -213,12 +306,14 @@ def balance_and_churn_rows() -> tuple[list[list[object]], list[list[object]]]:
             f"zero {verdict(stray_moves == 0)}",
         ]
     )
-    return balance, churn
+    targets.append(("keys moved between unchanged nodes == 0", str(stray_moves), stray_moves == 0))
+    return balance, churn, targets
 
 
-def bounded_rows() -> list[list[object]]:
+def bounded_rows() -> tuple[list[list[object]], list[tuple[str, str, bool]]]:
     rows: list[list[object]] = []
-    for count in NODE_COUNTS:
+    targets: list[tuple[str, str, bool]] = []
+    for count in BOUNDED_NODE_COUNTS:
         ring = HashRing(node_names(0, count), vnodes=VNODES)
         mean = KEY_COUNT / count
         _, plain_max = spread(list(map(ring.get, KEYS)), ring.nodes)
@@ -239,29 +334,66 @@ def bounded_rows() -> list[list[object]]:
                     f"<= c {verdict(worst <= factor)}",
                 ]
             )
-    return rows
+            targets.append(
+                (
+                    f"bounded max/mean keys per node, {count} nodes, c={factor} <= c",
+                    f"{worst:.4f}",
+                    worst <= factor,
+                )
+            )
+    return rows, targets
+
+
+def record_all(targets: list[tuple[str, str, bool]]) -> None:
+    for target, figure, met in targets:
+        record(SCRIPT, target, figure, met)
 
 
 def main() -> None:
     started = time.perf_counter()
     print(
         f"resilient.HashRing vs uhashring {version('uhashring')} -- Python "
-        f"{platform.python_version()}, {KEY_COUNT:,} distinct keys, {VNODES} points per node"
+        f"{platform.python_version()}, {VNODES} points per node"
     )
-    print("\nLookups per second (get vs get_node, the same keys on the same nodes)")
-    table(
-        lookup_rows(),
-        ["mode", "nodes", "resilient", "uhashring", "speedup", "same node", "target"],
+    print(
+        "Hashes: resilient default xxh3_64, ketama md5; uhashring default "
+        f"mmh3.hash (mmh3 {version('mmh3')}, passed as hash_fn and checked), ketama md5"
     )
-    print("\nBuild time (constructor with all nodes)")
-    table(build_rows(), ["nodes", "resilient", "uhashring", "ratio", "target"])
-    balance, churn = balance_and_churn_rows()
-    print(f"\nKeys per node, 10 nodes, mean over {NAME_SETS} sets of node names")
-    table(balance, ["metric", "resilient", "uhashring", "target"])
+    section = time.perf_counter()
+    print(
+        f"\nLookups per second (get vs get_node, the same keys on the same nodes), "
+        f"{LOOKUP_ROUNDS} paired rounds of {KEYS_PER_ROUND:,} fresh keys; speedup is the median "
+        "of the per-round ratios"
+    )
+    rows, targets = lookup_rows()
+    table(rows, ["mode", "nodes", "resilient", "uhashring", "speedup", "same node", "target"])
+    record_all(targets)
+    print(f"  ({time.perf_counter() - section:.0f} s)")
+
+    section = time.perf_counter()
+    print("\nBuild time (constructor with all nodes); ratio is the median of per-round ratios")
+    rows, targets = build_rows()
+    table(rows, ["nodes", "resilient", "uhashring (mmh3)", "ratio", "target"])
+    record_all(targets)
+    print(f"  ({time.perf_counter() - section:.0f} s)")
+
+    section = time.perf_counter()
+    balance, churn, targets = balance_and_churn_rows()
+    print(
+        f"\nKeys per node, 10 nodes, {KEY_COUNT:,} keys, mean over {NAME_SETS} sets of node names"
+    )
+    table(balance, ["metric", "resilient", "uhashring (mmh3)", "target"])
     print(f"\nKeys moved by a membership change (resilient), mean over {NAME_SETS} name sets")
     table(churn, ["change", "moved", "ideal", "moved/ideal", "range", "target"])
+    record_all(targets)
+    print(f"  ({time.perf_counter() - section:.0f} s)")
+
+    section = time.perf_counter()
     print(f"\nBounded loads (resilient), {KEY_COUNT:,} keys assigned, max/mean keys per node")
-    table(bounded_rows(), ["nodes", "c", "bounded", "plain ring", "assign rate", "target"])
+    rows, targets = bounded_rows()
+    table(rows, ["nodes", "c", "bounded", "plain ring", "assign rate", "target"])
+    record_all(targets)
+    print(f"  ({time.perf_counter() - section:.0f} s)")
     print(f"\nTotal time: {time.perf_counter() - started:.0f} s")
 
 
