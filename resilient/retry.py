@@ -928,7 +928,11 @@ class Retry:
         if reason == "not retryable" and attempts <= 1:
             return
         if reason == "attempts exhausted":
-            why = f"attempts exhausted (attempts={self.attempts})"
+            cap = _instant_cap
+            if cap is not None and (self.attempts is None or cap < self.attempts):
+                why = f"attempts exhausted (attempts={self.attempts}, capped at {cap} for tests)"
+            else:
+                why = f"attempts exhausted (attempts={self.attempts})"
         elif reason == "retry budget exhausted":
             why = (
                 "retry budget exhausted: too many recent calls through this Retry were "

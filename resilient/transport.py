@@ -76,13 +76,13 @@ import httpx
 from resilient import tracing as _tracing
 from resilient._config import Duration, check_int, to_seconds
 from resilient.breaker import BreakerState, BreakerStore, CircuitBreaker
-from resilient.bulkhead import Bulkhead
 from resilient.deadline import DEADLINE_HEADER, format_deadline_header, remaining
 from resilient.deadline import current as _current_deadline
 from resilient.errors import BulkheadFull, CircuitOpenError, DeadlineExceeded, ResilientError
 from resilient.policy import Policy
 from resilient.retry import Retry, RetryEvent
 from resilient.shardmap import ShardedMap
+from resilient.stages import Admission, Gate
 
 if TYPE_CHECKING:
     from opentelemetry.metrics import MeterProvider
@@ -376,8 +376,8 @@ class _Core:
         self,
         *,
         retry: Retry | None,
-        breaker: Callable[[str], CircuitBreaker] | None,
-        bulkhead: Callable[[str], Bulkhead] | None,
+        breaker: Callable[[str], Gate] | None,
+        bulkhead: Callable[[str], Admission] | None,
         timeout: Duration | None,
         attempt_timeout: Duration | None,
         retry_statuses: Collection[int],
@@ -483,15 +483,20 @@ class _Core:
 
     def _new_host(self, origin: str, attempt: Callable[[httpx.Request], Any]) -> _Host:
         breaker = None if self.breaker_factory is None else self.breaker_factory(origin)
-        if breaker is not None and not isinstance(breaker, CircuitBreaker):
+        if breaker is not None and not isinstance(breaker, Gate):
             raise TypeError(
-                f"the breaker factory must return a resilient.CircuitBreaker, got {breaker!r}"
+                "the breaker factory must return a resilient.CircuitBreaker or a Gate stage "
+                f"(before_call, on_success, on_failure, on_abort), got {breaker!r}"
             )
         bulkhead = None if self.bulkhead_factory is None else self.bulkhead_factory(origin)
-        if bulkhead is not None and not isinstance(bulkhead, Bulkhead):
+        if bulkhead is not None and not isinstance(bulkhead, Admission):
             raise TypeError(
-                f"the bulkhead factory must return a resilient.Bulkhead, got {bulkhead!r}"
+                "the bulkhead factory must return a resilient.Bulkhead or an Admission stage "
+                f"(try_acquire, acquire, acquire_async, release), got {bulkhead!r}"
             )
+        # Only a built-in breaker can be read without asking it: a gate of one's own is
+        # asked by the driver on every request, so its origin takes no fast path.
+        builtin = breaker if isinstance(breaker, CircuitBreaker) else None
         stages: dict[str, Any] = {
             "tracing": False,  # the transport records requests itself (see begin)
             "bulkhead": bulkhead,
@@ -511,14 +516,14 @@ class _Core:
             retrying = driver(Policy(retry=retry, **stages))
         return _Host(
             origin=origin,
-            store=None if breaker is None else breaker.store,
+            store=None if builtin is None else builtin.store,
             retrying=retrying,
             single=single,
             fast=(
                 bulkhead is None
                 and self.timeout is None
                 and self.attempt_timeout is None
-                and (breaker is None or not breaker.counts_successes)
+                and (breaker is None or (builtin is not None and not builtin.counts_successes))
                 and not (self.telemetry is not None and self.telemetry.explicit)
             ),
             untraced=self.telemetry is None,
@@ -805,8 +810,8 @@ class _Configured(Generic[Inner]):
         transport: Inner | None = None,
         *,
         retry: Retry | _Unset | None = _UNSET,
-        breaker: Callable[[str], CircuitBreaker] | _Unset | None = _UNSET,
-        bulkhead: Callable[[str], Bulkhead] | None = None,
+        breaker: Callable[[str], Gate] | _Unset | None = _UNSET,
+        bulkhead: Callable[[str], Admission] | None = None,
         timeout: Duration | None = None,
         attempt_timeout: Duration | None = None,
         retry_statuses: Collection[int] = RETRY_STATUSES,
@@ -861,9 +866,10 @@ class ResilientTransport(_Configured[httpx.BaseTransport], httpx.BaseTransport):
       hooks (default ``Retry(attempts=3)``; ``None`` disables retries). The
       transport decides what is safe to retry; an ``on`` of your own can only
       narrow that. Each origin gets its own retry budget shaped like the Retry's.
-    * ``breaker``: ``origin -> CircuitBreaker`` (default :func:`default_breaker`);
-      ``None`` disables breakers.
-    * ``bulkhead``: ``origin -> Bulkhead`` or ``None`` (default).
+    * ``breaker``: ``origin -> CircuitBreaker`` (default :func:`default_breaker`), or
+      any :class:`~resilient.stages.Gate` of your own; ``None`` disables breakers.
+    * ``bulkhead``: ``origin -> Bulkhead`` (or any :class:`~resilient.stages.Admission`),
+      or ``None`` (default).
     * ``timeout`` / ``attempt_timeout``: total and per-attempt budgets in seconds.
     * ``retry_statuses``: statuses retried for idempotent requests.
     * ``retry_non_idempotent``: also retry POST and PATCH (default ``False``).
