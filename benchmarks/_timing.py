@@ -1,39 +1,36 @@
-"""Tiny helpers shared by the benchmark scripts: best-of and interleaved timing, a text table.
+"""Helpers shared by the benchmark scripts: paired interleaved rounds and a text table.
 
-The machines benchmarks run on are shared and noisy, so a measurement is repeated and its
-minimum kept: the least disturbed run is the best estimate of what the code costs.
+The machines benchmarks run on are shared and noisy: their speed wanders from one moment
+to the next, by more than many of the differences measured. :func:`paired_rounds` times
+many short rounds in which the variants take turns, so that every variant of a round ran
+at nearly the same moment, on nearly the same machine. A comparison is then made within
+each round (variant - baseline, or the ratio of two overheads) and the median over rounds
+is kept: :func:`median_paired_overhead`, :func:`median_paired_ratio`. A slow moment moves
+both sides of a round together and cancels out; a hiccup that hits one side of one round
+moves the median by at most one rank.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
+import statistics
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 __all__ = [
-    "best_of",
-    "best_of_interleaved",
-    "interleaved_rounds",
+    "Paired",
+    "median_paired_overhead",
+    "median_paired_ratio",
+    "paired_rounds",
     "table",
     "time_async",
     "time_sync",
 ]
 
 Variant = TypeVar("Variant")
-
-
-def best_of(fn: Callable[[], Any], repeat: int = 5, number: int = 1) -> float:
-    """Call ``fn`` ``number`` times per run, ``repeat`` runs; return the best seconds per call."""
-    if repeat < 1 or number < 1:
-        raise ValueError(f"repeat and number must be at least 1, got {repeat!r} and {number!r}")
-    best = float("inf")
-    for _ in range(repeat):
-        started = time.perf_counter()
-        for _ in range(number):
-            fn()
-        best = min(best, time.perf_counter() - started)
-    return best / number
 
 
 def time_sync(fn: Callable[[], Any], calls: int) -> float:
@@ -58,37 +55,88 @@ def time_async(
     return asyncio.run(loop()) if runner is None else runner.run(loop())
 
 
-def interleaved_rounds(
-    variants: dict[str, Variant],
+def paired_rounds(
+    variants: Mapping[str, Variant],
     timer: Callable[[Variant, int], float],
-    calls: int,
+    calls: int | Mapping[str, int],
     rounds: int,
 ) -> dict[str, list[float]]:
     """Seconds per call of each variant in each of ``rounds`` rounds, the variants taking turns.
 
     Each round times ``calls`` calls of every variant with ``timer`` (:func:`time_sync`,
-    :func:`time_async`), after a warm-up of a tenth of that for caches and lazy state.
+    :func:`time_async`); ``calls`` may name a count per variant, so that a slow peer's turn
+    lasts about as long as a fast one's. Which variant goes first rotates from round to
+    round, so none always runs right after the same neighbour. Before the first round each
+    variant is warmed up with a tenth of its calls (caches, lazy state).
     """
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for fn in variants.values():
-        timer(fn, max(calls // 10, 1))
-    for _ in range(rounds):
-        for name, fn in variants.items():
-            times[name].append(timer(fn, calls))
+    if rounds < 1:
+        raise ValueError(f"rounds must be at least 1, got {rounds!r}")
+    names = list(variants)
+    counts = {
+        name: calls if isinstance(calls, int) else calls.get(name, max(calls.values()))
+        for name in names
+    }
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for name in names:
+        timer(variants[name], max(counts[name] // 10, 1))
+    for index in range(rounds):
+        shift = index % len(names)
+        for name in names[shift:] + names[:shift]:
+            times[name].append(timer(variants[name], counts[name]))
     return times
 
 
-def best_of_interleaved(
-    variants: dict[str, Variant],
-    timer: Callable[[Variant, int], float],
-    calls: int,
-    rounds: int,
-) -> dict[str, float]:
-    """Seconds per call of each variant: its best of :func:`interleaved_rounds`."""
-    return {
-        name: min(times)
-        for name, times in interleaved_rounds(variants, timer, calls, rounds).items()
-    }
+@dataclass(frozen=True, slots=True)
+class Paired:
+    """The median over rounds of a paired figure, and its quartiles (the spread of rounds)."""
+
+    median: float
+    low: float
+    high: float
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Paired:
+        """Median and quartiles of ``values`` (nearest rank: an infinite value stays one)."""
+        ranked = sorted(values)
+        last = len(ranked) - 1
+        return cls(
+            statistics.median(ranked), ranked[round(last * 0.25)], ranked[round(last * 0.75)]
+        )
+
+    def ratio(self, digits: int = 2) -> str:
+        """``1.23x (rounds 1.10-1.40x)``: the median and the middle half of the rounds."""
+        return (
+            f"{self.median:.{digits}f}x (middle half of rounds "
+            f"{self.low:.{digits}f}-{self.high:.{digits}f}x)"
+        )
+
+
+def median_paired_overhead(
+    rounds: Mapping[str, Sequence[float]], variant: str, baseline: str
+) -> Paired:
+    """Median over rounds of ``variant``'s time minus ``baseline``'s in the same round."""
+    return Paired.of([v - b for v, b in zip(rounds[variant], rounds[baseline], strict=True)])
+
+
+def median_paired_ratio(
+    rounds: Mapping[str, Sequence[float]],
+    numerator: str,
+    denominator: str,
+    baseline: str | None = None,
+) -> Paired:
+    """Median over rounds of ``numerator``'s time / ``denominator``'s in the same round.
+
+    With ``baseline``, of their overheads instead: (numerator - baseline) / (denominator -
+    baseline), each round's baseline subtracted from both. A round whose denominator came
+    out at or below zero (noise swamping a tiny overhead) counts as an infinite ratio: it
+    can only move the median up, never make a small overhead look smaller.
+    """
+    base = rounds[baseline] if baseline is not None else [0.0] * len(rounds[numerator])
+    values = []
+    for top, bottom, zero in zip(rounds[numerator], rounds[denominator], base, strict=True):
+        over = bottom - zero
+        values.append((top - zero) / over if over > 0 else math.inf)
+    return Paired.of(values)
 
 
 def table(rows: Sequence[Sequence[object]], headers: Sequence[str]) -> None:
