@@ -1,36 +1,44 @@
 """ResilientTransport against plain httpx and httpx-retries: per-request overhead and throughput.
 
+Every figure is paired: the variants take turns in many short rounds, each is compared with
+plain httpx (or with another variant) within the same round, and the median over rounds is
+kept (the machine is shared and noisy: a slow moment moves both sides of a round together).
+Each target is judged from such ratios measured in this run, and recorded with
+``benchmarks/_targets.py``.
+
 1. Overhead: GETs to an ``httpx.MockTransport`` that answers 200 at once, so what differs
-   between variants is the transport wrapped around it. Overhead = variant - plain httpx. Each
-   variant is timed in rounds interleaved with the others and keeps its best round (the
-   machine is shared and noisy: the minimum is the least disturbed estimate). Measured twice:
+   between variants is the transport wrapped around it. Overhead = variant - plain httpx in
+   the same round. Measured twice:
    a. through ``client.get()``, as users call it. A request costs the client about 60 us, so
       the overhead, a microsecond or two, is a small difference of two large, noisy numbers;
    b. the transport's ``handle_request`` alone, on a request built once: the same overhead
       without the client's noise around it.
-   Target: resilient's default transport adds less than httpx-retries' RetryTransport.
+   Targets: resilient's default transport adds less overhead than httpx-retries'
+   RetryTransport (a and b, sync and async); the full policy (timeout + attempt_timeout +
+   bulkhead) adds at most 2x the default transport's overhead (b, sync and async).
 2. Throughput: GETs over keep-alive to uvicorn on 127.0.0.1 (a raw ASGI app answering 200 "ok"),
    in a separate process that this script starts and stops. Every request is a round trip
-   between two processes, whose time wanders too much for a best round to mean anything: see
-   ``server_throughput`` for how it is measured instead.
+   between two processes, whose time wanders a lot: see ``server_throughput``.
    Target: resilient keeps at least 97% of plain httpx's requests per second.
 3. Tracing, on the transport alone as in 1b. With nothing configured (the OpenTelemetry
    API's no-op providers) against ``tracing=False``: the check must cost essentially
    nothing (target: at most 5% more overhead). With the SDK (in-memory exporter, under a
    current parent span, so each variant makes one CLIENT span per request) against
    opentelemetry-instrumentation-httpx's transport, which makes the same span: what
-   resilient adds on top of the span itself (the policy's slow path, retry bookkeeping).
+   resilient adds on top of the span itself (the policy's slow path, retry bookkeeping);
+   no target.
 
-Run: ``make bench`` or ``.venv/bin/python benchmarks/transport.py`` (about two minutes).
+The async figures need sniffio: without it httpcore tries and fails to import it on every
+request (~420 us), which would drown every overhead measured here; the script refuses to run.
+
+Run: ``make bench`` or ``.venv/bin/python benchmarks/transport.py`` (under a minute).
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
 import os
 import socket
-import statistics
 import subprocess
 import sys
 import time
@@ -43,7 +51,16 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from _timing import best_of_interleaved, interleaved_rounds, table, time_async, time_sync
+from _targets import record
+from _timing import (
+    Paired,
+    median_paired_overhead,
+    median_paired_ratio,
+    paired_rounds,
+    table,
+    time_async,
+    time_sync,
+)
 from httpx_retries import Retry as HttpxRetry
 from httpx_retries import RetryTransport
 from opentelemetry import context as otel_context
@@ -59,14 +76,16 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from resilient import Bulkhead
 from resilient.transport import AsyncResilientTransport, ResilientTransport
 
-MOCK_CALLS = 250
-MOCK_ROUNDS = 160
-DIRECT_CALLS = 20_000
-DIRECT_ROUNDS = 25
+SCRIPT = "transport.py"
+MOCK_CALLS = 150  # a client.get() costs ~70 us: a turn of ~10 ms
+MOCK_ROUNDS = 120
+DIRECT_CALLS = 1_000  # a handle_request costs ~8 us
+DIRECT_ROUNDS = 120
 SERVER_CALLS = 25  # per round: many short rounds, see server_throughput
 SERVER_ROUNDS = 240
 SERVER_WARMUP = 200
 THROUGHPUT_TARGET = 0.97
+FULL_LIMIT = 2.0  # full policy's overhead / the default transport's
 MOCK_URL = "http://service.test/"
 # httpx-retries counts retries, resilient counts attempts: both make at most 3 attempts.
 THEIR_RETRY = HttpxRetry(total=2)
@@ -97,12 +116,23 @@ async def app(
     await send({"type": "http.response.body", "body": b"ok"})
 
 
-def _title(mode: str) -> str:
+_targets: list[tuple[str, str, bool]] = []
+
+
+def target(what: str, figure: str, met: bool) -> None:
+    """Keep a target's verdict; ``main`` records them all at the end, in one block."""
+    _targets.append((what, figure, met))
+
+
+def _title(mode: str, direct: bool = False) -> str:
+    if direct:
+        method = "handle_request" if mode == "sync" else "handle_async_request"
+        return f"\n{mode.capitalize()} ({method})"
     return f"\n{mode.capitalize()} (httpx.{'Client' if mode == 'sync' else 'AsyncClient'})"
 
 
-def _verdict(met: bool) -> str:
-    return "met" if met else "NOT met"
+def _ns(seconds: float) -> str:
+    return f"{seconds * 1e9:,.0f}"
 
 
 # 1. Overhead over a MockTransport ---------------------------------------------------------
@@ -124,19 +154,19 @@ def _full_policy() -> dict[str, Any]:
     }
 
 
-def mock_clients() -> tuple[dict[str, httpx.Client], dict[str, httpx.AsyncClient]]:
-    sync = {
-        PLAIN: httpx.Client(transport=_mock()),
-        RESILIENT: httpx.Client(transport=ResilientTransport(_mock())),
-        FULL: httpx.Client(transport=ResilientTransport(_mock(), **_full_policy())),
-        THEIRS: httpx.Client(transport=RetryTransport(transport=_mock(), retry=THEIR_RETRY)),
+def mock_transports() -> tuple[dict[str, httpx.BaseTransport], dict[str, httpx.AsyncBaseTransport]]:
+    sync: dict[str, httpx.BaseTransport] = {
+        PLAIN: _mock(),
+        RESILIENT: ResilientTransport(_mock()),
+        FULL: ResilientTransport(_mock(), **_full_policy()),
+        THEIRS: RetryTransport(transport=_mock(), retry=THEIR_RETRY),
     }
-    asynchronous = {
-        PLAIN: httpx.AsyncClient(transport=_mock()),
-        RESILIENT: httpx.AsyncClient(transport=AsyncResilientTransport(_mock())),
-        FULL: httpx.AsyncClient(transport=AsyncResilientTransport(_mock(), **_full_policy())),
+    asynchronous: dict[str, httpx.AsyncBaseTransport] = {
+        PLAIN: _mock(),
+        RESILIENT: AsyncResilientTransport(_mock()),
+        FULL: AsyncResilientTransport(_mock(), **_full_policy()),
         # One class for both: it sends through the inner transport's sync or async side.
-        THEIRS: httpx.AsyncClient(transport=RetryTransport(transport=_mock(), retry=THEIR_RETRY)),
+        THEIRS: RetryTransport(transport=_mock(), retry=THEIR_RETRY),
     }
     return sync, asynchronous
 
@@ -152,22 +182,26 @@ def close_clients(
         runner.run(async_client.aclose())
 
 
-def mock_overhead(runner: asyncio.Runner) -> tuple[dict[str, float], dict[str, float]]:
-    """Seconds per request of each variant through ``client.get()``, sync then async.
+Rounds = dict[str, list[float]]
+
+
+def mock_overhead(runner: asyncio.Runner) -> tuple[Rounds, Rounds]:
+    """Seconds per request of each variant through ``client.get()`` in each round, sync, async.
 
     A best round drifted by a microsecond from run to run here, as much as the overheads
-    compared, so this takes many short rounds instead: each variant's figure is plain
-    httpx's median round plus the median over rounds of (variant - plain) in the same round.
+    compared: hence many short rounds, paired.
     """
-    sync_clients, async_clients = mock_clients()
+    sync_transports, async_transports = mock_transports()
+    sync_clients = {name: httpx.Client(transport=t) for name, t in sync_transports.items()}
+    async_clients = {name: httpx.AsyncClient(transport=t) for name, t in async_transports.items()}
     try:
-        sync = interleaved_rounds(
+        sync = paired_rounds(
             {name: partial(client.get, MOCK_URL) for name, client in sync_clients.items()},
             time_sync,
             MOCK_CALLS,
             MOCK_ROUNDS,
         )
-        asynchronous = interleaved_rounds(
+        asynchronous = paired_rounds(
             {name: partial(client.get, MOCK_URL) for name, client in async_clients.items()},
             partial(time_async, runner=runner),
             MOCK_CALLS,
@@ -175,72 +209,67 @@ def mock_overhead(runner: asyncio.Runner) -> tuple[dict[str, float], dict[str, f
         )
     finally:
         close_clients(sync_clients, async_clients, runner)
-    return _paired(sync), _paired(asynchronous)
-
-
-def _paired(rounds: dict[str, list[float]]) -> dict[str, float]:
-    plain = rounds[PLAIN]
-    base = statistics.median(plain)
-    return {
-        name: base + statistics.median(t - p for t, p in zip(times, plain, strict=True))
-        for name, times in rounds.items()
-    }
-
-
-def direct_overhead(runner: asyncio.Runner) -> tuple[dict[str, float], dict[str, float]]:
-    """Best seconds per ``handle_request`` / ``handle_async_request`` call, sync then async."""
-    sync_clients, async_clients = mock_clients()
-    try:
-        request = httpx.Client().build_request("GET", MOCK_URL)
-        sync = best_of_interleaved(
-            {
-                name: partial(client._transport.handle_request, request)
-                for name, client in sync_clients.items()
-            },
-            time_sync,
-            DIRECT_CALLS,
-            DIRECT_ROUNDS,
-        )
-        asynchronous = best_of_interleaved(
-            {
-                name: partial(client._transport.handle_async_request, request)
-                for name, client in async_clients.items()
-            },
-            partial(time_async, runner=runner),
-            DIRECT_CALLS,
-            DIRECT_ROUNDS,
-        )
-    finally:
-        close_clients(sync_clients, async_clients, runner)
     return sync, asynchronous
 
 
-def overhead_rows(best: dict[str, float]) -> tuple[list[tuple[str, ...]], float, float]:
-    """Table rows, and the overheads of resilient's default transport and of httpx-retries."""
-    base = best[PLAIN]
-    # A wrapper cannot cost less than nothing: below the baseline is noise.
-    theirs = max(best[THEIRS] - base, 0.0)
-    rows: list[tuple[str, ...]] = []
-    for name, seconds in best.items():
-        overhead = max(seconds - base, 0.0)
-        if name == PLAIN:
-            extra, ratio = "(baseline)", ""
-        else:
-            extra = f"{overhead * 1e9:+,.0f}"
-            if name == THEIRS:
-                ratio = "(reference)"
-            else:
-                ratio = f"{theirs / overhead:.2f}x" if overhead > 0 else "-"
-        rows.append((name, f"{seconds * 1e9:,.0f}", extra, ratio))
-    return rows, max(best[RESILIENT] - base, 0.0), theirs
-
-
-def overhead_verdict(mode: str, ours: float, theirs: float) -> str:
-    return (
-        f"Target ({mode}): less overhead than httpx-retries: {_verdict(ours < theirs)} "
-        f"(resilient {ours * 1e9:+,.0f} ns, httpx-retries {theirs * 1e9:+,.0f} ns, "
-        f"ratio {ours / theirs if theirs else math.inf:.2f})"
+def direct_overhead(runner: asyncio.Runner) -> tuple[Rounds, Rounds]:
+    """Seconds per ``handle_request`` / ``handle_async_request`` call in each round."""
+    sync_transports, async_transports = mock_transports()
+    with httpx.Client() as builder:
+        request = builder.build_request("GET", MOCK_URL)
+    sync = paired_rounds(
+        {name: partial(t.handle_request, request) for name, t in sync_transports.items()},
+        time_sync,
+        DIRECT_CALLS,
+        DIRECT_ROUNDS,
     )
+    asynchronous = paired_rounds(
+        {name: partial(t.handle_async_request, request) for name, t in async_transports.items()},
+        partial(time_async, runner=runner),
+        DIRECT_CALLS,
+        DIRECT_ROUNDS,
+    )
+    return sync, asynchronous
+
+
+def overhead_table(rounds: Rounds) -> None:
+    """Median ns/request and paired overhead; this overhead / httpx-retries' and / default's."""
+    rows: list[tuple[str, ...]] = []
+    for name, times in rounds.items():
+        seconds = Paired.of(times).median
+        if name == PLAIN:
+            rows.append((name, _ns(seconds), "(baseline)", "", ""))
+            continue
+        overhead = median_paired_overhead(rounds, name, PLAIN).median
+        theirs = median_paired_ratio(rounds, name, THEIRS, PLAIN).median
+        default = median_paired_ratio(rounds, name, RESILIENT, PLAIN).median
+        rows.append(
+            (name, _ns(seconds), f"{overhead * 1e9:+,.0f}", f"{theirs:.2f}x", f"{default:.2f}x")
+        )
+    table(
+        rows,
+        ("variant", "ns/request", "overhead ns", "of httpx-retries' overhead", "of default's"),
+    )
+
+
+def overhead_targets(part: str, mode: str, rounds: Rounds, full: bool) -> None:
+    """Record the default transport against httpx-retries; with ``full``, the full policy too."""
+    ratio = median_paired_ratio(rounds, RESILIENT, THEIRS, PLAIN)
+    target(
+        f"{part} {mode}: default transport's overhead < httpx-retries' (ratio < 1)",
+        f"{ratio.ratio()}; {_ns(median_paired_overhead(rounds, RESILIENT, PLAIN).median)} vs "
+        f"{_ns(median_paired_overhead(rounds, THEIRS, PLAIN).median)} ns",
+        ratio.median < 1.0,
+    )
+    if full:
+        ratio = median_paired_ratio(rounds, FULL, RESILIENT, PLAIN)
+        target(
+            f"{part} {mode}: timeout + attempt_timeout + bulkhead overhead <= {FULL_LIMIT:g}x "
+            "the default transport's",
+            f"{ratio.ratio()}; {_ns(median_paired_overhead(rounds, FULL, PLAIN).median)} vs "
+            f"{_ns(median_paired_overhead(rounds, RESILIENT, PLAIN).median)} ns",
+            ratio.median <= FULL_LIMIT,
+        )
 
 
 # 2. Throughput through a real server ------------------------------------------------------
@@ -312,9 +341,7 @@ def server_clients() -> tuple[dict[str, httpx.Client], dict[str, httpx.AsyncClie
     return sync, asynchronous
 
 
-def server_throughput(
-    url: str, runner: asyncio.Runner
-) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+def server_throughput(url: str, runner: asyncio.Runner) -> tuple[Rounds, Rounds]:
     """Seconds per request of each variant in each round, sync then async.
 
     A round trip between two processes on a small VM wanders by +-20% from one moment to
@@ -329,46 +356,43 @@ def server_throughput(
         for get in sync_gets.values():
             get().raise_for_status()
             time_sync(get, SERVER_WARMUP)
-        sync = interleaved_rounds(sync_gets, time_sync, SERVER_CALLS, SERVER_ROUNDS)
+        sync = paired_rounds(sync_gets, time_sync, SERVER_CALLS, SERVER_ROUNDS)
         # One event loop for every round: the clients' pooled connections belong to it.
         async_timer = partial(time_async, runner=runner)
         async_gets = {name: partial(client.get, url) for name, client in async_clients.items()}
         for async_get in async_gets.values():
             async_timer(async_get, SERVER_WARMUP)
-        asynchronous = interleaved_rounds(async_gets, async_timer, SERVER_CALLS, SERVER_ROUNDS)
+        asynchronous = paired_rounds(async_gets, async_timer, SERVER_CALLS, SERVER_ROUNDS)
     finally:
         close_clients(sync_clients, async_clients, runner)
     return sync, asynchronous
 
 
-def throughput_rows(rounds: dict[str, list[float]]) -> tuple[list[tuple[str, ...]], float]:
-    """Table rows, and resilient's paired req/s ratio to plain httpx."""
-    plain = rounds[PLAIN]
+def throughput_report(mode: str, rounds: Rounds) -> None:
+    """Print the throughput table of ``mode``; keep resilient's paired req/s ratio target."""
     rows: list[tuple[str, ...]] = []
-    ratios: dict[str, float] = {}
     for name, times in rounds.items():
-        seconds = statistics.median(times)
-        ratio = statistics.median(p / t for p, t in zip(plain, times, strict=True))
-        ratios[name] = ratio
-        rows.append((name, f"{1 / seconds:,.0f}", f"{seconds * 1e6:,.1f}", f"{ratio:.1%}"))
-    return rows, ratios[RESILIENT]
-
-
-def throughput_verdict(mode: str, ratio: float) -> str:
-    return (
-        f"Target ({mode}): resilient >= {THROUGHPUT_TARGET:.0%} of plain httpx req/s: "
-        f"{_verdict(ratio >= THROUGHPUT_TARGET)} ({ratio:.1%})"
+        seconds = Paired.of(times).median
+        # plain's time / this variant's, per round: this variant's share of plain's req/s.
+        share = median_paired_ratio(rounds, PLAIN, name).median
+        rows.append((name, f"{1 / seconds:,.0f}", f"{seconds * 1e6:,.1f}", f"{share:.1%}"))
+    print(_title(mode))
+    table(rows, ("variant", "req/s", "us/request", "vs plain"))
+    share = median_paired_ratio(rounds, PLAIN, RESILIENT)
+    target(
+        f"2 {mode}: default transport keeps >= {THROUGHPUT_TARGET:.0%} of plain httpx's req/s",
+        f"{share.median:.1%} (middle half of rounds {share.low:.1%}-{share.high:.1%})",
+        share.median >= THROUGHPUT_TARGET,
     )
 
 
 # 3. Tracing -------------------------------------------------------------------------------
 
-# The API-only check costs tens of ns, a few % of the overhead, and a best round drifts by
-# as much: the no-SDK comparison takes many short rounds and pairs them (see _paired).
-TRACING_CALLS = 4_000
-TRACING_ROUNDS = 120
-SDK_CALLS = 2_000  # an SDK span costs ~10x the transport: fewer calls keep the run short
-SDK_ROUNDS = 15
+# The API-only check costs tens of ns, a few % of the overhead: many short rounds, paired.
+TRACING_CALLS = 1_500
+TRACING_ROUNDS = 150
+SDK_CALLS = 200  # an SDK span costs ~10x the transport: fewer calls a turn
+SDK_ROUNDS = 60
 API_ONLY_LIMIT = 1.05  # overhead with the API's no-op providers, relative to tracing=False
 OFF = "ResilientTransport (tracing=False)"
 API_ONLY = "ResilientTransport (API only, no SDK)"
@@ -376,14 +400,13 @@ THEIR_SPAN = "instrumentation-httpx transport (SDK)"
 OUR_SPAN = "ResilientTransport (SDK)"
 
 
-def tracing_overhead(
-    runner: asyncio.Runner,
-) -> list[tuple[dict[str, float], dict[str, float]]]:
-    """``[(no SDK, SDK)]`` seconds per request, sync then async."""
+def tracing_overhead(runner: asyncio.Runner) -> list[tuple[Rounds, Rounds]]:
+    """``[(no SDK, SDK)]`` seconds per request in each round, sync then async."""
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    request = httpx.Client().build_request("GET", MOCK_URL)
+    with httpx.Client() as builder:
+        request = builder.build_request("GET", MOCK_URL)
 
     def sync(transports: dict[str, httpx.BaseTransport]) -> dict[str, Callable[[], Any]]:
         return {name: partial(t.handle_request, request) for name, t in transports.items()}
@@ -393,13 +416,11 @@ def tracing_overhead(
     ) -> dict[str, Callable[[], Any]]:
         return {name: partial(t.handle_async_request, request) for name, t in transports.items()}
 
-    def cleared_sync(fn: Callable[[], Any], calls: int) -> float:
-        exporter.clear()  # finished spans pile up in memory otherwise
-        return time_sync(fn, calls)
+    async_timer = partial(time_async, runner=runner)
 
-    def cleared_async(fn: Callable[[], Awaitable[Any]], calls: int) -> float:
-        exporter.clear()
-        return time_async(fn, calls, runner)
+    def cleared(timer: Callable[[Any, int], float], fn: Any, calls: int) -> float:
+        exporter.clear()  # finished spans pile up in memory otherwise
+        return timer(fn, calls)
 
     sync_cheap = sync(
         {
@@ -430,12 +451,8 @@ def tracing_overhead(
         }
     )
     cheap = [
-        _paired(interleaved_rounds(sync_cheap, time_sync, TRACING_CALLS, TRACING_ROUNDS)),
-        _paired(
-            interleaved_rounds(
-                async_cheap, partial(time_async, runner=runner), TRACING_CALLS, TRACING_ROUNDS
-            )
-        ),
+        paired_rounds(sync_cheap, time_sync, TRACING_CALLS, TRACING_ROUNDS),
+        paired_rounds(async_cheap, async_timer, TRACING_CALLS, TRACING_ROUNDS),
     ]
     # A service's outbound calls happen under its own span: make one current.
     token = otel_context.attach(
@@ -443,8 +460,8 @@ def tracing_overhead(
     )
     try:
         sdk = [
-            best_of_interleaved(sync_sdk, cleared_sync, SDK_CALLS, SDK_ROUNDS),
-            best_of_interleaved(async_sdk, cleared_async, SDK_CALLS, SDK_ROUNDS),
+            paired_rounds(sync_sdk, partial(cleared, time_sync), SDK_CALLS, SDK_ROUNDS),
+            paired_rounds(async_sdk, partial(cleared, async_timer), SDK_CALLS, SDK_ROUNDS),
         ]
     finally:
         otel_context.detach(token)
@@ -453,52 +470,57 @@ def tracing_overhead(
     return list(zip(cheap, sdk, strict=True))
 
 
-def tracing_report(mode: str, cheap: dict[str, float], sdk: dict[str, float]) -> str:
-    """Print the tracing tables of ``mode``; return the API-only verdict."""
-    headers = ("variant", "ns/request", "overhead ns", "ratio")
-    base = cheap[PLAIN]
-    off = max(cheap[OFF] - base, 1e-12)
-    api = max(cheap[API_ONLY] - base, 0.0)
+def tracing_report(mode: str, cheap: Rounds, sdk: Rounds) -> None:
+    """Print the tracing tables of ``mode``; keep the API-only target."""
+    headers = ("variant", "ns/request", "overhead ns", "paired ratio of overheads")
+
+    def rows(rounds: Rounds, reference: str, label: str) -> list[tuple[str, ...]]:
+        out: list[tuple[str, ...]] = [
+            (PLAIN, _ns(Paired.of(rounds[PLAIN]).median), "(baseline)", "")
+        ]
+        for name in rounds:
+            if name == PLAIN:
+                continue
+            overhead = median_paired_overhead(rounds, name, PLAIN).median
+            ratio = median_paired_ratio(rounds, name, reference, PLAIN).median
+            out.append(
+                (
+                    name,
+                    _ns(Paired.of(rounds[name]).median),
+                    f"{overhead * 1e9:+,.0f}",
+                    "(reference)" if name == reference else f"{ratio:.3f}x of {label}",
+                )
+            )
+        return out
+
     print(f"\n{mode.capitalize()}, nothing configured")
-    table(
-        [
-            (PLAIN, f"{base * 1e9:,.0f}", "(baseline)", ""),
-            (OFF, f"{cheap[OFF] * 1e9:,.0f}", f"{off * 1e9:+,.0f}", "1.00x of tracing=False"),
-            (
-                API_ONLY,
-                f"{cheap[API_ONLY] * 1e9:,.0f}",
-                f"{api * 1e9:+,.0f}",
-                f"{api / off:.3f}x of tracing=False",
-            ),
-        ],
-        headers,
-    )
-    span_base = sdk[PLAIN]
-    theirs = sdk[THEIR_SPAN] - span_base
-    ours = sdk[OUR_SPAN] - span_base
+    table(rows(cheap, OFF, "tracing=False"), headers)
     print(f"\n{mode.capitalize()}, SDK span per request (in-memory exporter)")
-    table(
-        [
-            (PLAIN, f"{span_base * 1e9:,.0f}", "(baseline)", ""),
-            (THEIR_SPAN, f"{sdk[THEIR_SPAN] * 1e9:,.0f}", f"{theirs * 1e9:+,.0f}", "(reference)"),
-            (
-                OUR_SPAN,
-                f"{sdk[OUR_SPAN] * 1e9:,.0f}",
-                f"{ours * 1e9:+,.0f}",
-                f"{ours / theirs:.2f}x of instrumentation-httpx",
-            ),
-        ],
-        headers,
+    table(rows(sdk, THEIR_SPAN, "instrumentation-httpx"), headers)
+    ratio = median_paired_ratio(cheap, API_ONLY, OFF, PLAIN)
+    target(
+        f"3 {mode}: API only (no SDK) adds <= {API_ONLY_LIMIT}x tracing=False's overhead",
+        ratio.ratio(3),
+        ratio.median <= API_ONLY_LIMIT,
     )
-    ratio = api / off
-    return (
-        f"3 Tracing ({mode}): API only adds at most {API_ONLY_LIMIT}x tracing=False's "
-        f"overhead: {_verdict(ratio <= API_ONLY_LIMIT)} ({ratio:.3f}x); with the SDK, "
-        f"{ours / theirs:.2f}x instrumentation-httpx's overhead (no target)"
-    )
+
+
+def require_sniffio() -> None:
+    """Exit 1 unless sniffio imports: without it, async figures measure failed imports."""
+    try:
+        import sniffio  # noqa: F401
+    except ImportError:
+        print(
+            "transport.py: sniffio is not importable. Without it httpcore tries to import it "
+            "on every async request (~420 us of failed imports), which would swamp every "
+            "async figure here. Install the bench extra: pip install -e '.[bench]'",
+            file=sys.stderr,
+        )
+        sys.exit(1)
 
 
 def main() -> None:
+    require_sniffio()
     started = time.perf_counter()
     cores = os.cpu_count()
     server_stack = (
@@ -510,35 +532,26 @@ def main() -> None:
         f"httpx-retries {version('httpx-retries')}, uvicorn {version('uvicorn')} "
         f"({server_stack}); {cores} cores"
     )
-    verdicts: list[str] = []
+    print(
+        "Figures: median over interleaved rounds of the figure paired within a round "
+        "(overhead = variant - plain httpx in that round; ratios of two overheads per round)"
+    )
     with asyncio.Runner() as runner:
-        headers = ("variant", "ns/request", "overhead ns", "httpx-retries overhead / this")
         print("\n1. Overhead per request over httpx.MockTransport")
         print("   full policy: timeout=10, attempt_timeout=5 and a bulkhead(100) on top of that")
-        print(
-            f"\n1a. Through client.get(): {MOCK_ROUNDS} interleaved rounds of {MOCK_CALLS:,} "
-            "calls; plain's median round + the median paired difference"
-        )
-        for mode, best in zip(("sync", "async"), mock_overhead(runner), strict=True):
-            rows, ours, theirs = overhead_rows(best)
+        print(f"\n1a. Through client.get(): {MOCK_ROUNDS} rounds of {MOCK_CALLS:,} calls a turn")
+        for mode, rounds in zip(("sync", "async"), mock_overhead(runner), strict=True):
             print(_title(mode))
-            table(rows, headers)
-            verdicts.append(f"1a {overhead_verdict(mode, ours, theirs)}")
-            print(verdicts[-1])
+            overhead_table(rounds)
+            overhead_targets("1a", mode, rounds, full=False)
         print(
-            f"\n1b. The transport alone (handle_request on a built request): best of "
-            f"{DIRECT_ROUNDS} interleaved rounds of {DIRECT_CALLS:,} calls"
+            "\n1b. The transport alone (handle_request on a built request): "
+            f"{DIRECT_ROUNDS} rounds of {DIRECT_CALLS:,} calls a turn"
         )
-        for mode, best in zip(("sync", "async"), direct_overhead(runner), strict=True):
-            rows, ours, theirs = overhead_rows(best)
-            print(
-                _title(mode)
-                .replace("httpx.Client", "handle_request")
-                .replace("httpx.AsyncClient", "handle_async_request")
-            )
-            table(rows, headers)
-            verdicts.append(f"1b {overhead_verdict(mode, ours, theirs)}")
-            print(verdicts[-1])
+        for mode, rounds in zip(("sync", "async"), direct_overhead(runner), strict=True):
+            print(_title(mode, direct=True))
+            overhead_table(rounds)
+            overhead_targets("1b", mode, rounds, full=True)
 
         print(
             "\n2. Requests per second to uvicorn on 127.0.0.1, keep-alive, one GET at a time: "
@@ -552,27 +565,20 @@ def main() -> None:
         )
         with uvicorn_server() as url:
             measured = server_throughput(url, runner)
-        headers = ("variant", "req/s", "us/request", "vs plain")
         for mode, rounds in zip(("sync", "async"), measured, strict=True):
-            rows, ratio = throughput_rows(rounds)
-            print(_title(mode))
-            table(rows, headers)
-            verdicts.append(throughput_verdict(mode, ratio))
-            print(verdicts[-1])
+            throughput_report(mode, rounds)
 
         print(
-            f"\n3. Tracing, the transport alone as in 1b. No SDK: {TRACING_ROUNDS} interleaved "
-            f"rounds of {TRACING_CALLS:,} calls, plain's median round + the median paired "
-            f"difference.\n   SDK: best of {SDK_ROUNDS} interleaved rounds of {SDK_CALLS:,} "
-            "calls under a current parent span"
+            f"\n3. Tracing, the transport alone as in 1b. No SDK: {TRACING_ROUNDS} rounds of "
+            f"{TRACING_CALLS:,} calls a turn.\n   SDK: {SDK_ROUNDS} rounds of {SDK_CALLS:,} "
+            "calls a turn, under a current parent span"
         )
         for mode, (cheap, sdk) in zip(("sync", "async"), tracing_overhead(runner), strict=True):
-            verdicts.append(tracing_report(mode, cheap, sdk))
-            print(verdicts[-1])
+            tracing_report(mode, cheap, sdk)
 
-    print("\nVerdicts")
-    for line in verdicts:
-        print(f"  {line}")
+    print("\nTargets")
+    for what, figure, met in _targets:
+        record(SCRIPT, what, figure, met)
     print(f"\nTotal time: {time.perf_counter() - started:.0f} s")
 
 
