@@ -35,7 +35,7 @@ from resilient.errors import DeadlineExceeded
 if TYPE_CHECKING:
     from resilient.stages import Admission, CallObserver, CallRecord, Gate, Retrier
 
-__all__ = ["Recovery", "build", "decorate", "refuse_generators"]
+__all__ = ["Recovery", "build", "cached", "decorate", "refuse_generators"]
 
 _INF: Final = math.inf
 _monotonic = time.monotonic
@@ -65,6 +65,27 @@ def refuse_generators(fn: Callable[..., object], what: str) -> None:
         "it had already yielded. Wrap the code that produces each item instead, or a "
         "regular function that returns them all."
     )
+
+
+def cached(
+    cache: dict[tuple[Any, bool], Callable[..., Any]],
+    fn: Callable[..., Any],
+    asynchronous: bool,
+    what: str,
+    make: Callable[[Callable[..., Any], bool], Callable[..., Any]],
+) -> Callable[..., Any]:
+    """The driver of ``fn`` in ``cache``, made with ``make`` on first use (``.call(fn)``).
+
+    The cache is bounded: callers passing a new lambda each time must not grow it.
+    """
+    driver = cache.get((fn, asynchronous))
+    if driver is None:
+        refuse_generators(fn, what)
+        driver = make(fn, asynchronous)
+        if len(cache) >= 64:
+            cache.clear()
+        cache[fn, asynchronous] = driver
+    return driver
 
 
 def decorate(fn: Callable[..., Any], what: str, **stages: Any) -> Callable[..., Any]:

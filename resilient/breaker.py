@@ -750,15 +750,10 @@ class CircuitBreaker:
         return cast(R, await self._driver(fn, asynchronous=True)(*args, **kwargs))
 
     def _driver(self, fn: Callable[..., Any], *, asynchronous: bool) -> Callable[..., Any]:
-        drivers = self._drivers
-        driver = drivers.get((fn, asynchronous))
-        if driver is None:
-            _driver.refuse_generators(fn, "CircuitBreaker")
-            driver = _driver.build(fn, asynchronous=asynchronous, gate=self)
-            if len(drivers) >= 64:
-                drivers.clear()  # bounded, for callers passing a new lambda each time
-            drivers[fn, asynchronous] = driver
-        return driver
+        return _driver.cached(self._drivers, fn, asynchronous, "CircuitBreaker", self._build)
+
+    def _build(self, fn: Callable[..., Any], asynchronous: bool) -> Callable[..., Any]:
+        return _driver.build(fn, asynchronous=asynchronous, gate=self)
 
     # The Gate protocol (resilient.stages) -------------------------------------------------
 

@@ -190,15 +190,7 @@ class Policy:
         return cast(R, await self._cached(fn, True)(*args, **kwargs))
 
     def _cached(self, fn: Callable[..., Any], asynchronous: bool) -> Callable[..., Any]:
-        drivers = self._drivers
-        driver = drivers.get((fn, asynchronous))
-        if driver is None:
-            _driver.refuse_generators(fn, "Policy")
-            driver = self.driver(fn, asynchronous)
-            if len(drivers) >= 64:
-                drivers.clear()  # bounded, for callers passing a new lambda each time
-            drivers[fn, asynchronous] = driver
-        return driver
+        return _driver.cached(self._drivers, fn, asynchronous, "Policy", self.driver)
 
     def driver(
         self,

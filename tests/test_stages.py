@@ -542,3 +542,10 @@ def test_a_retried_result_runs_out_of_deadline_with_a_clear_error() -> None:
     )
     with pytest.raises(resilient.DeadlineExceeded, match=r"timeout of 0\.05 s"):
         resilient.Policy(timeout=0.05, retry=retry).call(lambda: None)
+
+
+def test_inline_calls_with_new_lambdas_keep_a_bounded_cache() -> None:
+    """policy.call(lambda: ...) in a loop does not grow the policy's driver cache without end."""
+    policy = resilient.Policy(retry=resilient.Retry(attempts=2))
+    assert [policy.call(lambda i=i: i) for i in range(300)] == list(range(300))
+    assert len(policy._drivers) <= 64
