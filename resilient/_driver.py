@@ -126,11 +126,23 @@ def build(
     begin = None if observer is None else observer.begin
     try_acquire = None if admission is None else admission.try_acquire
     release = None if admission is None else admission.release
+    # The stages' healthy paths as plain objects, when they describe them (stages.py).
+    pool = None if admission is None else _described(admission, "slot_pool")
+    if pool is not None:
+        free, waiting, wake = pool.free, pool.waiting, pool.wake
+        take, give, try_acquire, release = free.pop, free.append, None, None
+    else:
+        waiting, wake, take, give = None, None, None, None
+    quiet = None if gate is None else _described(gate, "quiet")
+    holder, closed = (None, None) if quiet is None else (quiet.holder, quiet.closed)
     before_call = None if gate is None else gate.before_call
     on_success = None if gate is None else gate.on_success
     on_failure = None if gate is None else gate.on_failure
     on_abort = None if gate is None else gate.on_abort
     count_call = None if retrier is None else retrier.count_call
+    tally = None if retrier is None else _described(retrier, "tally")
+    slices = None if tally is None else tally.holder
+    counts_nothing = tally is not None and slices is None
     clock = None if retrier is None else retrier.clock
     judges = retrier is not None and retrier.judges_results
     # A healthy call reads the clock once when the retrier's clock is the deadline's.
@@ -173,7 +185,17 @@ def build(
                 limit = total
                 if attempt_timeout is not None and now + attempt_timeout < limit:
                     limit = now + attempt_timeout
-            if try_acquire is not None and not try_acquire():
+            if take is not None:
+                try:
+                    if waiting:
+                        raise IndexError  # others wait first: join them
+                    take()
+                except IndexError:
+                    _wait_for_slot(admission, total, outer, record)
+                    if bounded or outer != _INF:
+                        now = _monotonic()
+                        limit = _attempt_limit(now, total, attempt_timeout)
+            elif try_acquire is not None and not try_acquire():
                 _wait_for_slot(admission, total, outer, record)
                 if bounded or outer != _INF:
                     now = _monotonic()
@@ -186,13 +208,18 @@ def build(
                     else:
                         if not now:
                             started = _monotonic()
-                        count_call(started)
+                        if slices is not None and started < slices.end:
+                            slices.calls[slices.current] += 1
+                        elif not counts_nothing:
+                            count_call(started)
                 if now >= total:
                     raise _expired(timeout)
                 token = None if limit >= outer else _narrow(limit)
                 try:
                     ticket = None
-                    if before_call is not None:
+                    if holder is not None and holder.state is closed:
+                        pass  # the gate's quiet path: before_call() would return None
+                    elif before_call is not None:
                         try:
                             ticket = before_call()
                         except Exception as refused:
@@ -215,7 +242,10 @@ def build(
                             on_abort(ticket)
                         raise
                     else:
-                        if on_success is not None:
+                        if ticket is None and holder is not None:
+                            if holder.consecutive_failures:
+                                on_success(None)  # type: ignore[misc]
+                        elif on_success is not None:
                             on_success(ticket)
                         if not judges:
                             return result
@@ -230,7 +260,11 @@ def build(
                     record.error = exc
                 raise
             finally:
-                if release is not None:
+                if give is not None:
+                    give(None)  # append first, look second (see SlotPool)
+                    if waiting:
+                        wake()
+                elif release is not None:
                     release()
                 if record is not None:
                     record.end()
@@ -252,7 +286,17 @@ def build(
             limit = total
             if attempt_timeout is not None and now + attempt_timeout < limit:
                 limit = now + attempt_timeout
-        if try_acquire is not None and not try_acquire():
+        if take is not None:
+            try:
+                if waiting:
+                    raise IndexError  # others wait first: join them
+                take()
+            except IndexError:
+                await _wait_for_slot_async(admission, total, outer, record)
+                if bounded or outer != _INF:
+                    now = _monotonic()
+                    limit = _attempt_limit(now, total, attempt_timeout)
+        elif try_acquire is not None and not try_acquire():
             await _wait_for_slot_async(admission, total, outer, record)
             if bounded or outer != _INF:
                 now = _monotonic()
@@ -265,13 +309,18 @@ def build(
                 else:
                     if not now:
                         started = _monotonic()
-                    count_call(started)
+                    if slices is not None and started < slices.end:
+                        slices.calls[slices.current] += 1
+                    elif not counts_nothing:
+                        count_call(started)
             if now >= total:
                 raise _expired(timeout)
             token = None if limit >= outer else _narrow(limit)
             try:
                 ticket = None
-                if before_call is not None:
+                if holder is not None and holder.state is closed:
+                    pass  # the gate's quiet path: before_call() would return None
+                elif before_call is not None:
                     try:
                         ticket = before_call()
                     except Exception as refused:
@@ -309,7 +358,10 @@ def build(
                         on_abort(ticket)
                     raise
                 else:
-                    if on_success is not None:
+                    if ticket is None and holder is not None:
+                        if holder.consecutive_failures:
+                            on_success(None)  # type: ignore[misc]
+                    elif on_success is not None:
                         on_success(ticket)
                     if not judges:
                         return result
@@ -324,12 +376,22 @@ def build(
                 record.error = exc
             raise
         finally:
-            if release is not None:
+            if give is not None:
+                give(None)  # append first, look second (see SlotPool)
+                if waiting:
+                    wake()
+            elif release is not None:
                 release()
             if record is not None:
                 record.end()
 
     return run_async
+
+
+def _described(stage: object, method: str) -> Any:
+    """What a stage's optional ``slot_pool()`` / ``quiet()`` returns, or ``None``."""
+    describe = getattr(stage, method, None)
+    return None if describe is None else describe()
 
 
 def _attempt_limit(now: float, total: float, attempt_timeout: float | None) -> float:

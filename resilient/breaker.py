@@ -77,6 +77,7 @@ from typing import Any, Final, NamedTuple, ParamSpec, Protocol, TypeAlias, TypeV
 from resilient import _driver
 from resilient._config import Duration, check_int, check_number, to_seconds
 from resilient.errors import CircuitOpenError
+from resilient.stages import QuietGate
 
 __all__ = [
     "BreakerEvent",
@@ -756,6 +757,14 @@ class CircuitBreaker:
         return _driver.build(fn, asynchronous=asynchronous, gate=self)
 
     # The Gate protocol (resilient.stages) -------------------------------------------------
+
+    def quiet(self) -> QuietGate | None:
+        """The healthy path as plain reads of the store, or ``None`` when successes count.
+
+        See :class:`~resilient.stages.QuietGate`: only a breaker that records nothing
+        on a healthy success (no failure-rate window, no slow-call timing) has one.
+        """
+        return None if not self._plain else QuietGate(self._store, _CLOSED)
 
     def before_call(self) -> object:
         """Admit one call or raise ``CircuitOpenError``; return the ticket for the report.

@@ -61,6 +61,7 @@ from typing import Final
 from resilient._config import Duration, check_int, to_seconds
 from resilient.deadline import remaining
 from resilient.errors import BulkheadFull, DeadlineExceeded
+from resilient.stages import SlotPool
 
 __all__ = ["Bulkhead"]
 
@@ -241,6 +242,15 @@ class Bulkhead:
         if self._waiters:
             with self._lock:
                 self._hand_out_tokens()
+
+    def slot_pool(self) -> SlotPool:
+        """This bulkhead's healthy path as plain objects (:class:`~resilient.stages.SlotPool`)."""
+        return SlotPool(self._tokens, self._waiters, self.wake)
+
+    def wake(self) -> None:
+        """Hand free slots to waiters, first come first served (after a token went back)."""
+        with self._lock:
+            self._hand_out_tokens()
 
     def __enter__(self) -> None:
         self.acquire()

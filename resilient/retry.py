@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any, Literal, ParamSpec, Protocol, TypeAlias, 
 
 from resilient import _driver
 from resilient._config import Duration, check_int, check_number, to_seconds
+from resilient.stages import CallTally
 
 if TYPE_CHECKING:
     from tenacity import BaseRetrying, RetryCallState
@@ -285,17 +286,15 @@ class RetryBudget:
     """
 
     __slots__ = (
-        "_calls",
         "_clock",
-        "_current",
         "_index",
         "_lock",
         "_min_retries_per_second",
         "_ratio",
         "_reserve",
         "_retries",
-        "_slice_end",
         "_slice_width",
+        "_slices",
         "_window",
     )
 
@@ -317,13 +316,13 @@ class RetryBudget:
         self._clock = clock
         self._reserve = self._min_retries_per_second * self._window
         self._slice_width = self._window / _BUDGET_SLICES
-        self._calls = [0] * _BUDGET_SLICES
         self._retries = [0] * _BUDGET_SLICES
         # Absolute number of the current slice (now // slice width), its position in
         # the ring, and when it ends. The first deposit starts the ring.
         self._index = -(2**62)
-        self._current = 0
-        self._slice_end = -math.inf
+        # The current slice's position, its end, and every slice's calls: plain data a
+        # driver reads to count a healthy call inline (see resilient.stages.CallTally).
+        self._slices = _Slices()
         self._lock = threading.Lock()
 
     def spawn(self) -> RetryBudget:
@@ -363,10 +362,11 @@ class RetryBudget:
 
     def deposit(self, now: float) -> None:
         """Count one call made at ``now``. O(1) and lock-free (see the class docstring)."""
-        if now >= self._slice_end:
+        slices = self._slices
+        if now >= slices.end:
             with self._lock:
                 self._advance(now)
-        self._calls[self._current] += 1
+        slices.calls[slices.current] += 1
 
     def try_withdraw(self, now: float) -> bool:
         """Count one retry at ``now`` if the budget allows it; return whether it did."""
@@ -374,7 +374,7 @@ class RetryBudget:
             self._advance(now)
             if sum(self._retries) + 1 > self._allowance():
                 return False
-            self._retries[self._current] += 1
+            self._retries[self._slices.current] += 1
             return True
 
     def available(self, now: float | None = None) -> int:
@@ -387,14 +387,14 @@ class RetryBudget:
         return max(0, math.floor(room))
 
     def _allowance(self) -> float:
-        limit = self._ratio * sum(self._calls) + self._reserve
+        limit = self._ratio * sum(self._slices.calls) + self._reserve
         # ratio * calls is rounded (0.29 * 100 == 28.999999999999996); tolerate that
         # so the allowance is the whole number the formula means.
         return limit * (1.0 + 1e-12)
 
     def _advance(self, now: float) -> None:
         """Move the ring to the slice holding ``now``, clearing expired slices. Hold the lock."""
-        if now < self._slice_end:
+        if now < self._slices.end:
             return  # already current (another thread advanced it first)
         width = self._slice_width
         index = math.floor(now / width)
@@ -402,7 +402,7 @@ class RetryBudget:
             # now is past the slice's end yet rounds into it: it belongs to the next one.
             index = self._index + 1
         passed = index - self._index
-        calls = self._calls
+        calls = self._slices.calls
         retries = self._retries
         if passed >= _BUDGET_SLICES:
             for position in range(_BUDGET_SLICES):
@@ -414,8 +414,19 @@ class RetryBudget:
                 calls[position] = 0
                 retries[position] = 0
         self._index = index
-        self._current = index % _BUDGET_SLICES
-        self._slice_end = (index + 1) * width
+        self._slices.current = index % _BUDGET_SLICES
+        self._slices.end = (index + 1) * width
+
+
+class _Slices:
+    """A budget's call counts per slice of its window, and where the current slice ends."""
+
+    __slots__ = ("calls", "current", "end")
+
+    def __init__(self) -> None:
+        self.calls = [0] * _BUDGET_SLICES
+        self.current = 0
+        self.end = -math.inf
 
 
 def _count_nothing(now: float) -> None:
@@ -776,6 +787,11 @@ class Retry:
     def judges_results(self) -> bool:
         """Whether returned values are judged too (``on_result`` is set)."""
         return self.on_result is not None
+
+    def tally(self) -> CallTally:
+        """How :meth:`count_call` counts, as plain data (:class:`~resilient.stages.CallTally`)."""
+        budget = self.budget
+        return CallTally(None if budget is None else budget._slices)
 
     def begin(self, started: float) -> RetryState:
         """The state of one call that began at ``started``, made at its first failure.

@@ -34,14 +34,77 @@ Rules every stage can rely on
 * **Cost.** Admission, gate and the retrier's :meth:`Retrier.count_call` run on every
   healthy call: keep them to a few attribute reads. Everything else runs only once
   an attempt has failed.
+
+Healthy paths as plain objects (optional)
+-----------------------------------------
+A Python method call costs about as much as a healthy stage's whole decision, and a
+healthy call makes several. So a stage may also describe its healthy path as plain
+objects the driver reads inline, with no call: an admission stage through a
+``slot_pool()`` method returning a :class:`SlotPool`, a gate through ``quiet()``
+returning a :class:`QuietGate`, a retrier through ``tally()`` returning a
+:class:`CallTally` (each may return ``None``: no such path). The built-in
+:class:`~resilient.Bulkhead`, :class:`~resilient.CircuitBreaker` and
+:class:`~resilient.Retry` do; a stage without them is driven through its methods,
+with the same results.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Protocol, runtime_checkable
+from collections.abc import Callable, Sized
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["Admission", "CallObserver", "CallRecord", "Gate", "Retrier"]
+__all__ = [
+    "Admission",
+    "CallObserver",
+    "CallRecord",
+    "CallTally",
+    "Gate",
+    "QuietGate",
+    "Retrier",
+    "SlotPool",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class SlotPool:
+    """An admission stage's healthy path: free slots as tokens in a ``collections.deque``.
+
+    Taking a slot is ``free.pop()`` while ``waiting`` is empty (``IndexError``: none
+    free, so call ``acquire``); giving it back is ``free.append(None)`` and then, if
+    ``waiting`` is not empty, ``wake()``. Append first, look second: a waiter enqueues
+    first and looks for a token second, so neither misses the other.
+    """
+
+    free: Any
+    waiting: Sized
+    wake: Callable[[], None]
+
+
+@dataclass(frozen=True, slots=True)
+class CallTally:
+    """How a retrier's :meth:`Retrier.count_call` counts a call made at ``now``.
+
+    ``holder`` ``None``: counting is a no-op. Otherwise, while ``now < holder.end``,
+    it is ``holder.calls[holder.current] += 1``; at or past ``holder.end``, call
+    ``count_call(now)``, which moves to the next slice.
+    """
+
+    holder: Any
+
+
+@dataclass(frozen=True, slots=True)
+class QuietGate:
+    """A gate's healthy path, read from ``holder``'s plain attributes.
+
+    While ``holder.state is closed``, :meth:`Gate.before_call` would return ``None``;
+    after the call succeeds, ``on_success(None)`` changes something only if
+    ``holder.consecutive_failures`` is not zero (then call it). Failures and aborts
+    still go to ``on_failure(None, error)`` and ``on_abort(None)``.
+    """
+
+    holder: Any
+    closed: object
 
 
 @runtime_checkable

@@ -15,9 +15,19 @@ PACKAGE = pathlib.Path(resilient.__file__).parent
 
 # The stage modules and the core they stand on: the stdlib, and each other only as listed.
 STAGES = {
-    "resilient.bulkhead": {"resilient._config", "resilient.deadline", "resilient.errors"},
-    "resilient.retry": {"resilient._config", "resilient._driver"},
-    "resilient.breaker": {"resilient._config", "resilient._driver", "resilient.errors"},
+    "resilient.bulkhead": {
+        "resilient._config",
+        "resilient.deadline",
+        "resilient.errors",
+        "resilient.stages",
+    },
+    "resilient.retry": {"resilient._config", "resilient._driver", "resilient.stages"},
+    "resilient.breaker": {
+        "resilient._config",
+        "resilient._driver",
+        "resilient.errors",
+        "resilient.stages",
+    },
     "resilient.deadline": {"resilient._config", "resilient.errors"},
     "resilient.errors": set(),
     "resilient._config": set(),

@@ -549,3 +549,70 @@ def test_inline_calls_with_new_lambdas_keep_a_bounded_cache() -> None:
     policy = resilient.Policy(retry=resilient.Retry(attempts=2))
     assert [policy.call(lambda i=i: i) for i in range(300)] == list(range(300))
     assert len(policy._drivers) <= 64
+
+
+def test_the_quiet_gate_path_still_resets_consecutive_failures() -> None:
+    """fail, fail, succeed, fail does not trip a threshold-3 breaker driven on its quiet path."""
+    breaker = resilient.CircuitBreaker(failure_threshold=3)
+    assert breaker.quiet() is not None
+    policy = resilient.Policy(breaker=breaker)
+    for outcome in ("fail", "fail", "ok", "fail"):
+        if outcome == "ok":
+            assert policy.call(lambda: "ok") == "ok"
+        else:
+            with pytest.raises(ConnectionError):
+                policy.call(failing_then(None, 1))
+    assert breaker.state is resilient.BreakerState.CLOSED
+    assert breaker.metrics().consecutive_failures == 1
+    with pytest.raises(ConnectionError):
+        policy.call(failing_then(None, 1))
+    with pytest.raises(ConnectionError):
+        policy.call(failing_then(None, 1))
+    assert breaker.state is resilient.BreakerState.OPEN
+
+
+def test_an_inline_slot_release_wakes_the_caller_waiting_for_it() -> None:
+    """A slot given back on the bulkhead's inline path reaches the thread queued for it."""
+    bulkhead = resilient.Bulkhead(max_concurrent=1, max_waiting=1)
+    assert bulkhead.slot_pool() is not None
+    policy = resilient.Policy(bulkhead=bulkhead, timeout=5.0)
+    holding, release = threading.Event(), threading.Event()
+    results: list[str] = []
+
+    def hold() -> str:
+        holding.set()
+        release.wait(5)
+        return "first"
+
+    first = threading.Thread(target=lambda: results.append(policy.call(hold)))
+    first.start()
+    holding.wait(5)
+    second = threading.Thread(target=lambda: results.append(policy.call(lambda: "second")))
+    second.start()
+    while bulkhead.waiting == 0:
+        time.sleep(0.001)
+    release.set()
+    first.join(5)
+    second.join(5)
+    assert sorted(results) == ["first", "second"]
+    assert bulkhead.active == 0
+    assert bulkhead.waiting == 0
+
+
+def test_calls_counted_inline_fund_the_retry_budget() -> None:
+    """Healthy calls counted on the inline path buy retries: ratio * calls, no more."""
+    budget = resilient.RetryBudget(ratio=0.5, min_retries_per_second=0)
+    retry = resilient.Retry(attempts=2, budget=budget, backoff=resilient.Backoff(initial=0))
+    assert retry.tally().holder is not None
+    policy = resilient.Policy(retry=retry)
+    for _ in range(10):
+        policy.call(lambda: None)
+    assert budget.available() == 5
+    retried = 0
+    for _ in range(8):
+        fn = failing_then(None, 1)
+        policy.call(fn)
+        retried += fn.calls["n"] == 2
+    # 18 calls counted by now: 9 retries allowed in all, 0 spent before these 8 calls.
+    assert retried == 8
+    assert budget.available() == 1
