@@ -122,6 +122,8 @@ _MAYBE_SENT = (
 _CALLER_FAULTS = (httpx.LocalProtocolError, httpx.UnsupportedProtocol, httpx.InvalidURL)
 _DEFAULT_RETRY: Final = Retry(attempts=3)
 _OPTIONS: Final = frozenset({"retry", "idempotent"})
+_TIMEOUT_KEYS: Final = ("connect", "read", "write", "pool")
+_NO_TIMEOUTS: Final[Mapping[str, float | None]] = MappingProxyType({})
 
 
 def _report(attempts: int, waited: float, state: BreakerState | None) -> Mapping[str, Any]:
@@ -590,12 +592,16 @@ class _Core:
         if left <= 0.0:
             raise DeadlineExceeded("the deadline passed before the request could be sent")
         if call.attempts == 1:
-            call.timeouts = request.extensions.get("timeout")
-        timeouts = dict(call.timeouts or {})
-        for key in ("connect", "read", "write", "pool"):
-            current = timeouts.get(key)
-            timeouts[key] = left if current is None or current > left else current
-        request.extensions = {**request.extensions, "timeout": timeouts}
+            call.timeouts = request.extensions.get("timeout") or _NO_TIMEOUTS
+        given = call.timeouts
+        assert given is not None
+        timeouts = {
+            key: left if (value := given.get(key)) is None or value > left else value
+            for key in _TIMEOUT_KEYS
+        }
+        extensions = dict(request.extensions)
+        extensions["timeout"] = timeouts
+        request.extensions = extensions
         internal = self.internal_hosts
         if self.propagate_deadline or (internal and request.url.host.lower() in internal):
             request.headers[DEADLINE_HEADER] = format_deadline_header(left)
@@ -610,9 +616,11 @@ class _Core:
     def finish(self, response: httpx.Response, host: _Host, call: _Call) -> httpx.Response:
         """The request is answered: report what it went through, and record it."""
         # Each response owns its extensions dict: add to it rather than copying it.
-        response.extensions["resilient"] = _report(
-            call.attempts, call.waited, None if host.store is None else host.store.state
-        )
+        state = None if host.store is None else host.store.state
+        if call.attempts == 1 and not call.waited:
+            response.extensions["resilient"] = _FIRST_TRY[state]  # built once, read-only
+        else:
+            response.extensions["resilient"] = _report(call.attempts, call.waited, state)
         if call.instruments is not None or call.root is not None:
             self.end(call, response, None)
         return response
