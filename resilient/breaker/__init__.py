@@ -52,17 +52,13 @@ same driver with this one stage.
 
 Where the state lives
 ---------------------
-All mutable state goes through a :class:`BreakerStore`; the default is
-:class:`InMemoryBreakerStore`. The state machine only decides; the store keeps
-state, counters and the sliding window, and makes each step atomic. A store
-shared between processes (Redis, say) would implement the same protocol and
-keep a locally cached ``state`` for the fast path to read, refreshed by its own
-mechanism.
+All mutable state goes through a :class:`BreakerStore` (:mod:`resilient.breaker.store`);
+the default is :class:`InMemoryBreakerStore`. The state machine here only decides;
+the store keeps state, counters and the sliding window, and makes each step atomic.
 """
 
 from __future__ import annotations
 
-import enum
 import itertools
 import logging
 import math
@@ -72,10 +68,18 @@ import time
 import weakref
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Final, NamedTuple, ParamSpec, Protocol, TypeAlias, TypeVar, cast
+from typing import Any, Final, ParamSpec, TypeAlias, TypeVar, cast
 
 from resilient import _driver
 from resilient._config import Duration, check_int, check_number, to_seconds
+from resilient.breaker.store import (
+    BreakerState,
+    BreakerStore,
+    InMemoryBreakerStore,
+    StoreFactory,
+    StoreSnapshot,
+    WindowSpec,
+)
 from resilient.errors import CircuitOpenError
 from resilient.stages import QuietGate
 
@@ -99,16 +103,6 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 _logger = logging.getLogger("resilient.breaker")
-
-
-class BreakerState(enum.Enum):
-    """Where a circuit breaker is in its cycle; see :mod:`resilient.breaker`."""
-
-    CLOSED = "closed"
-    OPEN = "open"
-    HALF_OPEN = "half_open"
-    ISOLATED = "isolated"
-
 
 # Module globals are cheaper to read than class attributes on the fast path.
 _CLOSED: Final = BreakerState.CLOSED
@@ -162,299 +156,12 @@ class BreakerMetrics:
     total_rejections: int
 
 
-# The store seam ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class WindowSpec:
-    """The shape of the sliding window a store keeps.
-
-    The last ``size`` calls, or the last ``duration`` seconds, or neither (no
-    window: the breaker has no ``failure_rate``). At most one is set.
-    """
-
-    size: int | None = None
-    duration: float | None = None
-
-
-# A NamedTuple, not a frozen dataclass: one is built per recorded outcome, and a
-# frozen dataclass costs about three times as much to build.
-class StoreSnapshot(NamedTuple):
-    """A consistent view of a :class:`BreakerStore`.
-
-    ``epoch`` identifies one stay in one state: it changes on every state
-    change, so an operation that names the epoch it saw cannot act on a state
-    that has since been left and entered again.
-    """
-
-    state: BreakerState
-    epoch: int
-    opened_at: float | None
-    consecutive_failures: int
-    window_calls: int
-    window_failures: int
-    probes_in_flight: int
-    probe_successes: int
-
-
-class BreakerStore(Protocol):
-    """Where a :class:`CircuitBreaker` keeps all its mutable state.
-
-    The breaker decides; the store remembers, and makes each operation atomic.
-    A breaker builds its store by calling its ``store`` factory with a
-    :class:`WindowSpec`. ``now`` is always the breaker's clock reading.
-
-    ``state`` and ``consecutive_failures`` are read on every call, and
-    ``opened_at`` on every rejected call, without any other operation, so they
-    must be plain, cheap reads. A store shared between
-    processes keeps local cached copies that its own mechanism refreshes.
-    """
-
-    @property
-    def state(self) -> BreakerState:
-        """The current state, possibly a locally cached copy."""
-        ...
-
-    @property
-    def consecutive_failures(self) -> int:
-        """Failures since the last success in the closed state, possibly cached."""
-        ...
-
-    @property
-    def opened_at(self) -> float | None:
-        """When the current open or isolated stay began, possibly cached; else ``None``."""
-        ...
-
-    def load(self, now: float) -> StoreSnapshot:
-        """Return the current state and counters, the window as it stands at ``now``."""
-        ...
-
-    def compare_and_set_state(self, epoch: int, new_state: BreakerState, now: float) -> bool:
-        """If the store is still in ``epoch``, move to ``new_state`` with fresh counters.
-
-        Returns whether it moved. ``opened_at`` becomes ``now`` when
-        ``new_state`` is ``OPEN`` or ``ISOLATED``, ``None`` otherwise. Moving to the
-        state it is already in is allowed and just clears the counters.
-        """
-        ...
-
-    def record(self, failed: bool, now: float) -> StoreSnapshot | None:
-        """In the closed state, count one outcome and return the counts after it.
-
-        Returns ``None`` when there is nothing to judge: without counting anything
-        when the state is not closed (a call admitted before the breaker opened
-        says nothing new), and, if the store likes, for a success counted while
-        the window holds no failure (it cannot trip the breaker).
-        """
-        ...
-
-    def acquire_probe(self, epoch: int, limit: int) -> bool:
-        """Take a probe slot in the half-open stay ``epoch`` if fewer than ``limit`` are taken."""
-        ...
-
-    def release_probe(self, epoch: int, succeeded: bool) -> int | None:
-        """Give back a probe slot of stay ``epoch``, counting a success if ``succeeded``.
-
-        Returns the successful probes of that stay so far, or ``None`` if the
-        store has left it (the slot went away with it).
-        """
-        ...
-
-
-class _CountWindow:
-    """The last ``size`` outcomes as a ring buffer, with running totals: O(1) per outcome."""
-
-    __slots__ = ("_next", "_outcomes", "calls", "failures")
-
-    def __init__(self, size: int) -> None:
-        self._outcomes = bytearray(size)
-        self._next = 0
-        self.calls = 0
-        self.failures = 0
-
-    def add(self, failed: bool, now: float) -> None:
-        outcomes = self._outcomes
-        position = self._next
-        if self.calls == len(outcomes):
-            self.failures -= outcomes[position]
-        else:
-            self.calls += 1
-        outcomes[position] = failed
-        self.failures += failed
-        self._next = (position + 1) % len(outcomes)
-
-    def counts(self, now: float) -> tuple[int, int]:
-        return self.calls, self.failures
-
-
-class _TimeWindow:
-    """Outcomes of the last ``duration`` seconds, in buckets of ``duration / BUCKETS``.
-
-    An outcome is forgotten when its bucket falls out of the newest
-    ``BUCKETS``, that is between ``duration * (1 - 1/BUCKETS)`` and ``duration``
-    seconds after it happened. Each bucket is emptied once per pass of the
-    clock over it, so upkeep is O(1) amortised per outcome.
-    """
-
-    BUCKETS: Final = 10
-
-    __slots__ = ("_bucket_calls", "_bucket_failures", "_newest", "_width", "calls", "failures")
-
-    def __init__(self, duration: float) -> None:
-        self._width = duration / self.BUCKETS
-        self._bucket_calls = [0] * self.BUCKETS
-        self._bucket_failures = [0] * self.BUCKETS
-        self._newest: int | None = None
-        self.calls = 0
-        self.failures = 0
-
-    def _advance(self, now: float) -> int:
-        """Empty the buckets that fell out of the window by ``now``; return the current slot."""
-        bucket = math.floor(now / self._width)
-        newest = self._newest
-        if newest is None or bucket - newest >= self.BUCKETS:
-            self._bucket_calls = [0] * self.BUCKETS
-            self._bucket_failures = [0] * self.BUCKETS
-            self.calls = self.failures = 0
-            self._newest = newest = bucket
-        elif bucket > newest:
-            for passed in range(newest + 1, bucket + 1):
-                slot = passed % self.BUCKETS
-                self.calls -= self._bucket_calls[slot]
-                self.failures -= self._bucket_failures[slot]
-                self._bucket_calls[slot] = self._bucket_failures[slot] = 0
-            self._newest = newest = bucket
-        # A clock that stepped back files the outcome under the newest bucket.
-        return newest % self.BUCKETS
-
-    def add(self, failed: bool, now: float) -> None:
-        slot = self._advance(now)
-        self._bucket_calls[slot] += 1
-        self._bucket_failures[slot] += failed
-        self.calls += 1
-        self.failures += failed
-
-    def counts(self, now: float) -> tuple[int, int]:
-        self._advance(now)
-        return self.calls, self.failures
-
-
-class InMemoryBreakerStore:
-    """The default :class:`BreakerStore`: state in this process, guarded by one lock.
-
-    The lock is held only for the few operations that change the state or the
-    counters, never while a protected call runs. ``state`` and
-    ``consecutive_failures`` are plain attributes, read without the lock by the
-    breaker's fast path.
-    """
-
-    __slots__ = (
-        "_epoch",
-        "_lock",
-        "_probe_successes",
-        "_probes_in_flight",
-        "_window",
-        "_window_spec",
-        "consecutive_failures",
-        "opened_at",
-        "state",
-    )
-
-    def __init__(self, window: WindowSpec | None = None) -> None:
-        self._window_spec = WindowSpec() if window is None else window
-        self._lock = threading.Lock()
-        self.state = _CLOSED
-        self._epoch = 0
-        self.opened_at: float | None = None
-        self.consecutive_failures = 0
-        self._probes_in_flight = 0
-        self._probe_successes = 0
-        self._window = self._new_window()
-
-    def __repr__(self) -> str:
-        return f"InMemoryBreakerStore(state={self.state.value}, window={self._window_spec!r})"
-
-    def _new_window(self) -> _CountWindow | _TimeWindow | None:
-        spec = self._window_spec
-        if spec.size is not None:
-            return _CountWindow(spec.size)
-        if spec.duration is not None:
-            return _TimeWindow(spec.duration)
-        return None
-
-    def _snapshot(self, now: float) -> StoreSnapshot:
-        calls, failures = (0, 0) if self._window is None else self._window.counts(now)
-        return StoreSnapshot(
-            self.state,
-            self._epoch,
-            self.opened_at,
-            self.consecutive_failures,
-            calls,
-            failures,
-            self._probes_in_flight,
-            self._probe_successes,
-        )
-
-    def load(self, now: float) -> StoreSnapshot:
-        with self._lock:
-            return self._snapshot(now)
-
-    def compare_and_set_state(self, epoch: int, new_state: BreakerState, now: float) -> bool:
-        with self._lock:
-            if epoch != self._epoch:
-                return False
-            self._epoch += 1
-            self.opened_at = now if new_state is _OPEN or new_state is _ISOLATED else None
-            self.consecutive_failures = 0
-            self._probes_in_flight = 0
-            self._probe_successes = 0
-            self._window = self._new_window()
-            # Last, so a lock-free reader that sees the new state also sees fresh counters.
-            self.state = new_state
-            return True
-
-    def record(self, failed: bool, now: float) -> StoreSnapshot | None:
-        with self._lock:
-            if self.state is not _CLOSED:
-                return None
-            self.consecutive_failures = self.consecutive_failures + 1 if failed else 0
-            window = self._window
-            if window is not None:
-                window.add(failed, now)
-            if not failed and (window is None or not window.failures):
-                # The healthy case: a success with no failure in the window cannot trip
-                # anything, so spare it the snapshot and the breaker's judgement.
-                return None
-            return self._snapshot(now)
-
-    def acquire_probe(self, epoch: int, limit: int) -> bool:
-        with self._lock:
-            if epoch != self._epoch or self.state is not _HALF_OPEN:
-                return False
-            if self._probes_in_flight >= limit:
-                return False
-            self._probes_in_flight += 1
-            return True
-
-    def release_probe(self, epoch: int, succeeded: bool) -> int | None:
-        with self._lock:
-            if epoch != self._epoch:
-                return None
-            self._probes_in_flight = max(0, self._probes_in_flight - 1)
-            if succeeded:
-                self._probe_successes += 1
-            return self._probe_successes
-
-
 # The breaker --------------------------------------------------------------------------
 
 ExcludeRule: TypeAlias = (
     type[BaseException] | tuple[type[BaseException], ...] | Callable[[BaseException], bool] | None
 )
 """Exceptions that are the caller's fault: a type, a tuple of types, or a predicate."""
-
-StoreFactory: TypeAlias = Callable[[WindowSpec], BreakerStore]
-"""Builds a breaker's :class:`BreakerStore` for a window shape, e.g. ``InMemoryBreakerStore``."""
 
 
 class _Ticket:
