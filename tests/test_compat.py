@@ -50,3 +50,19 @@ def test_pybreaker_still_has_the_internals_the_gate_drives() -> None:
     assert breaker.fail_counter == 1
     gate.on_success(gate.before_call())
     assert breaker.fail_counter == 0
+
+
+def test_httpx_still_keeps_its_parsed_url_for_the_origin_key() -> None:
+    """The transport names each request's origin from httpx's parsed URL, lower-cased."""
+    import httpx
+
+    from resilient._compat import httpx as compat_httpx
+
+    assert compat_httpx.uses_parsed_url(), (
+        "httpx.URL no longer has _uri_reference: every request now pays for the public "
+        "properties; update resilient/_compat/httpx.py"
+    )
+    url = httpx.URL("HTTPS://API.Example.test:8443/path")
+    assert compat_httpx.origin_key(url) == ("https", "api.example.test", 8443)
+    assert compat_httpx._public_origin_key(url) == compat_httpx.origin_key(url)
+    assert compat_httpx.origin_key(httpx.URL("http://a.test/")) == ("http", "a.test", None)

@@ -1,6 +1,7 @@
 """Where `resilient` reads other libraries' private internals, each behind a canary test.
 
 * :mod:`resilient._compat.otel`: OpenTelemetry's global provider variables.
+* :mod:`resilient._compat.httpx`: httpx's parsed URL, for each request's origin.
 * :mod:`resilient._compat.pybreaker`: drives a ``pybreaker.CircuitBreaker`` as a gate.
 
 Nothing outside this package reads another library's underscored names; each

@@ -60,11 +60,8 @@ configured, the test costs a few attribute reads.
 from __future__ import annotations
 
 import dataclasses
-import datetime
-import email.utils
 import inspect
 import math
-import operator
 import time
 from collections.abc import Callable, Collection, Mapping
 from contextvars import ContextVar
@@ -74,6 +71,7 @@ from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar, cast
 import httpx
 
 from resilient import tracing as _tracing
+from resilient._compat.httpx import OriginKey, origin_key
 from resilient._config import Duration, check_int, to_seconds
 from resilient.breaker import BreakerState, BreakerStore, CircuitBreaker
 from resilient.deadline import DEADLINE_HEADER, format_deadline_header, remaining
@@ -83,6 +81,17 @@ from resilient.policy import Policy
 from resilient.retry import Retry, RetryEvent
 from resilient.shardmap import ShardedMap
 from resilient.stages import Admission, Gate
+from resilient.transport._spans import HttpSpan
+from resilient.transport.rules import (
+    CALLER_FAULTS,
+    IDEMPOTENT_METHODS,
+    MAYBE_SENT,
+    NOT_SENT,
+    RETRY_STATUSES,
+    ResponseFailure,
+    is_idempotent,
+    parse_retry_after,
+)
 
 if TYPE_CHECKING:
     from opentelemetry.metrics import MeterProvider
@@ -101,25 +110,6 @@ __all__ = [
     "parse_retry_after",
 ]
 
-#: Methods RFC 9110 defines as idempotent: sending them twice does no harm.
-IDEMPOTENT_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
-#: Statuses that say "try again later" for an idempotent request.
-RETRY_STATUSES: Final = frozenset({429, 502, 503, 504})
-_RETRY_AFTER_STATUSES: Final = frozenset({429, 503})
-
-# Failures that happen before a byte of the request went out: safe for any method.
-_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
-# Failures after the request may have reached the server: only for idempotent requests.
-_MAYBE_SENT = (
-    httpx.ReadTimeout,
-    httpx.WriteTimeout,
-    httpx.ReadError,
-    httpx.WriteError,
-    httpx.RemoteProtocolError,
-    DeadlineExceeded,  # an async attempt cancelled at attempt_timeout
-)
-# The caller's mistakes, which say nothing about the server's health.
-_CALLER_FAULTS = (httpx.LocalProtocolError, httpx.UnsupportedProtocol, httpx.InvalidURL)
 _DEFAULT_RETRY: Final = Retry(attempts=3)
 _OPTIONS: Final = frozenset({"retry", "idempotent"})
 _TIMEOUT_KEYS: Final = ("connect", "read", "write", "pool")
@@ -145,27 +135,6 @@ _perf_counter = time.perf_counter
 
 
 # Errors --------------------------------------------------------------------------------
-
-
-class ResponseFailure(Exception):
-    """A response the breaker counts as a failure (5xx but 501, 429, ``retry_statuses``).
-
-    The transport never lets it out: when retries end, the caller gets the
-    response itself. ``on_retry`` hooks see it as ``event.exception``, with the
-    (already read and closed) response in ``.response`` and its request in ``.request``.
-    ``.asked_wait`` is the seconds its ``Retry-After`` asks for (429 and 503), else ``None``.
-    """
-
-    def __init__(self, response: httpx.Response, request: httpx.Request) -> None:
-        super().__init__(f"{request.method} {request.url} answered {response.status_code}")
-        self.response = response
-        self.request = request
-        # Parsed once: both the retry rule and the wait read it.
-        self.asked_wait: float | None = None
-        if response.status_code in _RETRY_AFTER_STATUSES:
-            value = response.headers.get("retry-after")
-            if value is not None:
-                self.asked_wait = parse_retry_after(value)
 
 
 class TransportDeadlineExceeded(DeadlineExceeded, httpx.TimeoutException):
@@ -251,7 +220,7 @@ class _Call:
     started: float | None = None
     # Telemetry, when somebody listens (see _Core.begin): attempt spans, call metrics.
     tracer: Tracer | None = None
-    root: _HttpSpan | None = None  # the logical request's span, when nothing was current
+    root: HttpSpan | None = None  # the logical request's span, when nothing was current
     instruments: _tracing.Instruments | None = None
     origin = ""
     began = 0.0
@@ -294,52 +263,7 @@ def _replay_refused(call: _Call) -> httpx.Response:
 # Retry rules -----------------------------------------------------------------------------
 
 
-def parse_retry_after(value: str, *, now: float | None = None) -> float | None:
-    """Seconds a ``Retry-After`` value asks for, or ``None`` if it is not a valid one.
-
-    Accepts delay-seconds (ASCII digits only: no sign, no fraction) and an HTTP
-    date; a date in the past means now (``0.0``). Anything else, and values too
-    large to be meant, give ``None``.
-    """
-    value = value.strip()
-    if value.isascii() and value.isdigit():
-        return float(value) if len(value) <= 9 else None
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError, OverflowError):
-        return None
-    if when.tzinfo is None:  # RFC 9110 dates are GMT; a zone-less one is read so too
-        when = when.replace(tzinfo=datetime.UTC)
-    wall = time.time() if now is None else now
-    return max(0.0, when.timestamp() - wall)
-
-
-def _is_idempotent(request: httpx.Request, retry_non_idempotent: bool) -> bool:
-    method = request.method
-    if method in IDEMPOTENT_METHODS or retry_non_idempotent:
-        return True
-    if "idempotency-key" in request.headers:
-        return True
-    options = request.extensions.get("resilient")
-    return bool(options and options.get("idempotent"))
-
-
-OriginKey = tuple[str, str, int | None]
 _TOUCH_EVERY: Final = 64
-
-
-def _public_origin_key(url: httpx.URL) -> OriginKey:
-    return (url.scheme, url.host, url.port)
-
-
-# Every request looks its origin up. httpx's parsed URL (a named tuple, lower-cased
-# host) answers that without a Python call per part; the public properties are the
-# fallback should a later httpx drop it.
-_origin_key: Callable[[httpx.URL], OriginKey] = _public_origin_key
-if hasattr(httpx.URL("http://origin.test"), "_uri_reference"):
-    _origin_key = operator.attrgetter(
-        "_uri_reference.scheme", "_uri_reference.host", "_uri_reference.port"
-    )
 
 
 # The shared core -------------------------------------------------------------------------
@@ -553,9 +477,9 @@ class _Core:
         request = _current_call.get().request
         if not isinstance(request.stream, httpx.ByteStream):
             return False  # the body is a stream that was consumed by the first attempt
-        if isinstance(failure, _NOT_SENT) or isinstance(failure.__cause__, _NOT_SENT):
+        if isinstance(failure, NOT_SENT) or isinstance(failure.__cause__, NOT_SENT):
             return True
-        if not _is_idempotent(request, self.retry_non_idempotent):
+        if not is_idempotent(request, self.retry_non_idempotent):
             return False
         if isinstance(failure, ResponseFailure):
             response = failure.response
@@ -563,7 +487,7 @@ class _Core:
                 return False
             asked = failure.asked_wait
             return asked is None or asked <= self.max_retry_after
-        return isinstance(failure, _MAYBE_SENT)
+        return isinstance(failure, MAYBE_SENT)
 
     @staticmethod
     def _retry_after(failure: object) -> float | None:
@@ -643,7 +567,7 @@ class _Core:
             if not trace.get_current_span().get_span_context().is_valid:
                 # No trace to join: a span for the whole request keeps its attempts
                 # in one trace, as the HTTP conventions' retry examples show.
-                call.root = _HttpSpan(tracer, call.request, None)
+                call.root = HttpSpan(tracer, call.request, None)
 
     def end(
         self, call: _Call, response: httpx.Response | None, error: BaseException | None
@@ -672,110 +596,6 @@ class _Core:
             call.root.end(response, error, call.attempts)
 
 
-# The names OpenTelemetry's HTTP conventions know; others are reported as "_OTHER".
-_KNOWN_METHODS: Final = frozenset(
-    {"CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "TRACE", "QUERY"}
-)
-# Query parameters the conventions ask to redact in url.full: signed-URL secrets.
-_SECRET_PARAMS: Final = ("AWSAccessKeyId", "Signature", "sig", "X-Goog-Signature")
-
-
-def _url_full(url: httpx.URL) -> str:
-    """``url.full`` as the conventions ask: credentials and URL signatures redacted."""
-    if url.userinfo:
-        url = url.copy_with(username="REDACTED", password="REDACTED")
-    if url.query:
-        params = url.params
-        secrets = [name for name in _SECRET_PARAMS if name in params]
-        if secrets:
-            for name in secrets:
-                params = params.set(name, "REDACTED")
-            url = url.copy_with(params=params)
-    return str(url)
-
-
-class _HttpSpan:
-    """A span per the OpenTelemetry HTTP client conventions, current until :meth:`end`.
-
-    With ``attempt``, it is that attempt's CLIENT span: its ``traceparent`` goes
-    in the request's headers (through the global propagator), and HTTP
-    instrumentation is suppressed while it is sent: opentelemetry-instrumentation-httpx,
-    had it patched the wrapped transport, would otherwise make a second span per
-    attempt. Without, it is an INTERNAL span for the whole request.
-    """
-
-    __slots__ = ("span", "token")
-
-    def __init__(self, tracer: Tracer, request: httpx.Request, attempt: int | None) -> None:
-        from opentelemetry import context, propagate, trace
-
-        url = request.url
-        method = request.method
-        port = url.port or (443 if url.scheme == "https" else 80)
-        attributes: dict[str, str | int] = {
-            "http.request.method": method,
-            "server.address": url.host,
-            "server.port": port,
-            "url.full": _url_full(url),
-        }
-        name = method
-        if method not in _KNOWN_METHODS:
-            name = "HTTP"
-            attributes["http.request.method"] = "_OTHER"
-            attributes["http.request.method_original"] = method
-        if attempt is None:
-            self.span = span = tracer.start_span(
-                name, kind=trace.SpanKind.INTERNAL, attributes=attributes
-            )
-            self.token = context.attach(trace.set_span_in_context(span))
-            return
-        if attempt > 1:
-            attributes["http.request.resend_count"] = attempt - 1
-        # Given at the start, as the conventions ask: samplers may decide on them.
-        self.span = span = tracer.start_span(
-            name, kind=trace.SpanKind.CLIENT, attributes=attributes
-        )
-        ctx = trace.set_span_in_context(span)
-        suppress = getattr(context, "_SUPPRESS_HTTP_INSTRUMENTATION_KEY", None)
-        if suppress is not None:
-            ctx = context.set_value(suppress, True, ctx)
-        self.token = context.attach(ctx)
-        propagate.inject(request.headers, context=ctx)
-
-    def end(
-        self,
-        response: httpx.Response | None,
-        error: BaseException | None,
-        attempts: int | None = None,
-    ) -> None:
-        """The attempt, or the request after ``attempts``, got ``response`` or raised ``error``."""
-        from opentelemetry import context, trace
-
-        span = self.span
-        context.detach(self.token)
-        # Set in one call: the SDK takes a lock per call.
-        attributes: dict[str, str | int] = {}
-        if attempts is not None:
-            attributes["resilient.attempts"] = attempts
-        if response is not None:
-            status = response.status_code
-            attributes["http.response.status_code"] = status
-            version = response.extensions.get("http_version")
-            if isinstance(version, bytes) and version.startswith(b"HTTP/"):
-                attributes["network.protocol.version"] = version[5:].decode("ascii")
-            if status >= 400:
-                attributes["error.type"] = str(status)
-        else:
-            assert error is not None
-            attributes["error.type"] = _tracing.error_type(error)
-            if isinstance(error, Exception):
-                span.record_exception(error)
-        span.set_attributes(attributes)
-        if "error.type" in attributes:
-            span.set_status(trace.Status(trace.StatusCode.ERROR))
-        span.end()
-
-
 def _replayable(
     response: httpx.Response, stream: httpx.ByteStream, request: httpx.Request
 ) -> httpx.Response:
@@ -796,7 +616,7 @@ def _as_list(hooks: Any) -> list[Any]:
 def default_breaker(origin: str) -> CircuitBreaker:
     """The breaker each origin gets by default: 5 consecutive failures open it for 30 s."""
     return CircuitBreaker(
-        name=origin, failure_threshold=5, reset_timeout=30.0, exclude=_CALLER_FAULTS
+        name=origin, failure_threshold=5, reset_timeout=30.0, exclude=CALLER_FAULTS
     )
 
 
@@ -898,7 +718,7 @@ class ResilientTransport(_Configured[httpx.BaseTransport], httpx.BaseTransport):
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         core = self._core
-        key = _origin_key(request.url)
+        key = origin_key(request.url)
         host = core.index.get(key)
         core.reads += 1  # a lost increment under threads only delays a touch
         if host is None or not core.reads % _TOUCH_EVERY:
@@ -978,7 +798,7 @@ class ResilientTransport(_Configured[httpx.BaseTransport], httpx.BaseTransport):
             if _current_deadline() != _INF:
                 self._core.clamp(request, call)
             tracer = call.tracer
-            span = None if tracer is None else _HttpSpan(tracer, request, call.attempts)
+            span = None if tracer is None else HttpSpan(tracer, request, call.attempts)
             try:
                 response = self._transport.handle_request(request)
             except BaseException as exc:
@@ -1019,7 +839,7 @@ class AsyncResilientTransport(_Configured[httpx.AsyncBaseTransport], httpx.Async
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         core = self._core
-        key = _origin_key(request.url)
+        key = origin_key(request.url)
         host = core.index.get(key)
         core.reads += 1  # a lost increment under threads only delays a touch
         if host is None or not core.reads % _TOUCH_EVERY:
@@ -1097,7 +917,7 @@ class AsyncResilientTransport(_Configured[httpx.AsyncBaseTransport], httpx.Async
             if _current_deadline() != _INF:
                 self._core.clamp(request, call)
             tracer = call.tracer
-            span = None if tracer is None else _HttpSpan(tracer, request, call.attempts)
+            span = None if tracer is None else HttpSpan(tracer, request, call.attempts)
             try:
                 response = await self._transport.handle_async_request(request)
             except BaseException as exc:
