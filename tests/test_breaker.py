@@ -16,6 +16,7 @@ the development machine, CPython 3.11):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import pickle
@@ -838,3 +839,89 @@ def test_store_time_window_files_a_backwards_clock_under_the_newest_bucket() -> 
     assert (snapshot.window_calls, snapshot.window_failures) == (2, 1)
     snapshot = store.load(60.0)
     assert (snapshot.window_calls, snapshot.window_failures) == (0, 0)
+
+
+def test_a_count_window_of_successes_counted_lock_free_still_judges_the_rate() -> None:
+    """Successes with no failure in the window are counted without the lock, capped at its size.
+
+    After 20 successes a 10-call window holds 10 of them; 4 failures make 4/10 (closed),
+    the 5th makes 5/10 and trips a failure_rate=0.5 breaker.
+    """
+    breaker = CircuitBreaker(
+        failure_threshold=None, failure_rate=0.5, window_size=10, minimum_calls=10
+    )
+    for _ in range(20):
+        succeed(breaker)
+    assert breaker.metrics().window_calls == 10
+    for _ in range(4):
+        fail(breaker)
+    assert breaker.state is BreakerState.CLOSED
+    assert breaker.metrics().window_failures == 4
+    fail(breaker)
+    assert breaker.state is BreakerState.OPEN
+
+
+def test_a_time_window_forgets_successes_counted_lock_free() -> None:
+    """Lock-free successes land in the newest bucket and expire with it."""
+    clock = FakeClock()
+    breaker = CircuitBreaker(
+        failure_threshold=None,
+        failure_rate=0.5,
+        window_duration=10.0,
+        minimum_calls=10,
+        clock=clock,
+    )
+    for _ in range(30):
+        succeed(breaker)
+    clock.advance(5.0)
+    for _ in range(5):
+        succeed(breaker)
+    assert breaker.metrics().window_calls == 35
+    clock.advance(5.0)  # the first 30 fall out with their bucket; the 5 stay
+    assert breaker.metrics().window_calls == 5
+    clock.advance(10.0)  # and now those too
+    assert breaker.metrics().window_calls == 0
+    for _ in range(5):
+        succeed(breaker)
+    for _ in range(4):
+        fail(breaker)
+    assert breaker.state is BreakerState.CLOSED  # 9 calls: below minimum_calls
+    fail(breaker)
+    assert breaker.state is BreakerState.OPEN  # 5 of 10
+
+
+def test_lock_free_successes_racing_failures_keep_the_window_consistent(
+    frequent_thread_switches: None,
+) -> None:
+    """Threads counting successes lock-free while others fail never corrupt the window.
+
+    Lost counts may make it a call or two short, never more than its size, never
+    more failures than calls; and a run of failures still trips it afterwards.
+    """
+    breaker = CircuitBreaker(
+        failure_threshold=None, failure_rate=0.9, window_size=50, minimum_calls=20
+    )
+
+    def healthy() -> None:
+        with contextlib.suppress(CircuitOpenError):  # it may trip mid-run: then stop
+            for _ in range(2_000):
+                succeed(breaker)
+
+    def sick() -> None:
+        with contextlib.suppress(CircuitOpenError):
+            for _ in range(200):
+                fail(breaker)
+
+    threads = [threading.Thread(target=healthy) for _ in range(3)]
+    threads.append(threading.Thread(target=sick))
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    metrics = breaker.metrics()
+    assert 0 <= metrics.window_failures <= metrics.window_calls <= 50
+    for _ in range(50):
+        if breaker.state is not BreakerState.CLOSED:
+            break
+        fail(breaker)
+    assert breaker.state is BreakerState.OPEN

@@ -493,6 +493,14 @@ class CircuitBreaker:
             if self._store.consecutive_failures:
                 self._finish(None, False)
             return
+        if ticket is _UNTIMED:
+            # A failure-rate window's healthy success: the store counts it, lock-free
+            # while the window holds no failure, and returns nothing to judge.
+            now = self._clock()
+            snapshot = self._store.record(False, now)
+            if snapshot is not None:
+                self._judge(snapshot, now)
+            return
         self._finish(ticket, False)
 
     def on_failure(self, ticket: object, error: Exception) -> None:
@@ -586,8 +594,11 @@ class CircuitBreaker:
             self._finish_probe(probe_epoch, failed, now)
             return
         snapshot = self._store.record(failed, now)
-        if snapshot is None:
-            return
+        if snapshot is not None:
+            self._judge(snapshot, now)
+
+    def _judge(self, snapshot: StoreSnapshot, now: float) -> None:
+        """Trip the breaker if the counts after an outcome call for it."""
         reason = self._trip_reason(snapshot)
         if reason is not None and self._store.compare_and_set_state(snapshot.epoch, _OPEN, now):
             self._emit(_CLOSED, _OPEN, reason, now)

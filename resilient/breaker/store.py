@@ -156,6 +156,16 @@ class _CountWindow:
         self.calls = 0
         self.failures = 0
 
+    def add_success_unlocked(self, now: float) -> bool:
+        """Count a success while the window holds no failure, without the store's lock.
+
+        Every stored outcome is a success, so where the ring's next position is does
+        not matter: only the count grows, up to the size. Returns ``True``.
+        """
+        if self.calls < len(self._outcomes):
+            self.calls += 1
+        return True
+
     def add(self, failed: bool, now: float) -> None:
         outcomes = self._outcomes
         position = self._next
@@ -182,15 +192,37 @@ class _TimeWindow:
 
     BUCKETS: Final = 10
 
-    __slots__ = ("_bucket_calls", "_bucket_failures", "_newest", "_width", "calls", "failures")
+    __slots__ = (
+        "_bucket_calls",
+        "_bucket_failures",
+        "_newest",
+        "_newest_end",
+        "_width",
+        "calls",
+        "failures",
+    )
 
     def __init__(self, duration: float) -> None:
         self._width = duration / self.BUCKETS
         self._bucket_calls = [0] * self.BUCKETS
         self._bucket_failures = [0] * self.BUCKETS
         self._newest: int | None = None
+        # When the newest bucket ends: before then, an outcome goes in it as it stands.
+        self._newest_end = -math.inf
         self.calls = 0
         self.failures = 0
+
+    def add_success_unlocked(self, now: float) -> bool:
+        """Count a success in the newest bucket without the store's lock, if ``now`` is in it.
+
+        ``False`` when the window must move on first (under the lock).
+        """
+        newest = self._newest
+        if newest is None or now >= self._newest_end:
+            return False
+        self._bucket_calls[newest % self.BUCKETS] += 1
+        self.calls += 1
+        return True
 
     def _advance(self, now: float) -> int:
         """Empty the buckets that fell out of the window by ``now``; return the current slot."""
@@ -201,6 +233,7 @@ class _TimeWindow:
             self._bucket_failures = [0] * self.BUCKETS
             self.calls = self.failures = 0
             self._newest = newest = bucket
+            self._newest_end = (bucket + 1) * self._width
         elif bucket > newest:
             for passed in range(newest + 1, bucket + 1):
                 slot = passed % self.BUCKETS
@@ -208,6 +241,7 @@ class _TimeWindow:
                 self.failures -= self._bucket_failures[slot]
                 self._bucket_calls[slot] = self._bucket_failures[slot] = 0
             self._newest = newest = bucket
+            self._newest_end = (bucket + 1) * self._width
         # A clock that stepped back files the outcome under the newest bucket.
         return newest % self.BUCKETS
 
@@ -230,6 +264,13 @@ class InMemoryBreakerStore:
     counters, never while a protected call runs. ``state`` and
     ``consecutive_failures`` are plain attributes, read without the lock by the
     breaker's fast path.
+
+    A success recorded while the failure-rate window holds no failure takes no lock
+    either: it can trip nothing. Two threads counting such successes at the same
+    instant may lose one of the two counts. The rate is then judged on a call or
+    two fewer: very slightly stricter, never looser (``minimum_calls`` is reached a
+    call or two later). The same trade the retry budget makes, for the same reason:
+    a healthy call should not contend on a lock.
     """
 
     __slots__ = (
@@ -298,6 +339,12 @@ class InMemoryBreakerStore:
             return True
 
     def record(self, failed: bool, now: float) -> StoreSnapshot | None:
+        if not failed and self.state is _CLOSED and not self.consecutive_failures:
+            # The healthy case: a success while the window holds no failure cannot trip
+            # anything. It is counted without the lock (see the class docstring).
+            window = self._window
+            if window is None or (not window.failures and window.add_success_unlocked(now)):
+                return None
         with self._lock:
             if self.state is not _CLOSED:
                 return None
