@@ -17,6 +17,7 @@ module, so the stages can use it for their own decorators without a cycle.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import heapq
 import inspect
@@ -35,13 +36,15 @@ from resilient.errors import DeadlineExceeded
 if TYPE_CHECKING:
     from resilient.stages import Admission, CallObserver, CallRecord, Gate, Retrier
 
-__all__ = ["Recovery", "build", "cached", "decorate", "refuse_generators"]
+__all__ = ["Recovery", "build", "build_resume", "cached", "decorate", "refuse_generators"]
 
 _INF: Final = math.inf
 _monotonic = time.monotonic
 _CoroutineType = types.CoroutineType
 # What a Recovery yields to ask its driver for one more attempt (a float asks it to wait).
 _ATTEMPT: Final = object()
+# What build_resume's gate check holds when the gate refused.
+_REFUSED: Final = object()
 # Read at call time, so resilient.testing.record_sleeps() can stand in for them.
 _sleep: Callable[[float], object] = time.sleep
 _async_sleep: Callable[[float], Awaitable[object]] = asyncio.sleep
@@ -105,15 +108,8 @@ def build(
     gate: Gate | None = None,
     attempt_timeout: float | None = None,
     observer: CallObserver | None = None,
-    replayed_start: Callable[[], float | None] | None = None,
 ) -> Callable[..., Any]:
-    """The driver running ``fn`` through the stages, in pipeline order.
-
-    ``replayed_start`` serves a caller that makes a healthy call's first attempt
-    itself and hands only a failed one to the driver (the httpx transport does):
-    it returns when that call began, on the retrier's clock, so elapsed times
-    count from then; ``None`` for a call the driver runs from the start.
-    """
+    """The driver running ``fn`` through the stages, in pipeline order."""
     explicit = True
     traces: Any = None
     meters: Any = None
@@ -155,16 +151,12 @@ def build(
 
     def start(now: float) -> float:
         """Count the call with the retrier; return when it began, on the retrier's clock."""
-        started = now if now and shared_clock else clock()  # type: ignore[misc]
-        if replayed_start is not None:
-            replayed = replayed_start()
-            if replayed is not None:
-                started = replayed
+        started: float = clock()  # type: ignore[misc]
         count_call(started)  # type: ignore[misc]
         return started
 
-    # Only a replayed start or a clock of the retrier's own needs start(); else inline.
-    counted = start if replayed_start is not None or not shared_clock else None
+    # A retrier with a clock of its own is read through start(); else inline.
+    counted = None if shared_clock else start
 
     if not asynchronous:
 
@@ -175,7 +167,7 @@ def build(
                 or traces._TRACER_PROVIDER is not None
                 or meters._METER_PROVIDER is not None
             ):
-                record = begin()
+                record = begin(args, kwargs)
             outer = total = limit = _current()
             now = 0.0
             if bounded or outer != _INF:
@@ -276,7 +268,7 @@ def build(
         if begin is not None and (
             explicit or traces._TRACER_PROVIDER is not None or meters._METER_PROVIDER is not None
         ):
-            record = begin()
+            record = begin(args, kwargs)
         outer = total = limit = _current()
         now = 0.0
         if bounded or outer != _INF:
@@ -386,6 +378,62 @@ def build(
                 record.end()
 
     return run_async
+
+
+def build_resume(
+    fn: Callable[..., Any],
+    *,
+    asynchronous: bool,
+    retrier: Retrier | None = None,
+    gate: Gate | None = None,
+    observer: CallObserver | None = None,
+) -> Callable[..., Any]:
+    """An entry for a caller that made a call's first attempt itself and saw it fail.
+
+    The httpx transport sends a healthy request at once, with no deadline in force,
+    no admission stage, and the gate only read on its quiet path (see
+    :class:`~resilient.stages.QuietGate`). Only when that attempt fails does it call
+    ``resume(started, error, *args, **kwargs)``: ``started`` is when the attempt
+    began, on the retrier's clock; ``error`` what it raised. The retrier counts the
+    call; the gate is asked for the attempt now, as the driver would have asked
+    before it, and told how it went; the failure path runs from there, calling
+    ``fn(*args, **kwargs)`` for each retry. A gate that refuses now opened while
+    the attempt was out: the attempt was made all the same, so ``error`` itself
+    goes back to the caller, not retried. The observer's record already counts
+    the one attempt.
+    """
+    begin = None if observer is None else observer.begin
+
+    def report(started: float, error: Exception, args: Any, kwargs: Any) -> Any:
+        record = None if begin is None else begin(args, kwargs)
+        if retrier is not None:
+            retrier.count_call(started)
+        if gate is not None:
+            ticket: object = _REFUSED
+            # Raised outside the handler below, so ``error`` keeps its own cause and context.
+            with contextlib.suppress(Exception):
+                ticket = gate.before_call()
+            if ticket is _REFUSED:
+                raise error
+            gate.on_failure(ticket, error)
+        if retrier is None:
+            raise error
+        recovery = Recovery(retrier, gate, started, _INF, _INF, None, None)
+        return recovery, recovery.flow(error, None, record)
+
+    if not asynchronous:
+
+        def resume(started: float, error: Exception, *args: Any, **kwargs: Any) -> Any:
+            _, flow = report(started, error, args, kwargs)
+            return _run_sync(flow, fn, args, kwargs)
+
+        return resume
+
+    async def resume_async(started: float, error: Exception, *args: Any, **kwargs: Any) -> Any:
+        recovery, flow = report(started, error, args, kwargs)
+        return await _run_async(recovery, flow, fn, args, kwargs)
+
+    return resume_async
 
 
 def _described(stage: object, method: str) -> Any:

@@ -197,13 +197,13 @@ class Policy:
         fn: Callable[..., Any],
         asynchronous: bool,
         *,
-        replayed_start: Callable[[], float | None] | None = None,
+        observer: CallObserver | None = None,
     ) -> Callable[..., Any]:
         """The bare driver running ``fn`` through this policy's stages (no metadata copied).
 
-        ``asynchronous`` picks the driver that awaits ``fn``. ``replayed_start`` is
-        for a caller that makes a call's first attempt itself and hands the driver
-        only a failed one (see :func:`resilient._driver.build`): the transport does.
+        ``asynchronous`` picks the driver that awaits ``fn``. ``observer`` replaces
+        this policy's own (its tracing) for a caller that keeps its own record of
+        each call: the httpx transport hands each request's in as an argument.
         """
         return _driver.build(
             fn,
@@ -213,8 +213,37 @@ class Policy:
             retrier=self.retry,
             gate=self._gate,
             attempt_timeout=self.attempt_timeout,
-            observer=self._observer(fn),
-            replayed_start=replayed_start,
+            observer=self._observer(fn) if observer is None else observer,
+        )
+
+    def resume(
+        self,
+        fn: Callable[..., Any],
+        asynchronous: bool,
+        *,
+        observer: CallObserver | None = None,
+    ) -> Callable[..., Any]:
+        """The entry for a caller that made a call's first attempt itself and saw it fail.
+
+        Returns ``resume(started, error, *args, **kwargs)``: the breaker and the retry
+        budget hear of that attempt as if this policy had made it, and its retries run
+        as they would have (see :func:`resilient._driver.build_resume`). The first
+        attempt must have been made as this policy's healthy path would have made it:
+        so only for a policy without a bulkhead or timeouts, with the breaker closed
+        and counting nothing on success (``CircuitBreaker.quiet()``), and with no
+        deadline in force. The httpx transport's fast path is such a caller.
+        """
+        if self.bulkhead is not None or self.timeout is not None or self.attempt_timeout:
+            raise ValueError(
+                "resume() is for a policy without a bulkhead, timeout or attempt_timeout: "
+                "a first attempt made outside the policy could not have honoured them"
+            )
+        return _driver.build_resume(
+            fn,
+            asynchronous=asynchronous,
+            retrier=self.retry,
+            gate=self._gate,
+            observer=self._observer(fn) if observer is None else observer,
         )
 
     def _observer(self, fn: Callable[..., Any]) -> CallObserver | None:

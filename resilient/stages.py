@@ -249,6 +249,10 @@ class CallObserver(Protocol):
         """Whether :meth:`begin` must be asked on every call."""
         ...
 
-    def begin(self) -> CallRecord | None:
-        """Start recording one call, or return ``None`` to record nothing this time."""
+    def begin(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> CallRecord | None:
+        """Start recording one call with these arguments, or return ``None`` to record nothing.
+
+        The arguments let a caller hand its own record in: the httpx transport passes
+        each request's bookkeeping as an argument and its observer returns it.
+        """
         ...

@@ -168,7 +168,7 @@ class Telemetry:
                 or traces._TRACER_PROVIDER is not None
                 or meters._METER_PROVIDER is not None
             ):
-                call = site.begin()  # may still be None: no-op providers record nothing
+                call = site.begin(args, kwargs)  # None still: no-op providers record nothing
 
         with ``explicit`` and ``(traces, meters) = provider_globals()`` in closure cells.
         Keep ``traces`` and ``meters`` the API modules there (no stand-ins for explicit
@@ -450,7 +450,9 @@ class CallSite:
         """Whether a provider was given, so that every call asks :meth:`begin`."""
         return self.telemetry.explicit
 
-    def begin(self) -> Call | None:
+    def begin(
+        self, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    ) -> Call | None:
         """Start recording one call (its span becomes current), or ``None`` if nobody listens."""
         telemetry = self.telemetry
         tracer = telemetry.tracer()

@@ -1317,3 +1317,59 @@ def test_a_stranded_index_is_rebuilt_from_the_map() -> None:
         client.get("http://fresh.test/")
     assert set(core.index) == set(core.hosts.keys())
     assert len(core.index) <= 2
+
+
+@pytest.mark.parametrize(
+    ("options", "name"), [({"retry": "no"}, "retry"), ({"idempotent": 1}, "idempotent")]
+)
+async def test_per_request_options_must_be_booleans(
+    make: MakeHarness, options: dict[str, Any], name: str
+) -> None:
+    """{"retry": "no"} is refused, naming the option, instead of being read as true."""
+    harness = make(Script(503))
+    with pytest.raises(TypeError, match=rf'\["{name}"\] must be True or False'):
+        await harness.send(extensions={"resilient": options})
+
+
+async def test_requests_in_flight_together_are_each_judged_by_their_own_method() -> None:
+    """A GET and a POST failing at the same time on one origin: only the GET is retried."""
+    statuses = {"GET": [503, 200], "POST": [503, 200]}
+    both_sent = asyncio.Event()
+    seen: list[str] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.method)
+        if len(seen) == 2:
+            both_sent.set()
+        await asyncio.wait_for(both_sent.wait(), 5)  # both first attempts are out at once
+        return httpx.Response(statuses[request.method].pop(0))
+
+    transport = AsyncResilientTransport(httpx.MockTransport(handler), retry=retry())
+    async with httpx.AsyncClient(transport=transport, base_url=BASE) as client:
+        got, posted = await asyncio.gather(client.get("/"), client.post("/", content=b"x"))
+    assert got.status_code == 200
+    assert report(got)["attempts"] == 2
+    assert posted.status_code == 503
+    assert report(posted)["attempts"] == 1
+    assert sorted(seen) == ["GET", "GET", "POST"]
+
+
+def test_policy_resume_takes_over_a_first_attempt_made_elsewhere() -> None:
+    """Policy.resume counts the attempt in the budget and breaker, then retries as usual."""
+    clock = FakeClock()
+    breaker = CircuitBreaker(failure_threshold=2, clock=clock)
+    budget = resilient.RetryBudget(ratio=0.0, min_retries_per_second=0.1, clock=clock)
+    policy = resilient.Policy(retry=retry(attempts=3, budget=budget), breaker=breaker)
+    calls: list[str] = []
+
+    def again(key: str) -> str:
+        calls.append(key)
+        return f"value of {key}"
+
+    resume = policy.resume(again, False)
+    assert resume(clock(), ConnectionError("first try"), "k") == "value of k"
+    assert calls == ["k"]
+    assert breaker.metrics().consecutive_failures == 0  # the retry's success reset it
+    assert budget.available() == 0  # the one retry the reserve allowed was spent
+    with pytest.raises(ValueError, match="without a bulkhead, timeout"):
+        resilient.Policy(timeout=1.0).resume(again, False)

@@ -42,12 +42,18 @@ state).
 
 A request to a healthy origin (breaker closed with no failure counted), with no
 deadline in force, no bulkhead, no timeouts and no per-request options, takes a
-fast path: it is sent at once, and only a failure goes to the policy's driver,
-which takes that attempt over as its first (the breaker and the retry budget
-count it once, and elapsed times start at its send).
+fast path: it is sent at once, and only a failure goes to the policy, through
+:meth:`~resilient.Policy.resume`: the breaker and the retry budget count that
+attempt once, elapsed times start at its send, and the retries run from there.
+
+The transport drives each origin's stages only through the stage contract of
+:mod:`resilient.stages`. Each request's bookkeeping is the driver's record of it
+(passed along as an argument, no ``ContextVar``), and the retry rules judge the
+failure alone: the request's own facts pick one of the origin's three drivers
+(idempotent, not idempotent, or never retried).
 
 Per request, ``extensions={"resilient": {"retry": False}}`` turns retries off
-and ``{"idempotent": True}`` marks a POST or PATCH safe to retry.
+and ``{"idempotent": True}`` marks a POST or PATCH safe to retry (both booleans).
 
 With an OpenTelemetry provider configured (globally or as ``tracer_provider=``
 / ``meter_provider=``), each attempt is a CLIENT span per the HTTP client
@@ -64,7 +70,6 @@ import inspect
 import math
 import time
 from collections.abc import Callable, Collection, Mapping
-from contextvars import ContextVar
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar, cast
 
@@ -78,7 +83,7 @@ from resilient.deadline import DEADLINE_HEADER, format_deadline_header, remainin
 from resilient.deadline import current as _current_deadline
 from resilient.errors import BulkheadFull, CircuitOpenError, DeadlineExceeded, ResilientError
 from resilient.policy import Policy
-from resilient.retry import Retry, RetryEvent
+from resilient.retry import Retry, RetryBudget
 from resilient.shardmap import ShardedMap
 from resilient.stages import Admission, Gate
 from resilient.transport._spans import HttpSpan
@@ -203,21 +208,21 @@ def _as_transport_error(error: ResilientError, request: httpx.Request) -> Except
 
 
 class _Call:
-    """One request on its way: what it went through, for ``response.extensions``.
+    """One request on its way: the driver's record of it (a :class:`~resilient.CallRecord`).
 
-    No ``__init__``: the defaults are class attributes, so making one per
-    request costs no Python call.
+    It travels as the attempt function's second argument, and the transport's
+    observer hands it to the driver as the call's record: the driver counts the
+    attempts and reports each retry's wait here, for ``response.extensions``.
+    No ``__init__``: the defaults are class attributes, so making one per request
+    costs no Python call.
     """
 
     request: httpx.Request
     attempts = 0
     waited = 0.0
+    error: BaseException | None = None
     # The caller's own timeouts, kept by the first attempt that clamps them.
     timeouts: Mapping[str, float | None] | None = None
-    # A failed first attempt the fast path already made (a response or an exception),
-    # for the driver's first attempt to take over, and when it started (retry clock).
-    first: httpx.Response | Exception | None = None
-    started: float | None = None
     # Telemetry, when somebody listens (see _Core.begin): attempt spans, call metrics.
     tracer: Tracer | None = None
     root: HttpSpan | None = None  # the logical request's span, when nothing was current
@@ -225,39 +230,37 @@ class _Call:
     origin = ""
     began = 0.0
 
+    def retrying(self, attempt: int, error: BaseException | None, wait: float) -> None:
+        self.waited += wait
+        if self.instruments is not None and error is not None:
+            if isinstance(error, ResponseFailure):
+                kind = str(error.response.status_code)
+            else:
+                kind = _tracing.error_type(error)
+            self.instruments.record_retry(self.origin, kind)
 
-# The retry hook and the attempts run inside the policy, in the caller's context.
-_current_call: ContextVar[_Call] = ContextVar("resilient_transport_call")
+    def rejected(self, error: Exception) -> None:
+        """Recorded when the request ends (see _Core.end), like every other outcome."""
 
-
-def _count_wait(event: RetryEvent) -> None:
-    call = _current_call.get()
-    call.waited += event.delay
-    if call.instruments is not None:
-        # Always an exception: the transport refuses a Retry with on_result.
-        failure = cast(Exception, event.exception)
-        if isinstance(failure, ResponseFailure):
-            kind = str(failure.response.status_code)
-        else:
-            kind = _tracing.error_type(failure)
-        call.instruments.record_retry(call.origin, kind)
+    def end(self) -> None:
+        """The transport finishes the request itself, once it has the response."""
 
 
-def _replayed_start() -> float | None:
-    return _current_call.get().started
+class _OwnRecord:
+    """The observer of the transport's drivers: a request's record is its second argument."""
+
+    explicit = True
+
+    def begin(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Call:
+        return cast(_Call, args[1])
 
 
-def _replay_refused(call: _Call) -> httpx.Response:
-    """The breaker opened between a fast first attempt and its failure reaching the driver.
+_OWN_RECORD: Final = _OwnRecord()
 
-    The request was sent all the same: its caller gets what it got back.
-    """
-    first = call.first
-    call.attempts = 1
-    if isinstance(first, Exception):
-        raise first
-    assert first is not None
-    return first
+# Which of an origin's drivers a request goes through (see _Core.kind).
+_IDEMPOTENT: Final = 0  # retried on every failure RFC 9110 allows for idempotent requests
+_UNSAFE: Final = 1  # retried only when it never left (connection failures)
+_ONCE: Final = 2  # never retried: retries are off, or the body cannot be sent twice
 
 
 # Retry rules -----------------------------------------------------------------------------
@@ -282,8 +285,10 @@ class _Host:
     # The breaker's store, whose state is a plain read: reporting it on every response
     # must not run the breaker's lazy open -> half-open transition (and its listeners).
     store: BreakerStore | None
-    retrying: Callable[[httpx.Request], Any]
-    single: Callable[[httpx.Request], Any]
+    # One driver per kind of request (_IDEMPOTENT, _UNSAFE, _ONCE), and for a fast
+    # origin the entries that take a failed fast first attempt over (Policy.resume).
+    drivers: tuple[Callable[..., Any], ...]
+    resumes: tuple[Callable[..., Any], ...] | None
     # Whether a request may take the fast path (see ResilientTransport.handle_request):
     # no bulkhead, no timeouts, a breaker that records nothing on a healthy success,
     # and no explicit telemetry provider.
@@ -431,59 +436,91 @@ class _Core:
             "attempt_timeout": self.attempt_timeout,
         }
         asynchronous = inspect.iscoroutinefunction(attempt)
-
-        def driver(policy: Policy) -> Callable[[httpx.Request], Any]:
-            return policy.driver(attempt, asynchronous, replayed_start=_replayed_start)
-
-        single = retrying = driver(Policy(**stages))
+        once = idempotent = unsafe = Policy(**stages)
         retry = None
         if self.retry is not None:
-            retry = self._host_retry(self.retry)
-            retrying = driver(Policy(retry=retry, **stages))
+            # Both retrying kinds share the origin's one budget.
+            budget = None if self.retry.budget is None else self.retry.budget.spawn()
+            retry = self._host_retry(self.retry, budget, self._retryable_idempotent)
+            idempotent = Policy(retry=retry, **stages)
+            unsafe = Policy(retry=self._host_retry(self.retry, budget, _not_sent), **stages)
+        policies = (idempotent, unsafe, once)
+        fast = (
+            bulkhead is None
+            and self.timeout is None
+            and self.attempt_timeout is None
+            and (breaker is None or (builtin is not None and not builtin.counts_successes))
+            and not (self.telemetry is not None and self.telemetry.explicit)
+        )
         return _Host(
             origin=origin,
             store=None if builtin is None else builtin.store,
-            retrying=retrying,
-            single=single,
-            fast=(
-                bulkhead is None
-                and self.timeout is None
-                and self.attempt_timeout is None
-                and (breaker is None or (builtin is not None and not builtin.counts_successes))
-                and not (self.telemetry is not None and self.telemetry.explicit)
+            drivers=tuple(
+                policy.driver(attempt, asynchronous, observer=_OWN_RECORD) for policy in policies
             ),
+            resumes=(
+                tuple(
+                    policy.resume(attempt, asynchronous, observer=_OWN_RECORD)
+                    for policy in policies
+                )
+                if fast
+                else None
+            ),
+            fast=fast,
             untraced=self.telemetry is None,
             clock=None if retry is None else retry.clock,
             count_call=None if retry is None else retry.count_call,
         )
 
-    def _host_retry(self, base: Retry) -> Retry:
-        """The base Retry with this transport's rules, and a retry budget of the origin's own."""
-        budget = None if base.budget is None else base.budget.spawn()
-        hooks = base.on_retry
-        hooks = [_count_wait] if hooks is None else [_count_wait, *_as_list(hooks)]
+    def _host_retry(
+        self, base: Retry, budget: RetryBudget | None, rules: Callable[[Exception], bool]
+    ) -> Retry:
+        """The base Retry with this transport's ``rules`` and the origin's own ``budget``."""
 
         # The user's own `on` narrows the transport's rules; it cannot widen them.
         def retryable(failure: Exception) -> bool:
-            return self._retryable(failure) and base.accepts(failure)
+            return rules(failure) and base.accepts(failure)
 
-        return dataclasses.replace(
-            base, on=retryable, budget=budget, retry_after=self._retry_after, on_retry=hooks
-        )
+        return dataclasses.replace(base, on=retryable, budget=budget, retry_after=self._retry_after)
 
     # Decisions ----------------------------------------------------------------------------
 
-    def _retryable(self, failure: Exception) -> bool:
-        request = _current_call.get().request
+    def kind(self, request: httpx.Request, options: object) -> int:
+        """Which driver ``request`` goes through, its ``extensions["resilient"]`` being ``options``.
+
+        The request's own facts decide here, once, so the retry rules need only the
+        failure: a body that cannot be sent twice, or ``retry=False``, is never
+        retried; an idempotent request is retried on every failure RFC 9110 allows;
+        any other only when it never left.
+        """
+        if options is not None:
+            if not isinstance(options, Mapping):
+                raise TypeError(
+                    f'extensions["resilient"] must be a mapping of options, got {options!r}'
+                )
+            unknown = set(options) - _OPTIONS
+            if unknown:
+                raise ValueError(
+                    f'unknown option(s) in extensions["resilient"]: {sorted(unknown)}; '
+                    f"known: {sorted(_OPTIONS)}"
+                )
+            for name in _OPTIONS & set(options):
+                if not isinstance(options[name], bool):
+                    raise TypeError(
+                        f'extensions["resilient"]["{name}"] must be True or False, '
+                        f"got {options[name]!r}"
+                    )
+            if options.get("retry", True) is False:
+                return _ONCE
         if not isinstance(request.stream, httpx.ByteStream):
-            return False  # the body is a stream that was consumed by the first attempt
-        if isinstance(failure, NOT_SENT) or isinstance(failure.__cause__, NOT_SENT):
+            return _ONCE  # the body is a stream the first attempt consumes
+        return _IDEMPOTENT if is_idempotent(request, self.retry_non_idempotent) else _UNSAFE
+
+    def _retryable_idempotent(self, failure: Exception) -> bool:
+        if _not_sent(failure):
             return True
-        if not is_idempotent(request, self.retry_non_idempotent):
-            return False
         if isinstance(failure, ResponseFailure):
-            response = failure.response
-            if response.status_code not in self.retry_statuses:
+            if failure.response.status_code not in self.retry_statuses:
                 return False
             asked = failure.asked_wait
             return asked is None or asked <= self.max_retry_after
@@ -492,21 +529,6 @@ class _Core:
     @staticmethod
     def _retry_after(failure: object) -> float | None:
         return failure.asked_wait if isinstance(failure, ResponseFailure) else None
-
-    @staticmethod
-    def driver(host: _Host, options: object) -> Callable[[httpx.Request], Any]:
-        """The driver a request with ``extensions["resilient"] = options`` goes through."""
-        if not isinstance(options, Mapping):
-            raise TypeError(
-                f'extensions["resilient"] must be a mapping of options, got {options!r}'
-            )
-        unknown = set(options) - _OPTIONS
-        if unknown:
-            raise ValueError(
-                f'unknown option(s) in extensions["resilient"]: {sorted(unknown)}; '
-                f"known: {sorted(_OPTIONS)}"
-            )
-        return host.single if options.get("retry", True) is False else host.retrying
 
     # Around every attempt -------------------------------------------------------------------
 
@@ -609,8 +631,30 @@ def _replayable(
     )
 
 
-def _as_list(hooks: Any) -> list[Any]:
-    return list(hooks) if isinstance(hooks, list | tuple) else [hooks]
+def _not_sent(failure: Exception) -> bool:
+    """The request never left: safe to send again whatever its method."""
+    return isinstance(failure, NOT_SENT) or isinstance(failure.__cause__, NOT_SENT)
+
+
+def _read_failure(response: httpx.Response, request: httpx.Request) -> ResponseFailure:
+    """A failing response, read and closed so a retry finds its connection back in the pool."""
+    try:
+        stream = response.stream
+        if not isinstance(stream, httpx.ByteStream):
+            stream = httpx.ByteStream(b"".join(response.iter_raw()))
+    finally:
+        response.close()
+    return ResponseFailure(_replayable(response, stream, request), request)
+
+
+async def _read_failure_async(response: httpx.Response, request: httpx.Request) -> ResponseFailure:
+    try:
+        stream = response.stream
+        if not isinstance(stream, httpx.ByteStream):
+            stream = httpx.ByteStream(b"".join([chunk async for chunk in response.aiter_raw()]))
+    finally:
+        await response.aclose()
+    return ResponseFailure(_replayable(response, stream, request), request)
 
 
 def default_breaker(origin: str) -> CircuitBreaker:
@@ -738,86 +782,77 @@ class ResilientTransport(_Configured[httpx.BaseTransport], httpx.BaseTransport):
             # nothing to clamp or count. A failure goes to the driver, which takes the
             # attempt over as its first one.
             clock = host.clock
-            started = None if clock is None else clock()
+            started = 0.0 if clock is None else clock()
             try:
                 response = self._transport.handle_request(request)
             except Exception as exc:
-                return self._send(request, host, None, exc, started)
+                return self._resume(request, host, started, exc)
             if response.status_code in core.failing_statuses:
-                return self._send(request, host, None, response, started)
+                try:
+                    failure: Exception = _read_failure(response, request)
+                except Exception as exc:
+                    failure = exc
+                return self._resume(request, host, started, failure)
             count_call = host.count_call
             if count_call is not None:
-                count_call(started)  # type: ignore[arg-type]
+                count_call(started)
             response.extensions["resilient"] = _FIRST_TRY[None if store is None else store.state]
             return response
         return self._send(request, host, request.extensions.get("resilient"))
 
-    def _send(
-        self,
-        request: httpx.Request,
-        host: _Host,
-        options: object,
-        first: httpx.Response | Exception | None = None,
-        started: float | None = None,
-    ) -> httpx.Response:
-        """Send ``request`` through the origin's driver, or hand it ``first`` to take over."""
-        send = host.retrying if options is None else self._core.driver(host, options)
+    def _send(self, request: httpx.Request, host: _Host, options: object) -> httpx.Response:
+        """Send ``request`` through the driver for its kind."""
         call = _Call()
         call.request = request
-        if first is not None:
-            call.first = first
-            call.started = started
+        send = host.drivers[self._core.kind(request, options)]
+        return self._finish(call, host, send, (request, call))
+
+    def _resume(
+        self, request: httpx.Request, host: _Host, started: float, failure: Exception
+    ) -> httpx.Response:
+        """The fast path's first attempt failed: the driver takes over from there."""
+        call = _Call()
+        call.request = request
+        call.attempts = 1
+        assert host.resumes is not None
+        resume = host.resumes[self._core.kind(request, None)]
+        return self._finish(call, host, resume, (started, failure, request, call))
+
+    def _finish(
+        self, call: _Call, host: _Host, send: Callable[..., Any], args: tuple[Any, ...]
+    ) -> httpx.Response:
         core = self._core
         core.begin(call, host)
-        token = _current_call.set(call)
         try:
             try:
-                response = send(request)
+                response = send(*args)
             except ResponseFailure as failure:
                 response = failure.response
             except ResilientError as error:
-                response = _recover(error, request) if call.first is None else _replay_refused(call)
+                response = _recover(error, call.request)
         except BaseException as error:
             if call.instruments is not None or call.tracer is not None:
                 core.end(call, None, error)
             raise
-        finally:
-            _current_call.reset(token)
         return core.finish(response, host, call)
 
-    def _attempt(self, request: httpx.Request) -> httpx.Response:
-        call = _current_call.get()
-        call.attempts += 1
-        first = call.first
-        if first is not None:
-            call.first = None
-            if isinstance(first, Exception):
-                raise first
-            response = first
-        else:
-            if _current_deadline() != _INF:
-                self._core.clamp(request, call)
-            tracer = call.tracer
-            span = None if tracer is None else HttpSpan(tracer, request, call.attempts)
-            try:
-                response = self._transport.handle_request(request)
-            except BaseException as exc:
-                if span is not None:
-                    span.end(None, exc)
-                if isinstance(exc, httpx.TimeoutException):
-                    raise self._core.timed_out(exc) from exc
-                raise
+    def _attempt(self, request: httpx.Request, call: _Call) -> httpx.Response:
+        if _current_deadline() != _INF:
+            self._core.clamp(request, call)
+        tracer = call.tracer
+        span = None if tracer is None else HttpSpan(tracer, request, call.attempts)
+        try:
+            response = self._transport.handle_request(request)
+        except BaseException as exc:
             if span is not None:
-                span.end(response, None)
+                span.end(None, exc)
+            if isinstance(exc, httpx.TimeoutException):
+                raise self._core.timed_out(exc) from exc
+            raise
+        if span is not None:
+            span.end(response, None)
         if response.status_code in self._core.failing_statuses:
-            # Read and close it now: a retry must find its connection back in the pool.
-            try:
-                stream = response.stream
-                if not isinstance(stream, httpx.ByteStream):
-                    stream = httpx.ByteStream(b"".join(response.iter_raw()))
-            finally:
-                response.close()
-            raise ResponseFailure(_replayable(response, stream, request), request)
+            raise _read_failure(response, request)
         return response
 
     def close(self) -> None:
@@ -857,86 +892,77 @@ class AsyncResilientTransport(_Configured[httpx.AsyncBaseTransport], httpx.Async
         ):
             # The fast path, as in ResilientTransport.handle_request.
             clock = host.clock
-            started = None if clock is None else clock()
+            started = 0.0 if clock is None else clock()
             try:
                 response = await self._transport.handle_async_request(request)
             except Exception as exc:
-                return await self._send(request, host, None, exc, started)
+                return await self._resume(request, host, started, exc)
             if response.status_code in core.failing_statuses:
-                return await self._send(request, host, None, response, started)
+                try:
+                    failure: Exception = await _read_failure_async(response, request)
+                except Exception as exc:
+                    failure = exc
+                return await self._resume(request, host, started, failure)
             count_call = host.count_call
             if count_call is not None:
-                count_call(started)  # type: ignore[arg-type]
+                count_call(started)
             response.extensions["resilient"] = _FIRST_TRY[None if store is None else store.state]
             return response
         return await self._send(request, host, request.extensions.get("resilient"))
 
-    async def _send(
-        self,
-        request: httpx.Request,
-        host: _Host,
-        options: object,
-        first: httpx.Response | Exception | None = None,
-        started: float | None = None,
-    ) -> httpx.Response:
-        """Send ``request`` through the origin's driver, or hand it ``first`` to take over."""
-        send = host.retrying if options is None else self._core.driver(host, options)
+    async def _send(self, request: httpx.Request, host: _Host, options: object) -> httpx.Response:
+        """Send ``request`` through the driver for its kind."""
         call = _Call()
         call.request = request
-        if first is not None:
-            call.first = first
-            call.started = started
+        send = host.drivers[self._core.kind(request, options)]
+        return await self._finish(call, host, send, (request, call))
+
+    async def _resume(
+        self, request: httpx.Request, host: _Host, started: float, failure: Exception
+    ) -> httpx.Response:
+        """The fast path's first attempt failed: the driver takes over from there."""
+        call = _Call()
+        call.request = request
+        call.attempts = 1
+        assert host.resumes is not None
+        resume = host.resumes[self._core.kind(request, None)]
+        return await self._finish(call, host, resume, (started, failure, request, call))
+
+    async def _finish(
+        self, call: _Call, host: _Host, send: Callable[..., Any], args: tuple[Any, ...]
+    ) -> httpx.Response:
         core = self._core
         core.begin(call, host)
-        token = _current_call.set(call)
         try:
             try:
-                response = await send(request)
+                response = await send(*args)
             except ResponseFailure as failure:
                 response = failure.response
             except ResilientError as error:
-                response = _recover(error, request) if call.first is None else _replay_refused(call)
+                response = _recover(error, call.request)
         except BaseException as error:
             if call.instruments is not None or call.tracer is not None:
                 core.end(call, None, error)
             raise
-        finally:
-            _current_call.reset(token)
         return core.finish(response, host, call)
 
-    async def _attempt(self, request: httpx.Request) -> httpx.Response:
-        call = _current_call.get()
-        call.attempts += 1
-        first = call.first
-        if first is not None:
-            call.first = None
-            if isinstance(first, Exception):
-                raise first
-            response = first
-        else:
-            if _current_deadline() != _INF:
-                self._core.clamp(request, call)
-            tracer = call.tracer
-            span = None if tracer is None else HttpSpan(tracer, request, call.attempts)
-            try:
-                response = await self._transport.handle_async_request(request)
-            except BaseException as exc:
-                if span is not None:
-                    span.end(None, exc)
-                if isinstance(exc, httpx.TimeoutException):
-                    raise self._core.timed_out(exc) from exc
-                raise
+    async def _attempt(self, request: httpx.Request, call: _Call) -> httpx.Response:
+        if _current_deadline() != _INF:
+            self._core.clamp(request, call)
+        tracer = call.tracer
+        span = None if tracer is None else HttpSpan(tracer, request, call.attempts)
+        try:
+            response = await self._transport.handle_async_request(request)
+        except BaseException as exc:
             if span is not None:
-                span.end(response, None)
+                span.end(None, exc)
+            if isinstance(exc, httpx.TimeoutException):
+                raise self._core.timed_out(exc) from exc
+            raise
+        if span is not None:
+            span.end(response, None)
         if response.status_code in self._core.failing_statuses:
-            # Read and close it now: a retry must find its connection back in the pool.
-            try:
-                stream = response.stream
-                if not isinstance(stream, httpx.ByteStream):
-                    stream = httpx.ByteStream(b"".join([c async for c in response.aiter_raw()]))
-            finally:
-                await response.aclose()
-            raise ResponseFailure(_replayable(response, stream, request), request)
+            raise await _read_failure_async(response, request)
         return response
 
     async def aclose(self) -> None:
