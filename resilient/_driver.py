@@ -36,7 +36,16 @@ from resilient.errors import DeadlineExceeded
 if TYPE_CHECKING:
     from resilient.stages import Admission, CallObserver, CallRecord, Gate, Retrier
 
-__all__ = ["Recovery", "build", "build_resume", "cached", "decorate", "refuse_generators"]
+__all__ = [
+    "NotAwaitable",
+    "Recovery",
+    "build",
+    "build_resume",
+    "cached",
+    "decorate",
+    "is_async",
+    "refuse_generators",
+]
 
 _INF: Final = math.inf
 _monotonic = time.monotonic
@@ -84,6 +93,12 @@ def cached(
     driver = cache.get((fn, asynchronous))
     if driver is None:
         refuse_generators(fn, what)
+        if not asynchronous and is_async(fn):
+            raise TypeError(
+                f"{what}.call() got {_name(fn)}, an async function: its calls return "
+                f"coroutines, so nothing would be retried or timed; await {what}.acall() "
+                "instead"
+            )
         driver = make(fn, asynchronous)
         if len(cache) >= 64:
             cache.clear()
@@ -93,9 +108,50 @@ def cached(
 
 def decorate(fn: Callable[..., Any], what: str, **stages: Any) -> Callable[..., Any]:
     """Wrap ``fn`` in a driver over ``stages`` (see :func:`build`), keeping its metadata."""
+    if not callable(fn):
+        raise TypeError(f"{what} decorates callables, got {type(fn).__name__}: {fn!r}")
     refuse_generators(fn, what)
-    asynchronous = inspect.iscoroutinefunction(fn)
-    return functools.wraps(fn)(build(fn, asynchronous=asynchronous, **stages))
+    return functools.wraps(fn)(build(fn, asynchronous=is_async(fn), **stages))
+
+
+def is_async(fn: object) -> bool:
+    """Whether calling ``fn`` makes a coroutine: an ``async def``, or an object whose
+    ``__call__`` is one (a partial of either counts too)."""
+    if inspect.iscoroutinefunction(fn):
+        return True
+    if inspect.isfunction(fn) or inspect.ismethod(fn) or not callable(fn):
+        return False
+    return inspect.iscoroutinefunction(type(fn).__call__)
+
+
+def _name(fn: object) -> str:
+    return str(getattr(fn, "__qualname__", None) or repr(fn))
+
+
+class NotAwaitable(TypeError):
+    """An async driver's function returned something that cannot be awaited.
+
+    Never retried and never counted by a gate: the mistake is the caller's, and
+    running the function again would repeat its side effects.
+    """
+
+
+def _refuse_result(fn: Callable[..., Any], result: object) -> NotAwaitable:
+    return NotAwaitable(
+        f"{_name(fn)} returned {type(result).__name__}, not an awaitable: it was driven as "
+        "async (acall, or an async decorator target). Use call() for sync functions."
+    )
+
+
+def _refuse_coroutine(fn: Callable[..., Any], result: object) -> TypeError:
+    if inspect.iscoroutine(result):
+        result.close()  # never awaited: close it so Python does not warn
+    return TypeError(
+        f"{_name(fn)} returned {type(result).__name__}: it is async (maybe behind a "
+        "decorator without functools.wraps), but it was driven as a sync function, so its "
+        "retries, breaker and timeouts did not apply. Decorate the async function itself "
+        "or use acall()."
+    )
 
 
 def build(
@@ -159,6 +215,19 @@ def build(
     counted = None if shared_clock else start
 
     if not asynchronous:
+        # The first result is checked: a "sync" function that returns a coroutine is
+        # async behind a decorator without functools.wraps, and must not pass as healthy.
+        unchecked = True
+
+        def _check_sync_result(
+            fn: Callable[..., Any], result: object, on_abort: Any, ticket: object
+        ) -> None:
+            nonlocal unchecked
+            if inspect.isawaitable(result):
+                if on_abort is not None:
+                    on_abort(ticket)
+                raise _refuse_coroutine(fn, result)
+            unchecked = False
 
         def run(*args: Any, **kwargs: Any) -> Any:
             record = None
@@ -234,6 +303,8 @@ def build(
                             on_abort(ticket)
                         raise
                     else:
+                        if unchecked:
+                            _check_sync_result(fn, result, on_abort, ticket)
                         if ticket is None and holder is not None:
                             if holder.consecutive_failures:
                                 on_success(None)  # type: ignore[misc]
@@ -323,13 +394,16 @@ def build(
                     record.attempts += 1
                 try:
                     awaitable = fn(*args, **kwargs)
+                    if type(awaitable) is not _CoroutineType:
+                        if not inspect.isawaitable(awaitable):
+                            raise _refuse_result(fn, awaitable)
+                        if limit != _INF:
+                            awaitable = _as_coroutine(awaitable)
                     if limit == _INF:
                         result = await awaitable
                     else:
                         # Step the coroutine once by hand: one that finishes without
                         # suspending (a cache hit, say) never needs its deadline watched.
-                        if type(awaitable) is not _CoroutineType:
-                            awaitable = _as_coroutine(awaitable)
                         try:
                             pending = awaitable.send(None)
                         except StopIteration as stop:
@@ -338,6 +412,10 @@ def build(
                             result = await _suspended(
                                 awaitable, pending, limit, total, attempt_timeout
                             )
+                except NotAwaitable:
+                    if on_abort is not None:
+                        on_abort(ticket)
+                    raise
                 except Exception as exc:
                     if on_failure is not None:
                         on_failure(ticket, exc)
@@ -586,6 +664,10 @@ class Recovery:
                     record.attempts += 1
                 try:
                     result = yield _ATTEMPT
+                except NotAwaitable:
+                    if gate is not None:
+                        gate.on_abort(ticket)
+                    raise
                 except Exception as exc:
                     if gate is not None:
                         gate.on_failure(ticket, exc)
@@ -644,6 +726,8 @@ async def _run_async(
             if command is _ATTEMPT:
                 try:
                     awaitable = fn(*args, **kwargs)
+                    if type(awaitable) is not _CoroutineType and not inspect.isawaitable(awaitable):
+                        raise _refuse_result(fn, awaitable)
                     limit, total = recovery.limit, recovery.total
                     outcome = await _attempt(awaitable, limit, total, recovery.attempt_timeout)
                 except BaseException as exc:

@@ -19,7 +19,6 @@ one-stage wrappers (``@Retry(...)``, ``@breaker``) use the same driver.
 from __future__ import annotations
 
 import functools
-import inspect
 import math
 import sys
 from collections.abc import Awaitable, Callable
@@ -177,8 +176,10 @@ class Policy:
 
     def __call__(self, fn: Callable[P, R]) -> Callable[P, R]:
         """Wrap ``fn``; the wrapper keeps its name, docstring, signature and sync/async kind."""
+        if not callable(fn):
+            raise TypeError(f"Policy decorates callables, got {type(fn).__name__}: {fn!r}")
         _driver.refuse_generators(fn, "Policy")
-        asynchronous = inspect.iscoroutinefunction(fn)
+        asynchronous = _driver.is_async(fn)
         return cast("Callable[P, R]", functools.wraps(fn)(self.driver(fn, asynchronous)))
 
     def call(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:

@@ -6,6 +6,7 @@ import asyncio
 import inspect
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -777,3 +778,94 @@ def test_pybreaker_goes_half_open_after_its_reset_timeout() -> None:
     assert stage.call(lambda: "recovered") == "recovered"
     assert breaker.current_state == "closed"
     assert stage.breaker is breaker
+
+
+# Sync and async mix-ups -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "wrapper",
+    [
+        resilient.Policy(retry=resilient.Retry(attempts=3)),
+        resilient.Retry(attempts=3),
+        resilient.CircuitBreaker(failure_threshold=3),
+    ],
+    ids=["Policy", "Retry", "CircuitBreaker"],
+)
+def test_call_given_an_async_function_points_to_acall(wrapper: Any) -> None:
+    """.call(async_fn) is refused before running it: nothing would be retried or timed."""
+    ran: list[int] = []
+
+    async def fetch() -> int:
+        ran.append(1)
+        return 1
+
+    with pytest.raises(TypeError, match=r"acall\(\) instead"):
+        wrapper.call(fetch)
+    assert ran == []
+
+
+async def test_acall_given_a_sync_function_runs_it_once_and_refuses() -> None:
+    """acall(sync_fn) fails at once with a TypeError: no retry repeats its side effects."""
+    breaker = resilient.CircuitBreaker(failure_threshold=1)
+    policy = resilient.Policy(retry=resilient.Retry(attempts=5, budget=None), breaker=breaker)
+    ran: list[int] = []
+
+    def charge() -> str:
+        ran.append(1)
+        return "charged"
+
+    with pytest.raises(TypeError, match="not an awaitable"):
+        await policy.acall(charge)
+    assert ran == [1]
+    assert breaker.state is resilient.BreakerState.CLOSED  # the caller's mistake, not a failure
+
+
+async def test_an_object_with_async_call_is_driven_as_async() -> None:
+    """A callable object whose __call__ is async gets retries and timeouts like an async def."""
+
+    class Client:
+        def __init__(self) -> None:
+            self.calls = 0
+
+        async def __call__(self) -> str:
+            self.calls += 1
+            if self.calls == 1:
+                raise ConnectionError("reset")
+            return "ok"
+
+    client = Client()
+    wrapped = resilient.Policy(retry=resilient.Retry(attempts=2, budget=None), timeout=1.0)(client)
+    assert inspect.iscoroutinefunction(wrapped)
+    with resilient.instant_retries():
+        assert await wrapped() == "ok"
+    assert client.calls == 2
+
+
+def test_a_sync_wrapper_around_an_async_function_is_refused_not_counted_healthy() -> None:
+    """An async function behind a decorator without wraps is caught at its first call."""
+    breaker = resilient.CircuitBreaker(failure_threshold=1, failure_rate=None)
+
+    async def real() -> str:
+        return "never awaited"
+
+    def hides_it(fn: Any) -> Any:
+        def wrapper() -> Any:  # no functools.wraps: looks like a plain function
+            return fn()
+
+        return wrapper
+
+    wrapped = resilient.Policy(breaker=breaker, timeout=1.0)(hides_it(real))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the coroutine is closed, never left un-awaited
+        with pytest.raises(TypeError, match="it is async"):
+            wrapped()
+    assert breaker.metrics().total_failures == 0
+
+
+def test_decorating_something_that_is_not_callable_is_refused() -> None:
+    """@Policy(...) over a non-callable fails at decoration, naming what it got."""
+    with pytest.raises(TypeError, match="decorates callables, got int"):
+        resilient.Policy()(42)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="decorates callables, got str"):
+        resilient.Retry()("fetch")  # type: ignore[arg-type]
