@@ -72,7 +72,13 @@ from typing import Any, Final, ParamSpec, TypeAlias, TypeVar, cast
 
 from resilient import _driver
 from resilient._config import Duration, check_int, check_number, to_seconds
+
+# The states as module globals (cheaper to read than class attributes), shared with the store.
 from resilient.breaker.store import (
+    _CLOSED,
+    _HALF_OPEN,
+    _ISOLATED,
+    _OPEN,
     BreakerState,
     BreakerStore,
     InMemoryBreakerStore,
@@ -103,12 +109,6 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 _logger = logging.getLogger("resilient.breaker")
-
-# Module globals are cheaper to read than class attributes on the fast path.
-_CLOSED: Final = BreakerState.CLOSED
-_OPEN: Final = BreakerState.OPEN
-_HALF_OPEN: Final = BreakerState.HALF_OPEN
-_ISOLATED: Final = BreakerState.ISOLATED
 
 
 @dataclass(frozen=True, slots=True)
