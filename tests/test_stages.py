@@ -616,3 +616,65 @@ def test_calls_counted_inline_fund_the_retry_budget() -> None:
     # 18 calls counted by now: 9 retries allowed in all, 0 spent before these 8 calls.
     assert retried == 8
     assert budget.available() == 1
+
+
+def test_a_retrier_with_its_own_clock_counts_elapsed_time_from_the_call_start() -> None:
+    """stop_after_delay measures from when the call began, on the Retry's injected clock."""
+    import tenacity
+
+    clock = FakeClock()
+    retry = resilient.Retry(
+        attempts=None, stop=tenacity.stop_after_delay(5.0), budget=None, clock=clock
+    )
+    calls = {"n": 0}
+
+    def slow_failure() -> None:
+        calls["n"] += 1
+        clock.advance(3.0)  # each attempt takes 3 s on the retry's clock
+        raise ConnectionError(f"failure {calls['n']}")
+
+    with instant_retries(), pytest.raises(ConnectionError, match="failure 2"):
+        resilient.Policy(retry=retry).call(slow_failure)
+    assert calls["n"] == 2  # 3 s elapsed after the first: retry; 6 s after the second: stop
+
+
+async def test_the_async_quiet_gate_path_still_resets_consecutive_failures() -> None:
+    """fail, fail, succeed, fail keeps a threshold-3 breaker closed in async code too."""
+    breaker = resilient.CircuitBreaker(failure_threshold=3)
+
+    async def outcome(fail: bool) -> str:
+        if fail:
+            raise ConnectionError("down")
+        return "ok"
+
+    policy = resilient.Policy(breaker=breaker)
+    for fail in (True, True, False, True):
+        if fail:
+            with pytest.raises(ConnectionError):
+                await policy.acall(outcome, True)
+        else:
+            assert await policy.acall(outcome, False) == "ok"
+    assert breaker.state is resilient.BreakerState.CLOSED
+
+
+async def test_attempts_returning_futures_are_bounded_and_retried() -> None:
+    """A callable returning a Future (run_in_executor, say) is awaited, timed and retried."""
+    loop = asyncio.get_running_loop()
+    answers = iter([ConnectionError("first"), "second"])
+
+    def blocking() -> str:
+        answer = next(answers)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    policy = resilient.Policy(
+        retry=resilient.Retry(attempts=2, budget=None), attempt_timeout=5.0, timeout=10.0
+    )
+    with instant_retries():
+        assert await policy.acall(lambda: loop.run_in_executor(None, blocking)) == "second"
+
+    never = loop.create_future()
+    with pytest.raises(resilient.DeadlineExceeded, match="attempt_timeout"):
+        await resilient.Policy(attempt_timeout=0.01).acall(lambda: never)
+    assert never.cancelled()
