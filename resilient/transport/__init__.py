@@ -86,6 +86,7 @@ from resilient.policy import Policy
 from resilient.retry import Retry, RetryBudget
 from resilient.shardmap import ShardedMap
 from resilient.stages import Admission, Gate
+from resilient.tracing.metrics import Instruments
 from resilient.transport._spans import HttpSpan
 from resilient.transport.rules import (
     CALLER_FAULTS,
@@ -226,7 +227,7 @@ class _Call:
     # Telemetry, when somebody listens (see _Core.begin): attempt spans, call metrics.
     tracer: Tracer | None = None
     root: HttpSpan | None = None  # the logical request's span, when nothing was current
-    instruments: _tracing.Instruments | None = None
+    instruments: Instruments | None = None
     origin = ""
     began = 0.0
 
