@@ -317,6 +317,7 @@ def build(
                     if token is not None:
                         _restore(token)
                 flow = recovery(started, total, outer).flow(error, result, record)
+                error = None  # this frame is on its traceback: the flow holds it now
                 return _run_sync(flow, fn, args, kwargs)
             except BaseException as exc:
                 if record is not None:
@@ -331,6 +332,7 @@ def build(
                     release()
                 if record is not None:
                     record.end()
+                    record = None  # it holds the error, and this frame is on its traceback
 
         return run
 
@@ -439,8 +441,10 @@ def build(
             finally:
                 if token is not None:
                     _restore(token)
-            flow = recovery(started, total, outer)
-            return await _run_async(flow, flow.flow(error, result, record), fn, args, kwargs)
+            recovered = recovery(started, total, outer)
+            flow = recovered.flow(error, result, record)
+            error = None  # this frame is on its traceback: the flow holds it now
+            return await _run_async(recovered, flow, fn, args, kwargs)
         except BaseException as exc:
             if record is not None:
                 record.error = exc
@@ -454,6 +458,7 @@ def build(
                 release()
             if record is not None:
                 record.end()
+                record = None  # it holds the error, and this frame is on its traceback
 
     return run_async
 
@@ -614,78 +619,84 @@ class Recovery:
         self, error: Exception | None, result: Any, record: CallRecord | None
     ) -> Generator[object, Any, Any]:
         """Decide after each failed attempt; the first one's outcome is ``error`` or ``result``."""
-        retrier = self.retrier
-        gate = self.gate
-        total = self.total
-        timed = total != _INF or self.attempt_timeout is not None
-        state = retrier.begin(self.started)
-        attempt = 1
-        while True:
-            now = retrier.clock()
-            # The deadline expressed on the retrier's own (injectable) clock.
-            deadline = _INF if total == _INF else now + (total - _monotonic())
-            delay = retrier.next_delay(
-                state, now=now, deadline=deadline, error=error, result=result
-            )
-            if delay is None:
-                if error is None:
-                    return result
-                retrier.give_up(state, error)
-                raise error
-            if record is not None:
-                record.retrying(attempt, error, delay)
-            if delay > 0.0:
-                yield delay
-            attempt += 1
-            limit = total
-            if timed:
-                now = _monotonic()
-                if now >= total:
+        try:
+            retrier = self.retrier
+            gate = self.gate
+            total = self.total
+            timed = total != _INF or self.attempt_timeout is not None
+            state = retrier.begin(self.started)
+            attempt = 1
+            while True:
+                now = retrier.clock()
+                # The deadline expressed on the retrier's own (injectable) clock.
+                deadline = _INF if total == _INF else now + (total - _monotonic())
+                delay = retrier.next_delay(
+                    state, now=now, deadline=deadline, error=error, result=result
+                )
+                if delay is None:
                     if error is None:
-                        raise _expired(self.timeout)
-                    retrier.give_up(state, error, "deadline")
+                        return result
+                    retrier.give_up(state, error)
                     raise error
-                limit = _attempt_limit(now, total, self.attempt_timeout)
-            self.limit = limit
-            token = None if limit >= self.outer else _narrow(limit)
-            try:
-                ticket = None
-                if gate is not None:
-                    try:
-                        ticket = gate.before_call()
-                    except Exception as refused:
-                        if record is not None:
-                            record.rejected(refused)
-                        retrier.give_up(state, refused, "circuit open")
-                        if error is not None:
-                            raise refused from error
-                        raise
                 if record is not None:
-                    record.attempts += 1
+                    record.retrying(attempt, error, delay)
+                if delay > 0.0:
+                    yield delay
+                attempt += 1
+                limit = total
+                if timed:
+                    now = _monotonic()
+                    if now >= total:
+                        if error is None:
+                            raise _expired(self.timeout)
+                        retrier.give_up(state, error, "deadline")
+                        raise error
+                    limit = _attempt_limit(now, total, self.attempt_timeout)
+                self.limit = limit
+                token = None if limit >= self.outer else _narrow(limit)
                 try:
-                    result = yield _ATTEMPT
-                except NotAwaitable:
+                    ticket = None
                     if gate is not None:
-                        gate.on_abort(ticket)
-                    raise
-                except Exception as exc:
+                        try:
+                            ticket = gate.before_call()
+                        except Exception as refused:
+                            if record is not None:
+                                record.rejected(refused)
+                            retrier.give_up(state, refused, "circuit open")
+                            if error is not None:
+                                raise refused from error
+                            raise
+                    if record is not None:
+                        record.attempts += 1
+                    try:
+                        result = yield _ATTEMPT
+                    except NotAwaitable:
+                        if gate is not None:
+                            gate.on_abort(ticket)
+                        raise
+                    except Exception as exc:
+                        if gate is not None:
+                            gate.on_failure(ticket, exc)
+                        error = exc
+                        result = None
+                        continue
+                    except BaseException:
+                        if gate is not None:
+                            gate.on_abort(ticket)
+                        raise
                     if gate is not None:
-                        gate.on_failure(ticket, exc)
-                    error = exc
-                    result = None
-                    continue
-                except BaseException:
-                    if gate is not None:
-                        gate.on_abort(ticket)
-                    raise
-                if gate is not None:
-                    gate.on_success(ticket)
-                if not retrier.judges_results:
-                    return result
-                error = None
-            finally:
-                if token is not None:
-                    _restore(token)
+                        gate.on_success(ticket)
+                    if not retrier.judges_results:
+                        return result
+                    error = None
+                finally:
+                    if token is not None:
+                        _restore(token)
+        finally:
+            # This frame sits on the traceback of the error it raises: drop its references
+            # to errors and to the retry state (whose tenacity view holds the last one), so
+            # the call's arguments and errors are freed without waiting for the cyclic GC.
+            error = result = state = None
 
 
 def _run_sync(

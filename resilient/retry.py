@@ -496,6 +496,21 @@ class RetryState:
 # Retry ------------------------------------------------------------------------------
 
 
+class _Note(str):
+    """A give-up note that knows which Retry wrote it (by id), so a later one can replace it."""
+
+    source: int
+
+    def __new__(cls, text: str, source: int) -> _Note:
+        note = super().__new__(cls, text)
+        note.source = source
+        return note
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Exceptions cross process pools; in another process the note is plain text.
+        return (str, (str(self),))
+
+
 class _Default(enum.Enum):
     """Marks a parameter that was not passed, where ``None`` means something."""
 
@@ -958,9 +973,19 @@ class Retry:
         else:
             why = f"{_describe(type(exc))} is not retryable (on={_describe(self.on)})"
         plural = "" if attempts == 1 else "s"
+        notes = getattr(exc, "__notes__", None)
+        if isinstance(notes, list):
+            # One exception raised again and again (a module-level instance) carries this
+            # Retry's latest note only, not one per call.
+            notes[:] = [
+                note for note in notes if not (isinstance(note, _Note) and note.source == id(self))
+            ]
         exc.add_note(
-            f"resilient.Retry: gave up after {attempts} attempt{plural} "
-            f"({state.waited:.2f} s waiting in total): {why}"
+            _Note(
+                f"resilient.Retry: gave up after {attempts} attempt{plural} "
+                f"({state.waited:.2f} s waiting in total): {why}",
+                id(self),
+            )
         )
 
     def _tenacity_view(

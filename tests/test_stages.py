@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import threading
 import time
@@ -678,3 +679,83 @@ async def test_attempts_returning_futures_are_bounded_and_retried() -> None:
     with pytest.raises(resilient.DeadlineExceeded, match="attempt_timeout"):
         await resilient.Policy(attempt_timeout=0.01).acall(lambda: never)
     assert never.cancelled()
+
+
+class _Payload:
+    """A stand-in for a large argument: only its lifetime matters."""
+
+
+@pytest.fixture
+def no_cyclic_gc() -> Any:
+    """Only reference counting frees objects while the test runs."""
+    import gc
+
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+@pytest.mark.usefixtures("no_cyclic_gc")
+@pytest.mark.parametrize("ends", ["raises", "returns"])
+def test_a_retried_calls_arguments_are_freed_without_the_cyclic_gc(ends: str) -> None:
+    """No reference cycle through the driver keeps a retried call's arguments alive."""
+    import weakref
+
+    calls = {"n": 0}
+
+    @resilient.Retry(attempts=2, budget=None)
+    def work(payload: _Payload) -> str:
+        calls["n"] += 1
+        if ends == "raises" or calls["n"] == 1:
+            raise ConnectionError(f"failure {calls['n']}")
+        return "done"
+
+    payload = _Payload()
+    alive = weakref.ref(payload)
+    with instant_retries(), contextlib.suppress(ConnectionError):
+        work(payload)
+    del payload
+    assert calls["n"] == 2
+    assert alive() is None
+
+
+@pytest.mark.usefixtures("no_cyclic_gc")
+async def test_an_async_retried_calls_arguments_are_freed_without_the_cyclic_gc() -> None:
+    """The async driver leaves no cycle either, with a timeout and tracing's check on."""
+    import weakref
+
+    @resilient.Policy(retry=resilient.Retry(attempts=2, budget=None), timeout=5.0)
+    async def work(payload: _Payload) -> None:
+        await asyncio.sleep(0)
+        raise ConnectionError("down")
+
+    payload = _Payload()
+    alive = weakref.ref(payload)
+    with instant_retries(), contextlib.suppress(ConnectionError):
+        await work(payload)
+    del payload
+    assert alive() is None
+
+
+def test_give_up_notes_do_not_pile_onto_an_exception_raised_again_and_again() -> None:
+    """A module-level exception instance raised on every call keeps one note, not thousands."""
+    import pickle
+
+    shared = ConnectionError("the one instance")
+    shared.add_note("a note of the caller's own")
+
+    @resilient.Retry(attempts=2, budget=None)
+    def work() -> None:
+        raise shared
+
+    with instant_retries():
+        for _ in range(50):
+            with contextlib.suppress(ConnectionError):
+                work()
+    assert shared.__notes__[0] == "a note of the caller's own"
+    assert len(shared.__notes__) == 2
+    assert "gave up after 2 attempts" in shared.__notes__[1]
+    assert pickle.loads(pickle.dumps(shared)).__notes__ == shared.__notes__
