@@ -21,7 +21,26 @@ from __future__ import annotations
 import math
 from typing import Any
 
-__all__ = ["BulkheadFull", "CircuitOpenError", "DeadlineExceeded", "ResilientError"]
+__all__ = [
+    "PROGRAMMING_ERRORS",
+    "BulkheadFull",
+    "CircuitOpenError",
+    "DeadlineExceeded",
+    "ResilientError",
+]
+
+#: Exceptions that are bugs in the calling code, not trouble with a dependency: the
+#: default ``Retry(on=...)`` never retries them (it would only repeat the bug), and a
+#: breaker's default ``exclude`` does not count them as the dependency's failures.
+PROGRAMMING_ERRORS: tuple[type[Exception], ...] = (
+    TypeError,
+    AttributeError,
+    NameError,
+    AssertionError,
+    NotImplementedError,
+    ImportError,
+    SyntaxError,
+)
 
 
 class ResilientError(Exception):

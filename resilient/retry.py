@@ -33,6 +33,7 @@ Public names: :class:`Retry`, :class:`Backoff`, :class:`RetryBudget`,
 from __future__ import annotations
 
 import enum
+import logging
 import math
 import random as _random
 import sys
@@ -41,10 +42,11 @@ import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, ParamSpec, Protocol, TypeAlias, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Final, Literal, ParamSpec, Protocol, TypeAlias, TypeVar, cast
 
 from resilient import _driver
 from resilient._config import Duration, check_int, check_number, to_seconds
+from resilient.errors import PROGRAMMING_ERRORS, BulkheadFull, CircuitOpenError
 from resilient.stages import CallTally
 
 if TYPE_CHECKING:
@@ -54,6 +56,7 @@ if TYPE_CHECKING:
     from tenacity.wait import wait_base
 
 __all__ = [
+    "LONGEST_WAIT",
     "Backoff",
     "ExceptionFilter",
     "Jitter",
@@ -84,6 +87,7 @@ ResultFilter: TypeAlias = "Callable[[Any], bool] | retry_base"
 
 StopReason: TypeAlias = Literal[
     "not retryable",
+    "wait too long",
     "attempts exhausted",
     "stop condition",
     "deadline",
@@ -97,6 +101,13 @@ the driver gives :meth:`Retry.give_up` when it stops for one of its own reasons.
 """
 
 _JITTERS: tuple[Jitter, ...] = ("full", "equal", "decorrelated", "none")
+# The toolkit's own refusals: never retried, whatever `on` says (retrying would only
+# add load where a stage just shed it).
+_REJECTIONS = (CircuitOpenError, BulkheadFull)
+#: The longest wait a retry is scheduled after; a longer one (a Retry-After date years
+#: ahead, a hook returning 1e12) ends the retries instead of sleeping for ever.
+LONGEST_WAIT: Final = 30 * 24 * 3600.0
+_logger = logging.getLogger("resilient.retry")
 _LARGEST_FLOAT = sys.float_info.max
 _BUDGET_SLICES = 10
 
@@ -567,9 +578,14 @@ class Retry:
       both to apply both, whichever stops first.
     * ``on``: which exceptions to retry: an exception type, a tuple of types,
       a predicate ``(exception) -> bool``, or a tenacity retry strategy such as
-      ``tenacity.retry_if_exception_type(...)``. Exceptions that are not
-      :class:`Exception` (cancellation, ``KeyboardInterrupt``...) are never
-      retried, whatever ``on`` says.
+      ``tenacity.retry_if_exception_type(...)``. The default retries every
+      :class:`Exception` but the programming errors of
+      :data:`resilient.errors.PROGRAMMING_ERRORS` (``TypeError``, ``AttributeError``,
+      ...), which would only repeat the bug; ``on=Exception`` retries those too.
+      Never retried, whatever ``on`` says: exceptions that are not
+      :class:`Exception` (cancellation, ``KeyboardInterrupt``...) and the toolkit's
+      own refusals (``CircuitOpenError``, ``BulkheadFull``), say from a breaker
+      decorating the function this ``Retry`` wraps.
     * ``on_result``: retry when the call *returns* a value this predicate (or
       tenacity strategy such as ``tenacity.retry_if_result(...)``) accepts; when
       retries run out the last value is returned.
@@ -615,6 +631,8 @@ class Retry:
     for one call and nothing else.
     """
     _on_types: tuple[type[BaseException], ...] | None = field(init=False)
+    # Types the default `on` leaves out (the programming errors); () for any other `on`.
+    _skips: tuple[type[BaseException], ...] = field(init=False)
     _on_is_tenacity: bool = field(init=False)
     _on_result_is_tenacity: bool = field(init=False)
     _hooks: tuple[RetryHook, ...] = field(init=False)
@@ -627,7 +645,7 @@ class Retry:
         self,
         *,
         attempts: int | _Default | None = _DEFAULT,
-        on: ExceptionFilter = Exception,
+        on: ExceptionFilter | _Default = _DEFAULT,
         on_result: ResultFilter | None = None,
         backoff: Backoff | None = None,
         wait: wait_base | None = None,
@@ -657,7 +675,10 @@ class Retry:
             check_int("attempts", attempts, minimum=1)
 
         on_types: tuple[type[BaseException], ...] | None = None
-        if isinstance(on, type):
+        skips: tuple[type[BaseException], ...] = ()
+        if isinstance(on, _Default):
+            on, on_types, skips = Exception, (Exception,), PROGRAMMING_ERRORS
+        elif isinstance(on, type):
             if not issubclass(on, BaseException):
                 raise TypeError(f"on must be an exception type, got the class {on!r}")
             on_types = (on,)
@@ -753,6 +774,7 @@ class Retry:
         setattr_(self, "random", random)
         setattr_(self, "count_call", _count_nothing if budget is None else budget.deposit)
         setattr_(self, "_on_types", on_types)
+        setattr_(self, "_skips", skips)
         setattr_(self, "_on_is_tenacity", on_is_tenacity)
         setattr_(self, "_on_result_is_tenacity", on_result_is_tenacity)
         setattr_(self, "_hooks", hooks)
@@ -844,6 +866,9 @@ class Retry:
                 state.stop_reason = "not retryable"
                 return None
             failure = exc
+            if isinstance(exc, _REJECTIONS):
+                state.stop_reason = "not retryable"
+                return None
             if self._on_is_tenacity:
                 retryable = bool(cast("retry_base", self.on)(cast("RetryCallState", view)))
             else:
@@ -882,12 +907,22 @@ class Retry:
         if retry_after is not None and not _instant_depth:
             asked = retry_after(failure if failure is not None else result)
             if asked is not None:
+                if not isinstance(asked, int | float) or isinstance(asked, bool):
+                    raise TypeError(
+                        f"retry_after {_describe(retry_after)} returned "
+                        f"{type(asked).__name__} {asked!r}; it must return seconds as a "
+                        "number, or None"
+                    )
                 if not 0.0 <= asked < math.inf:
                     raise ValueError(
                         f"retry_after {_describe(retry_after)} returned {asked!r}; "
                         "it must return a finite number of seconds, at least 0, or None"
                     )
                 delay = asked
+
+        if delay > LONGEST_WAIT:
+            state.stop_reason = "wait too long"
+            return None
 
         stop = self.stop
         if stop is not None:
@@ -910,6 +945,14 @@ class Retry:
         state.waited += delay
         state.last_delay = delay
         state.stop_reason = None
+        if _logger.isEnabledFor(logging.INFO):
+            # INFO: a healthy service's log (WARNING and up) stays quiet; turn it on to see.
+            _logger.info(
+                "attempt %d failed with %s; retrying in %.3f s",
+                attempt,
+                "a retried result" if failure is None else _describe(type(failure)),
+                delay,
+            )
         if self._hooks:
             event = RetryEvent(
                 attempt=attempt,
@@ -935,7 +978,7 @@ class Retry:
         """Whether ``on`` (exception types or a predicate, not tenacity's) takes ``exc``."""
         on_types = self._on_types
         if on_types is not None:
-            return isinstance(exc, on_types)
+            return isinstance(exc, on_types) and not isinstance(exc, self._skips)
         return bool(cast("Callable[[Exception], bool]", self.on)(exc))
 
     def give_up(self, state: object, error: BaseException, reason: str | None = None) -> None:
@@ -966,6 +1009,8 @@ class Retry:
             )
         elif reason == "deadline":
             why = "the deadline would pass before the next attempt could start"
+        elif reason == "wait too long":
+            why = f"the next wait was longer than {LONGEST_WAIT / 86400:g} days"
         elif reason == "circuit open":
             why = "the circuit breaker opened, so the next attempt was not made"
         elif reason == "stop condition":

@@ -21,7 +21,12 @@ STAGES = {
         "resilient.errors",
         "resilient.stages",
     },
-    "resilient.retry": {"resilient._config", "resilient._driver", "resilient.stages"},
+    "resilient.retry": {
+        "resilient._config",
+        "resilient._driver",
+        "resilient.errors",
+        "resilient.stages",
+    },
     "resilient.breaker": {
         "resilient._config",
         "resilient._driver",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import inspect
+import logging
 import math
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -930,3 +931,87 @@ def test_retry_after_must_be_callable() -> None:
     """Configuration errors name the parameter."""
     with pytest.raises(TypeError, match="retry_after"):
         Retry(retry_after=5)  # type: ignore[arg-type]
+
+
+# Safe defaults -----------------------------------------------------------------------
+
+
+def test_a_retry_stacked_over_a_breaker_never_retries_its_refusals() -> None:
+    """@Retry over @breaker: an open breaker ends the retries at once, as the README says."""
+    import resilient
+
+    breaker = resilient.CircuitBreaker(failure_threshold=1)
+    calls = {"n": 0}
+
+    @Retry(attempts=5, budget=None)
+    @breaker
+    def fetch() -> None:
+        calls["n"] += 1
+        raise ConnectionError("down")
+
+    with instant_retries(), pytest.raises(resilient.CircuitOpenError):
+        fetch()
+    assert calls["n"] == 1  # the first failure opened it
+    assert breaker.metrics().total_rejections == 1  # and no retry hammered the refusal
+
+
+@pytest.mark.parametrize("bug", [TypeError, AttributeError, NameError, AssertionError])
+def test_the_default_on_never_retries_programming_errors(bug: type[Exception]) -> None:
+    """A bug in the calling code is not retried by default, nor counted by a default breaker."""
+    import resilient
+
+    breaker = resilient.CircuitBreaker(failure_threshold=1)
+    calls = {"n": 0}
+
+    @Retry(attempts=3, budget=None)
+    def buggy() -> None:
+        calls["n"] += 1
+        raise bug("a bug")
+
+    with instant_retries(), pytest.raises(bug):
+        breaker.call(buggy)
+    assert calls["n"] == 1
+    assert breaker.state is resilient.BreakerState.CLOSED
+    # Asking for it explicitly still works.
+    with instant_retries(), pytest.raises(bug):
+        Retry(attempts=3, budget=None, on=Exception).call(buggy)
+    assert calls["n"] == 4
+    counting = resilient.CircuitBreaker(failure_threshold=1, exclude=None)
+    with pytest.raises(bug):
+        counting.call(buggy)
+    assert counting.state is resilient.BreakerState.OPEN
+
+
+def test_a_wait_too_long_to_sleep_gives_up_with_the_last_error() -> None:
+    """A hint of 1e12 s ends the retries at once, saying why, instead of sleeping for ever."""
+    retry = Retry(attempts=3, budget=None, retry_after=lambda exc: 1e12)
+    state = retry.begin(0.0)
+    error = ConnectionError("come back in 30,000 years")
+    assert retry.next_delay(state, now=0.0, error=error) is None
+    retry.give_up(state, error)
+    assert "longer than 30 days" in error.__notes__[0]
+
+
+def test_a_retry_after_hook_returning_text_is_refused_clearly() -> None:
+    """retry_after returning "5" is a TypeError naming the hook's mistake."""
+    retry = Retry(attempts=3, budget=None, retry_after=lambda exc: "5")
+    with pytest.raises(TypeError, match="must return seconds as a number"):
+        retry.next_delay(retry.begin(0.0), now=0.0, error=ConnectionError())
+
+
+def test_retries_are_logged_quietly(caplog: pytest.LogCaptureFixture) -> None:
+    """Each scheduled retry is an INFO record on resilient.retry: off in a default WARNING log."""
+    calls = {"n": 0}
+
+    def flaky() -> str:
+        calls["n"] += 1
+        if calls["n"] < 3:
+            raise ConnectionError("reset")
+        return "ok"
+
+    with caplog.at_level(logging.INFO, logger="resilient.retry"), instant_retries():
+        assert Retry(attempts=3, budget=None).call(flaky) == "ok"
+    messages = [r.getMessage() for r in caplog.records if r.name == "resilient.retry"]
+    assert len(messages) == 2
+    assert all(r.levelno == logging.INFO for r in caplog.records if r.name == "resilient.retry")
+    assert messages[0] == "attempt 1 failed with ConnectionError; retrying in 0.000 s"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import math
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -1373,3 +1374,14 @@ def test_policy_resume_takes_over_a_first_attempt_made_elsewhere() -> None:
     assert budget.available() == 0  # the one retry the reserve allowed was spent
     with pytest.raises(ValueError, match="without a bulkhead, timeout"):
         resilient.Policy(timeout=1.0).resume(again, False)
+
+
+async def test_a_retry_after_years_ahead_returns_the_response_instead_of_sleeping(
+    make: MakeHarness,
+) -> None:
+    """Retry-After in year 9999 with max_retry_after=inf: no OverflowError, no endless sleep."""
+    far = httpx.Response(503, headers={"Retry-After": "Fri, 31 Dec 9999 23:59:59 GMT"})
+    harness = make(Script(far), retry=retry(), max_retry_after=math.inf)
+    response = await harness.send()
+    assert response.status_code == 503
+    assert report(response)["attempts"] == 1

@@ -86,7 +86,7 @@ from resilient.breaker.store import (
     StoreSnapshot,
     WindowSpec,
 )
-from resilient.errors import CircuitOpenError
+from resilient.errors import PROGRAMMING_ERRORS, CircuitOpenError
 from resilient.stages import QuietGate
 
 __all__ = [
@@ -180,6 +180,16 @@ _UNTIMED: Final = _Ticket(None, None)
 _names = itertools.count(1)
 
 
+class _Unset:
+    """Marks a parameter not given, where ``None`` means something."""
+
+    def __repr__(self) -> str:
+        return "<default>"
+
+
+_UNSET: Final = _Unset()
+
+
 def _restore_breaker(cls: type[CircuitBreaker], config: dict[str, Any]) -> CircuitBreaker:
     """Unpickle a breaker: the same configuration, fresh closed state."""
     return cls(**config)
@@ -210,7 +220,9 @@ class CircuitBreaker:
     * ``exclude`` — exception types, or a predicate taking the exception, that
       are the caller's fault: such a call counts as though it returned (so a
       slow one is still a slow call). A predicate that raises is logged and
-      taken as ``False``.
+      taken as ``False``. Default: the programming errors of
+      :data:`resilient.errors.PROGRAMMING_ERRORS` (``TypeError``,
+      ``AttributeError``, ...); ``None`` counts every exception.
     * ``listeners`` — callables given a :class:`BreakerEvent` on each state
       change, outside any lock, in the thread that caused it. One that raises
       is logged to the ``resilient.breaker`` logger and ignored.
@@ -260,7 +272,7 @@ class CircuitBreaker:
         reset_timeout: Duration = 30.0,
         half_open_max_calls: int = 1,
         success_threshold: int = 1,
-        exclude: ExcludeRule = None,
+        exclude: ExcludeRule | _Unset = _UNSET,
         listeners: Iterable[Callable[[BreakerEvent], object]] = (),
         store: StoreFactory = InMemoryBreakerStore,
         clock: Callable[[], float] = time.monotonic,
@@ -316,6 +328,8 @@ class CircuitBreaker:
         self._reset_timeout = reset_seconds
         self._half_open_max_calls = half_open_max_calls
         self._success_threshold = success_threshold
+        if isinstance(exclude, _Unset):
+            exclude = PROGRAMMING_ERRORS  # bugs in the calling code say nothing of the dependency
         self._is_excluded = _exclusion_test(exclude)
         self._listeners = listener_tuple
         self._clock = clock

@@ -81,7 +81,13 @@ from resilient._config import Duration, check_int, to_seconds
 from resilient.breaker import BreakerState, BreakerStore, CircuitBreaker
 from resilient.deadline import DEADLINE_HEADER, format_deadline_header, remaining
 from resilient.deadline import current as _current_deadline
-from resilient.errors import BulkheadFull, CircuitOpenError, DeadlineExceeded, ResilientError
+from resilient.errors import (
+    PROGRAMMING_ERRORS,
+    BulkheadFull,
+    CircuitOpenError,
+    DeadlineExceeded,
+    ResilientError,
+)
 from resilient.policy import Policy
 from resilient.retry import Retry, RetryBudget
 from resilient.shardmap import ShardedMap
@@ -713,7 +719,10 @@ async def _read_failure_async(response: httpx.Response, request: httpx.Request) 
 def default_breaker(origin: str) -> CircuitBreaker:
     """The breaker each origin gets by default: 5 consecutive failures open it for 30 s."""
     return CircuitBreaker(
-        name=origin, failure_threshold=5, reset_timeout=30.0, exclude=CALLER_FAULTS
+        name=origin,
+        failure_threshold=5,
+        reset_timeout=30.0,
+        exclude=(*CALLER_FAULTS, *PROGRAMMING_ERRORS),
     )
 
 
