@@ -251,7 +251,10 @@ def build(
                     if waiting:
                         raise IndexError  # others wait first: join them
                     take()
+                    taken = True
                 except IndexError:
+                    taken = False
+                if not taken:  # waited for outside the handler, so its errors carry no IndexError
                     _wait_for_slot(admission, total, outer, record)
                     if bounded or outer != _INF:
                         now = _monotonic()
@@ -356,7 +359,10 @@ def build(
                 if waiting:
                     raise IndexError  # others wait first: join them
                 take()
+                taken = True
             except IndexError:
+                taken = False
+            if not taken:  # waited for outside the handler, so its errors carry no IndexError
                 await _wait_for_slot_async(admission, total, outer, record)
                 if bounded or outer != _INF:
                     now = _monotonic()

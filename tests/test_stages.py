@@ -759,3 +759,13 @@ def test_give_up_notes_do_not_pile_onto_an_exception_raised_again_and_again() ->
     assert len(shared.__notes__) == 2
     assert "gave up after 2 attempts" in shared.__notes__[1]
     assert pickle.loads(pickle.dumps(shared)).__notes__ == shared.__notes__
+
+
+def test_a_full_bulkhead_refusal_carries_no_internal_exception_context() -> None:
+    """BulkheadFull from a Policy reads as itself: no internal IndexError in its traceback."""
+    bulkhead = resilient.Bulkhead(max_concurrent=1)
+    bulkhead.try_acquire()
+    with pytest.raises(resilient.BulkheadFull) as refused:
+        resilient.Policy(bulkhead=bulkhead).call(lambda: None)
+    assert refused.value.__context__ is None
+    assert refused.value.__cause__ is None
