@@ -25,6 +25,7 @@ import math
 import threading
 import time
 import types
+import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Generator
 from typing import TYPE_CHECKING, Any, Final
 
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
     from resilient.stages import Admission, CallObserver, CallRecord, Gate, Retrier
 
 __all__ = [
+    "DriverCache",
     "NotAwaitable",
     "Recovery",
     "build",
@@ -79,8 +81,12 @@ def refuse_generators(fn: Callable[..., object], what: str) -> None:
     )
 
 
+#: A per-object cache of ``.call()`` drivers: ``(id(fn), asynchronous) -> (fn, driver)``.
+DriverCache = dict[tuple[int, bool], tuple[Callable[..., Any], Callable[..., Any]]]
+
+
 def cached(
-    cache: dict[tuple[Any, bool], Callable[..., Any]],
+    cache: DriverCache,
     fn: Callable[..., Any],
     asynchronous: bool,
     what: str,
@@ -88,21 +94,26 @@ def cached(
 ) -> Callable[..., Any]:
     """The driver of ``fn`` in ``cache``, made with ``make`` on first use (``.call(fn)``).
 
-    The cache is bounded: callers passing a new lambda each time must not grow it.
+    Keyed by identity, not equality: two callables that compare equal (dataclass
+    instances, say) are different functions, and unhashable ones work too. The entry
+    keeps ``fn`` alive, so its id is not reused while cached. The cache is bounded:
+    callers passing a new lambda each time must not grow it.
     """
-    driver = cache.get((fn, asynchronous))
-    if driver is None:
-        refuse_generators(fn, what)
-        if not asynchronous and is_async(fn):
-            raise TypeError(
-                f"{what}.call() got {_name(fn)}, an async function: its calls return "
-                f"coroutines, so nothing would be retried or timed; await {what}.acall() "
-                "instead"
-            )
-        driver = make(fn, asynchronous)
-        if len(cache) >= 64:
-            cache.clear()
-        cache[fn, asynchronous] = driver
+    key = (id(fn), asynchronous)
+    entry = cache.get(key)
+    if entry is not None and entry[0] is fn:
+        return entry[1]
+    refuse_generators(fn, what)
+    if not asynchronous and is_async(fn):
+        raise TypeError(
+            f"{what}.call() got {_name(fn)}, an async function: its calls return "
+            f"coroutines, so nothing would be retried or timed; await {what}.acall() "
+            "instead"
+        )
+    driver = make(fn, asynchronous)
+    if len(cache) >= 64:
+        cache.clear()
+    cache[key] = (fn, driver)
     return driver
 
 
@@ -259,7 +270,7 @@ def build(
                     if bounded or outer != _INF:
                         now = _monotonic()
                         limit = _attempt_limit(now, total, attempt_timeout)
-            elif try_acquire is not None and not try_acquire():
+            elif try_acquire is not None and not _admitted(try_acquire, record):
                 _wait_for_slot(admission, total, outer, record)
                 if bounded or outer != _INF:
                     now = _monotonic()
@@ -367,7 +378,7 @@ def build(
                 if bounded or outer != _INF:
                     now = _monotonic()
                     limit = _attempt_limit(now, total, attempt_timeout)
-        elif try_acquire is not None and not try_acquire():
+        elif try_acquire is not None and not _admitted(try_acquire, record):
             await _wait_for_slot_async(admission, total, outer, record)
             if bounded or outer != _INF:
                 now = _monotonic()
@@ -484,45 +495,84 @@ def build_resume(
     :class:`~resilient.stages.QuietGate`). Only when that attempt fails does it call
     ``resume(started, error, *args, **kwargs)``: ``started`` is when the attempt
     began, on the retrier's clock; ``error`` what it raised. The retrier counts the
-    call; the gate is asked for the attempt now, as the driver would have asked
-    before it, and told how it went; the failure path runs from there, calling
-    ``fn(*args, **kwargs)`` for each retry. A gate that refuses now opened while
-    the attempt was out: the attempt was made all the same, so ``error`` itself
-    goes back to the caller, not retried. The observer's record already counts
-    the one attempt.
+    call and the gate hears of the attempt as the driver would have told it; the
+    failure path runs from there, calling ``fn(*args, **kwargs)`` for each retry.
+    A gate that has left its quiet (closed) state while the attempt was out hears
+    nothing (a call admitted before the breaker opened says nothing new), and
+    ``error`` itself goes back to the caller, not retried: the attempt was made all
+    the same. The observer's record counts that first attempt.
     """
     begin = None if observer is None else observer.begin
+    quiet = None if gate is None else _described(gate, "quiet")
 
-    def report(started: float, error: Exception, args: Any, kwargs: Any) -> Any:
-        record = None if begin is None else begin(args, kwargs)
-        if retrier is not None:
-            retrier.count_call(started)
-        if gate is not None:
-            ticket: object = _REFUSED
-            # Raised outside the handler below, so ``error`` keeps its own cause and context.
-            with contextlib.suppress(Exception):
-                ticket = gate.before_call()
-            if ticket is _REFUSED:
+    def recover(started: float, error: Exception, record: CallRecord | None) -> Any:
+        """The failure path's flow after the attempt; raises ``error`` when it is final."""
+        try:
+            if retrier is not None:
+                retrier.count_call(started)
+            if gate is not None:
+                if quiet is not None:
+                    if quiet.holder.state is not quiet.closed:
+                        raise error
+                    gate.on_failure(None, error)
+                else:
+                    ticket: object = _REFUSED
+                    with contextlib.suppress(Exception):
+                        ticket = gate.before_call()
+                    if ticket is _REFUSED:  # raised outside the handler: no context added
+                        raise error
+                    gate.on_failure(ticket, error)
+            if retrier is None:
                 raise error
-            gate.on_failure(ticket, error)
-        if retrier is None:
-            raise error
-        recovery = Recovery(retrier, gate, started, _INF, _INF, None, None)
-        return recovery, recovery.flow(error, None, record)
+            recovery = Recovery(retrier, gate, started, _INF, _INF, None, None)
+            return recovery, recovery.flow(error, None, record)
+        finally:
+            error = None  # type: ignore[assignment]  # this frame is on its traceback
 
     if not asynchronous:
 
         def resume(started: float, error: Exception, *args: Any, **kwargs: Any) -> Any:
-            _, flow = report(started, error, args, kwargs)
-            return _run_sync(flow, fn, args, kwargs)
+            recording = _Recording(begin, args, kwargs)
+            with recording:
+                try:
+                    _, flow = recover(started, error, recording.record)
+                finally:
+                    error = None  # type: ignore[assignment]
+                return _run_sync(flow, fn, args, kwargs)
 
         return resume
 
     async def resume_async(started: float, error: Exception, *args: Any, **kwargs: Any) -> Any:
-        recovery, flow = report(started, error, args, kwargs)
-        return await _run_async(recovery, flow, fn, args, kwargs)
+        recording = _Recording(begin, args, kwargs)
+        with recording:
+            try:
+                recovery, flow = recover(started, error, recording.record)
+            finally:
+                error = None  # type: ignore[assignment]
+            return await _run_async(recovery, flow, fn, args, kwargs)
 
     return resume_async
+
+
+class _Recording:
+    """The observer's record of a resumed call: it counts the first attempt, ends on exit."""
+
+    __slots__ = ("record",)
+
+    def __init__(self, begin: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self.record: CallRecord | None = None if begin is None else begin(args, kwargs)
+        if self.record is not None:
+            self.record.attempts += 1
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: object, error: BaseException | None, traceback: object) -> None:
+        record, self.record = self.record, None  # the caller's frame is on the traceback
+        if record is not None:
+            record.error = error
+            record.end()
+            record.error = None
 
 
 def _described(stage: object, method: str) -> Any:
@@ -546,15 +596,30 @@ def _expired(timeout: float | None) -> DeadlineExceeded:
     return DeadlineExceeded("the deadline passed before an attempt could start")
 
 
+def _refused(record: CallRecord | None, error: BaseException) -> None:
+    """Admission refused the call: end its record, which the caller's frame still holds."""
+    if record is not None:
+        record.error = error
+        record.end()
+        record.error = None  # the caller's frame is on the error's traceback
+
+
+def _admitted(try_acquire: Callable[[], bool], record: CallRecord | None) -> bool:
+    """A stage's ``try_acquire()``; one that refuses by raising ends the record."""
+    try:
+        return try_acquire()
+    except BaseException as exc:
+        _refused(record, exc)
+        raise
+
+
 def _wait_for_slot(admission: Any, total: float, outer: float, record: CallRecord | None) -> None:
     """No free slot: wait for one within the call's total deadline."""
     token = None if total >= outer else _narrow(total)
     try:
         admission.acquire()
     except BaseException as exc:
-        if record is not None:
-            record.error = exc
-            record.end()
+        _refused(record, exc)
         raise
     finally:
         if token is not None:
@@ -568,9 +633,7 @@ async def _wait_for_slot_async(
     try:
         await admission.acquire_async()
     except BaseException as exc:
-        if record is not None:
-            record.error = exc
-            record.end()
+        _refused(record, exc)
         raise
     finally:
         if token is not None:
@@ -702,7 +765,7 @@ class Recovery:
             # This frame sits on the traceback of the error it raises: drop its references
             # to errors and to the retry state (whose tenacity view holds the last one), so
             # the call's arguments and errors are freed without waiting for the cyclic GC.
-            error = result = state = None
+            error = result = state = record = None
 
 
 def _run_sync(
@@ -768,16 +831,20 @@ async def _run_async(
 
 
 class _Deadlines:
-    """One event loop's attempt deadlines (monotonic instants), served by one loop timer."""
+    """One event loop's attempt deadlines (monotonic instants), served by one loop timer.
 
-    __slots__ = ("armed", "done", "handle", "heap", "loop", "sequence")
+    It holds the loop only weakly, and no timer handle (a handle holds its loop): a
+    loop dropped without being closed is freed with its queue. A timer that is no
+    longer the earliest is not cancelled but left to fire, finding nothing due.
+    """
+
+    __slots__ = ("__weakref__", "armed", "done", "heap", "loop", "sequence")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
+        self.loop = weakref.ref(loop)
         # Entries are [when, sequence, task or None once done, fired].
         self.heap: list[list[Any]] = []
-        self.handle: asyncio.TimerHandle | None = None
-        self.armed = _INF
+        self.armed = _INF  # when the earliest timer still to fire is due
         self.done = 0
         self.sequence = 0
 
@@ -800,16 +867,16 @@ class _Deadlines:
             self.done = 0
 
     def _arm(self, when: float) -> None:
-        if self.handle is not None:
-            self.handle.cancel()
+        loop = self.loop()
+        if loop is None:  # pragma: no cover - an attempt runs on a live loop
+            return
         self.armed = when
-        loop = self.loop
         # The loop's clock need not be time.monotonic(): convert through "seconds left".
-        self.handle = loop.call_at(loop.time() + (when - _monotonic()), self._fire)
+        loop.call_at(loop.time() + (when - _monotonic()), self._fire, when)
 
-    def _fire(self) -> None:
-        self.handle = None
-        self.armed = _INF
+    def _fire(self, when: float) -> None:
+        if when == self.armed:
+            self.armed = _INF
         heap = self.heap
         now = _monotonic()
         while heap and heap[0][0] <= now:
@@ -821,25 +888,24 @@ class _Deadlines:
                 entry[2] = None
                 entry[3] = True
                 task.cancel(msg="resilient attempt deadline exceeded")
-        if heap:
+        if heap and heap[0][0] < self.armed:
             self._arm(heap[0][0])
 
 
+# Each event loop's queue, held weakly on both sides (see _Deadlines).
+_queues: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Deadlines] = (
+    weakref.WeakKeyDictionary()
+)
 _queues_lock = threading.Lock()
-_queues: dict[asyncio.AbstractEventLoop, _Deadlines] = {}
-# The last loop's queue, read without the lock: most programs have one loop.
-_last: tuple[asyncio.AbstractEventLoop | None, _Deadlines | None] = (None, None)
 
 
 def _queue(loop: asyncio.AbstractEventLoop) -> _Deadlines:
-    global _last
-    with _queues_lock:
-        queue = _queues.get(loop)
-        if queue is None:
-            for old in [old for old in _queues if old.is_closed()]:
-                del _queues[old]
-            queue = _queues[loop] = _Deadlines(loop)
-    _last = (loop, queue)
+    queue = _queues.get(loop)
+    if queue is None:
+        with _queues_lock:
+            queue = _queues.get(loop)
+            if queue is None:
+                queue = _queues[loop] = _Deadlines(loop)
     return queue
 
 
@@ -897,10 +963,7 @@ def _suspended(
     """
     task = asyncio.current_task()
     assert task is not None
-    loop, queue = _last
-    if loop is not task.get_loop():
-        queue = _queue(task.get_loop())
-    assert queue is not None
+    queue = _queue(task.get_loop())
     cancelling = task.cancelling()
     entry = queue.add(limit, task)
     try:

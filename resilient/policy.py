@@ -93,7 +93,7 @@ class Policy:
     tracing: bool
     _gate: Gate | None
     _telemetry: _tracing.Telemetry | None
-    _drivers: dict[tuple[Any, bool], Callable[..., Any]]
+    _drivers: _driver.DriverCache
 
     def __init__(
         self,

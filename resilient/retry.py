@@ -639,7 +639,7 @@ class Retry:
     # Set when any strategy is tenacity's: the retry_object their call state carries.
     _tenacity_retrying: BaseRetrying | None = field(init=False)
     # The drivers behind call() and acall(), per function, built on first use.
-    _drivers: dict[tuple[Any, bool], Callable[..., Any]] = field(init=False)
+    _drivers: _driver.DriverCache = field(init=False)
 
     def __init__(
         self,

@@ -769,3 +769,119 @@ def test_a_full_bulkhead_refusal_carries_no_internal_exception_context() -> None
         resilient.Policy(bulkhead=bulkhead).call(lambda: None)
     assert refused.value.__context__ is None
     assert refused.value.__cause__ is None
+
+
+# Found by a second reader: each would fail on the first cut of the new driver ----------
+
+
+def test_inline_calls_tell_equal_callables_apart_and_take_unhashable_ones() -> None:
+    """.call() caches drivers by identity: equal objects run their own code."""
+    import dataclasses
+
+    @dataclasses.dataclass(frozen=True)
+    class Job:
+        name: str
+        payload: str = dataclasses.field(compare=False)
+
+        def __call__(self) -> str:
+            return self.payload
+
+    @dataclasses.dataclass
+    class Unhashable:
+        value: str
+
+        def __call__(self) -> str:
+            return self.value
+
+    policy = resilient.Policy(retry=resilient.Retry(attempts=2))
+    assert policy.call(Job("send", "first")) == "first"
+    assert policy.call(Job("send", "second")) == "second"
+    for wrapper in (policy, resilient.Retry(), resilient.CircuitBreaker()):
+        assert wrapper.call(Unhashable("ok")) == "ok"
+
+
+def test_policy_resume_ends_its_span_and_counts_the_first_attempt(
+    tracer_provider: Any, exporter: Any
+) -> None:
+    """A resumed call's span ends, with both attempts, and does not stay current."""
+    from opentelemetry import trace
+
+    policy = resilient.Policy(
+        retry=resilient.Retry(attempts=2, budget=None), tracer_provider=tracer_provider
+    )
+
+    def fetch() -> str:
+        return "ok"
+
+    with instant_retries():
+        assert (
+            policy.resume(fetch, False)(
+                0.0,
+                ConnectionError("first"),
+            )
+            == "ok"
+        )
+    [span] = exporter.get_finished_spans()
+    assert span.attributes["resilient.attempts"] == 2
+    assert not trace.get_current_span().is_recording()
+
+
+def test_an_admission_stage_refusing_by_raising_ends_the_calls_span(
+    tracer_provider: Any, exporter: Any
+) -> None:
+    """try_acquire may refuse by raising (the contract says stages refuse by raising)."""
+    from opentelemetry import trace
+
+    class Shedder(OneAtATime):
+        def try_acquire(self) -> bool:
+            raise resilient.BulkheadFull("shed", 0, 0)
+
+    policy = resilient.Policy(bulkhead=Shedder(), tracer_provider=tracer_provider)
+    with pytest.raises(resilient.BulkheadFull):
+        policy.call(lambda: None)
+    [span] = exporter.get_finished_spans()
+    assert span.attributes["resilient.outcome"] == "bulkhead_full"
+    assert not trace.get_current_span().is_recording()
+
+
+@pytest.mark.usefixtures("no_cyclic_gc")
+def test_unclosed_event_loops_are_not_kept_alive_by_the_deadline_queue() -> None:
+    """A loop dropped without close() is freed, with its queue (and its file descriptors)."""
+    import weakref
+
+    @resilient.Policy(attempt_timeout=5.0)
+    async def bounded() -> int:
+        await asyncio.sleep(0)
+        return 1
+
+    loop = asyncio.new_event_loop()
+    assert loop.run_until_complete(bounded()) == 1
+    alive = weakref.ref(loop)
+    del loop
+    import gc
+
+    gc.collect()  # the loop's own reference cycles need one pass; ours must not pin it
+    assert alive() is None
+
+
+def test_a_resumed_failure_after_the_breaker_turned_half_open_is_no_probe() -> None:
+    """The fast path's late failure does not take the probe slot and re-open the breaker."""
+    clock = FakeClock()
+    breaker = resilient.CircuitBreaker(failure_threshold=1, reset_timeout=10, clock=clock)
+    events: list[str] = []
+    breaker_with_events = resilient.CircuitBreaker(
+        failure_threshold=1,
+        reset_timeout=10,
+        clock=clock,
+        listeners=[lambda event: events.append(event.new_state.value)],
+    )
+    for gate in (breaker, breaker_with_events):
+        resume = resilient.Policy(retry=resilient.Retry(attempts=3), breaker=gate).resume(
+            lambda: "retried", False
+        )
+        with pytest.raises(ConnectionError):
+            gate.call(failing_then(None, 1))  # another request opens it...
+        clock.advance(11)  # ...and reset_timeout passes while this one is out
+        with pytest.raises(ConnectionError, match="late"):
+            resume(clock(), ConnectionError("late"))
+    assert events == ["open"]  # never half_open -> open on the late failure

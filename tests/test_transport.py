@@ -1385,3 +1385,48 @@ async def test_a_retry_after_years_ahead_returns_the_response_instead_of_sleepin
     response = await harness.send()
     assert response.status_code == 503
     assert report(response)["attempts"] == 1
+
+
+async def test_a_gate_of_ones_own_refusing_is_not_its_own_cause(make: MakeHarness) -> None:
+    """A custom gate's error reaches the caller as raised; its __cause__ chain ends."""
+
+    class Closed(resilient.ResilientError):
+        pass
+
+    class ClosedGate:
+        def before_call(self) -> object:
+            raise Closed("closed for maintenance")
+
+        def on_success(self, ticket: object) -> None: ...
+        def on_failure(self, ticket: object, error: Exception) -> None: ...
+        def on_abort(self, ticket: object) -> None: ...
+
+    harness = make(Script(200), breaker=lambda origin: ClosedGate())
+    with pytest.raises(Closed) as refused:
+        await harness.send()
+    assert refused.value.__cause__ is None
+
+
+@pytest.mark.parametrize("options", [{}, {"resilient": {"retry": False}}], ids=["fast", "driver"])
+def test_transport_errors_are_freed_without_the_cyclic_gc(options: dict[str, Any]) -> None:
+    """A failed request's error (and so its request) is freed by reference counting alone."""
+    import gc
+    import weakref
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise httpx.ReadError("boom", request=request)
+
+    transport = ResilientTransport(httpx.MockTransport(handler))
+    gc.collect()
+    gc.disable()
+    try:
+        request = httpx.Request("POST", "http://c.test/", content=b"x", extensions=options)
+        refs: list[weakref.ref[BaseException]] = []
+        try:
+            transport.handle_request(request)
+        except httpx.ReadError as error:
+            refs.append(weakref.ref(error))
+        assert refs
+        assert refs[0]() is None
+    finally:
+        gc.enable()

@@ -338,7 +338,7 @@ class CircuitBreaker:
         self._plain = slow_seconds is None and failure_rate is None
         self._total_failures = 0
         self._total_rejections = 0
-        self._drivers: dict[tuple[Any, bool], Callable[..., Any]] = {}
+        self._drivers: _driver.DriverCache = {}
         self._config: dict[str, Any] = {
             "name": name,
             "failure_threshold": failure_threshold,

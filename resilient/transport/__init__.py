@@ -190,7 +190,10 @@ def _recover(error: ResilientError, request: httpx.Request) -> httpx.Response:
     """
     if isinstance(error, CircuitOpenError) and isinstance(error.__cause__, ResponseFailure):
         return error.__cause__.response
-    raise _as_transport_error(error, request) from error
+    twin = _as_transport_error(error, request)
+    if twin is error:  # a stage of one's own refused: its error, as it raised it
+        raise error
+    raise twin from error
 
 
 def _as_transport_error(error: ResilientError, request: httpx.Request) -> Exception:
@@ -204,7 +207,7 @@ def _as_transport_error(error: ResilientError, request: httpx.Request) -> Except
         )
     elif isinstance(error, DeadlineExceeded):
         twin = TransportDeadlineExceeded(str(error), request=request)
-    else:  # pragma: no cover - the policy raises no other resilient error
+    else:  # a stage of one's own refused with an error of its own
         return error
     for note in getattr(error, "__notes__", ()):
         twin.add_note(note)
@@ -251,6 +254,7 @@ class _Call:
 
     def end(self) -> None:
         """The transport finishes the request itself, once it has the response."""
+        self.error = None  # the transport's frames, which hold this record, are on its traceback
 
 
 class _OwnRecord:
@@ -573,8 +577,7 @@ class _Core:
     ) -> _Route:
         """What takes a failed fast first attempt over (see :meth:`Policy.resume`)."""
         call = _Call()
-        call.request = request
-        call.attempts = 1
+        call.request = request  # Policy.resume counts the fast attempt in its record
         assert host.resumes is not None
         resume = host.resumes[self.kind(request, None)]
         return call, host, resume, (started, failure, request, call)
@@ -595,6 +598,8 @@ class _Core:
             if call.instruments is not None or call.tracer is not None:
                 self.end(call, None, raised)
             raise
+        finally:
+            error = None  # type: ignore[assignment]  # this frame is on its traceback
 
     def start_attempt(self, request: httpx.Request, call: _Call) -> HttpSpan | None:
         """Before an attempt is sent: clamp it to the deadline; its span, if traced."""
@@ -871,6 +876,8 @@ class ResilientTransport(_Configured[httpx.BaseTransport], httpx.BaseTransport):
             response = send(*args)
         except BaseException as error:
             response = core.settle(call, error)
+        finally:
+            args = ()  # they may hold the failure, and this frame is on its traceback
         return core.finish(response, host, call)
 
     def _attempt(self, request: httpx.Request, call: _Call) -> httpx.Response:
@@ -879,9 +886,12 @@ class ResilientTransport(_Configured[httpx.BaseTransport], httpx.BaseTransport):
             response = self._transport.handle_request(request)
         except BaseException as exc:
             instead = self._core.attempt_failed(span, exc)
-            if instead is not exc:
-                raise instead from exc
-            raise
+            try:
+                if instead is not exc:
+                    raise instead from exc
+                raise
+            finally:
+                instead = None  # type: ignore[assignment]  # on the error's traceback
         if span is not None:
             span.end(response, None)
         if response.status_code in self._core.failing_statuses:
@@ -952,6 +962,8 @@ class AsyncResilientTransport(_Configured[httpx.AsyncBaseTransport], httpx.Async
             response = await send(*args)
         except BaseException as error:
             response = core.settle(call, error)
+        finally:
+            args = ()  # they may hold the failure, and this frame is on its traceback
         return core.finish(response, host, call)
 
     async def _attempt(self, request: httpx.Request, call: _Call) -> httpx.Response:
@@ -960,9 +972,12 @@ class AsyncResilientTransport(_Configured[httpx.AsyncBaseTransport], httpx.Async
             response = await self._transport.handle_async_request(request)
         except BaseException as exc:
             instead = self._core.attempt_failed(span, exc)
-            if instead is not exc:
-                raise instead from exc
-            raise
+            try:
+                if instead is not exc:
+                    raise instead from exc
+                raise
+            finally:
+                instead = None  # type: ignore[assignment]  # on the error's traceback
         if span is not None:
             span.end(response, None)
         if response.status_code in self._core.failing_statuses:
