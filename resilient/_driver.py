@@ -216,7 +216,7 @@ def build(
         assert retrier is not None
         return Recovery(retrier, gate, started, total, outer, timeout, attempt_timeout)
 
-    def start(now: float) -> float:
+    def start() -> float:
         """Count the call with the retrier; return when it began, on the retrier's clock."""
         started: float = clock()  # type: ignore[misc]
         count_call(started)  # type: ignore[misc]
@@ -262,15 +262,12 @@ def build(
                     if waiting:
                         raise IndexError  # others wait first: join them
                     take()
-                    taken = True
+                    admitted = True
                 except IndexError:
-                    taken = False
-                if not taken:  # waited for outside the handler, so its errors carry no IndexError
-                    _wait_for_slot(admission, total, outer, record)
-                    if bounded or outer != _INF:
-                        now = _monotonic()
-                        limit = _attempt_limit(now, total, attempt_timeout)
-            elif try_acquire is not None and not _admitted(try_acquire, record):
+                    admitted = False
+            else:
+                admitted = try_acquire is None or _admitted(try_acquire, record)
+            if not admitted:  # waited for outside the handler, so its errors carry no IndexError
                 _wait_for_slot(admission, total, outer, record)
                 if bounded or outer != _INF:
                     now = _monotonic()
@@ -279,7 +276,7 @@ def build(
                 started = now
                 if count_call is not None:
                     if counted is not None:
-                        started = counted(now)
+                        started = counted()
                     else:
                         if not now:
                             started = _monotonic()
@@ -370,15 +367,12 @@ def build(
                 if waiting:
                     raise IndexError  # others wait first: join them
                 take()
-                taken = True
+                admitted = True
             except IndexError:
-                taken = False
-            if not taken:  # waited for outside the handler, so its errors carry no IndexError
-                await _wait_for_slot_async(admission, total, outer, record)
-                if bounded or outer != _INF:
-                    now = _monotonic()
-                    limit = _attempt_limit(now, total, attempt_timeout)
-        elif try_acquire is not None and not _admitted(try_acquire, record):
+                admitted = False
+        else:
+            admitted = try_acquire is None or _admitted(try_acquire, record)
+        if not admitted:  # waited for outside the handler, so its errors carry no IndexError
             await _wait_for_slot_async(admission, total, outer, record)
             if bounded or outer != _INF:
                 now = _monotonic()
@@ -387,7 +381,7 @@ def build(
             started = now
             if count_call is not None:
                 if counted is not None:
-                    started = counted(now)
+                    started = counted()
                 else:
                     if not now:
                         started = _monotonic()
