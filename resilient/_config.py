@@ -6,10 +6,24 @@ was written, with a message naming the parameter and the value.
 
 from __future__ import annotations
 
+import enum
 import math
 from datetime import timedelta
+from typing import Final
 
-__all__ = ["Duration", "check_int", "check_number", "to_seconds"]
+__all__ = ["DEFAULT", "Default", "Duration", "check_int", "check_number", "to_seconds"]
+
+
+class Default(enum.Enum):
+    """Marks a parameter that was not passed, where ``None`` means something (off, say)."""
+
+    DEFAULT = enum.auto()
+
+    def __repr__(self) -> str:
+        return "<default>"
+
+
+DEFAULT: Final = Default.DEFAULT
 
 Duration = float | int | timedelta
 """A length of time: seconds as a number, or a :class:`datetime.timedelta`."""

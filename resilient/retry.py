@@ -32,7 +32,6 @@ Public names: :class:`Retry`, :class:`Backoff`, :class:`RetryBudget`,
 
 from __future__ import annotations
 
-import enum
 import logging
 import math
 import random as _random
@@ -45,7 +44,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, Literal, ParamSpec, Protocol, TypeAlias, TypeVar, cast
 
 from resilient import _driver
-from resilient._config import Duration, check_int, check_number, to_seconds
+from resilient._config import DEFAULT, Default, Duration, check_int, check_number, to_seconds
 from resilient.errors import PROGRAMMING_ERRORS, BulkheadFull, CircuitOpenError
 from resilient.stages import CallTally
 
@@ -522,18 +521,6 @@ class _Note(str):
         return (str, (str(self),))
 
 
-class _Default(enum.Enum):
-    """Marks a parameter that was not passed, where ``None`` means something."""
-
-    DEFAULT = enum.auto()
-
-    def __repr__(self) -> str:
-        return "<default>"
-
-
-_DEFAULT = _Default.DEFAULT
-
-
 def _is_tenacity(value: object, module: str, base: str) -> bool:
     """Whether ``value`` is a ``module.base`` instance, e.g. a ``tenacity.stop.stop_base``.
 
@@ -644,13 +631,13 @@ class Retry:
     def __init__(
         self,
         *,
-        attempts: int | _Default | None = _DEFAULT,
-        on: ExceptionFilter | _Default = _DEFAULT,
+        attempts: int | Default | None = DEFAULT,
+        on: ExceptionFilter | Default = DEFAULT,
         on_result: ResultFilter | None = None,
         backoff: Backoff | None = None,
         wait: wait_base | None = None,
         stop: stop_base | None = None,
-        budget: RetryBudget | _Default | None = _DEFAULT,
+        budget: RetryBudget | Default | None = DEFAULT,
         retry_after: Callable[[Any], float | None] | None = None,
         on_retry: RetryHook | Sequence[RetryHook] | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -663,7 +650,7 @@ class Retry:
                 "stop must be a tenacity stop strategy such as "
                 f"tenacity.stop_after_delay(10), got {stop!r}"
             )
-        if isinstance(attempts, _Default):
+        if isinstance(attempts, Default):
             attempts = 3 if stop is None else None
         elif attempts is None:
             if stop is None:
@@ -676,7 +663,7 @@ class Retry:
 
         on_types: tuple[type[BaseException], ...] | None = None
         skips: tuple[type[BaseException], ...] = ()
-        if isinstance(on, _Default):
+        if isinstance(on, Default):
             on, on_types, skips = Exception, (Exception,), PROGRAMMING_ERRORS
         elif isinstance(on, type):
             if not issubclass(on, BaseException):
@@ -719,7 +706,7 @@ class Retry:
                     f"give backoff or wait, not both: got backoff={backoff!r} and wait={wait!r}"
                 )
         elif backoff is None:
-            backoff = _DEFAULT_BACKOFF
+            backoff = DEFAULT_BACKOFF
         elif not isinstance(backoff, Backoff):
             raise TypeError(f"backoff must be a resilient.Backoff, got {backoff!r}")
 
@@ -728,7 +715,7 @@ class Retry:
         if not callable(random):
             raise TypeError(f"random must be a callable returning floats in [0, 1), got {random!r}")
 
-        if isinstance(budget, _Default):
+        if isinstance(budget, Default):
             budget = RetryBudget(clock=clock)
         elif budget is not None and not isinstance(budget, RetryBudget):
             raise TypeError(f"budget must be a resilient.RetryBudget or None, got {budget!r}")
@@ -1059,4 +1046,4 @@ class Retry:
         return view
 
 
-_DEFAULT_BACKOFF = Backoff()
+DEFAULT_BACKOFF = Backoff()

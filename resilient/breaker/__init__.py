@@ -71,7 +71,7 @@ from dataclasses import dataclass
 from typing import Any, Final, ParamSpec, TypeAlias, TypeVar, cast
 
 from resilient import _driver
-from resilient._config import Duration, check_int, check_number, to_seconds
+from resilient._config import DEFAULT, Default, Duration, check_int, check_number, to_seconds
 
 # The states as module globals (cheaper to read than class attributes), shared with the store.
 from resilient.breaker.store import (
@@ -180,16 +180,6 @@ _UNTIMED: Final = _Ticket(None, None)
 _names = itertools.count(1)
 
 
-class _Unset:
-    """Marks a parameter not given, where ``None`` means something."""
-
-    def __repr__(self) -> str:
-        return "<default>"
-
-
-_UNSET: Final = _Unset()
-
-
 def _restore_breaker(cls: type[CircuitBreaker], config: dict[str, Any]) -> CircuitBreaker:
     """Unpickle a breaker: the same configuration, fresh closed state."""
     return cls(**config)
@@ -272,7 +262,7 @@ class CircuitBreaker:
         reset_timeout: Duration = 30.0,
         half_open_max_calls: int = 1,
         success_threshold: int = 1,
-        exclude: ExcludeRule | _Unset = _UNSET,
+        exclude: ExcludeRule | Default = DEFAULT,
         listeners: Iterable[Callable[[BreakerEvent], object]] = (),
         store: StoreFactory = InMemoryBreakerStore,
         clock: Callable[[], float] = time.monotonic,
@@ -328,7 +318,7 @@ class CircuitBreaker:
         self._reset_timeout = reset_seconds
         self._half_open_max_calls = half_open_max_calls
         self._success_threshold = success_threshold
-        if isinstance(exclude, _Unset):
+        if isinstance(exclude, Default):
             exclude = PROGRAMMING_ERRORS  # bugs in the calling code say nothing of the dependency
         self._is_excluded = _exclusion_test(exclude)
         self._listeners = listener_tuple

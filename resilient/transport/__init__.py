@@ -77,7 +77,7 @@ import httpx
 
 from resilient import tracing as _tracing
 from resilient._compat.httpx import OriginKey, origin_key
-from resilient._config import Duration, check_int, to_seconds
+from resilient._config import DEFAULT, Default, Duration, check_int, to_seconds
 from resilient.breaker import BreakerState, BreakerStore, CircuitBreaker
 from resilient.deadline import DEADLINE_HEADER, format_deadline_header, remaining
 from resilient.deadline import current as _current_deadline
@@ -731,11 +731,6 @@ def default_breaker(origin: str) -> CircuitBreaker:
     )
 
 
-class _Unset:
-    """Marks an option the caller did not pass (``None`` means "off")."""
-
-
-_UNSET: Final = _Unset()
 Inner = TypeVar("Inner", httpx.BaseTransport, httpx.AsyncBaseTransport)
 
 
@@ -748,8 +743,8 @@ class _Configured(Generic[Inner]):
         self,
         transport: Inner | None = None,
         *,
-        retry: Retry | _Unset | None = _UNSET,
-        breaker: Callable[[str], Gate] | _Unset | None = _UNSET,
+        retry: Retry | Default | None = DEFAULT,
+        breaker: Callable[[str], Gate] | Default | None = DEFAULT,
         bulkhead: Callable[[str], Admission] | None = None,
         timeout: Duration | None = None,
         attempt_timeout: Duration | None = None,
@@ -768,8 +763,8 @@ class _Configured(Generic[Inner]):
                 f"transport must be an httpx.{self._inner_type.__name__}, got {transport!r}"
             )
         self._core = _Core(
-            retry=_DEFAULT_RETRY if isinstance(retry, _Unset) else retry,
-            breaker=default_breaker if isinstance(breaker, _Unset) else breaker,
+            retry=_DEFAULT_RETRY if isinstance(retry, Default) else retry,
+            breaker=default_breaker if isinstance(breaker, Default) else breaker,
             bulkhead=bulkhead,
             timeout=timeout,
             attempt_timeout=attempt_timeout,
