@@ -7,8 +7,7 @@ call path: a consistent hash ring and a sharded map for per-key state. See the
 README for a tour.
 """
 
-from importlib.metadata import PackageNotFoundError as _PackageNotFoundError
-from importlib.metadata import version as _version
+from typing import Any as _Any
 
 from resilient.breaker import (
     BreakerEvent,
@@ -42,10 +41,21 @@ from resilient.transport import (
     TransportDeadlineExceeded,
 )
 
-try:
-    __version__ = _version("resilient")
-except _PackageNotFoundError:  # pragma: no cover - run from a source tree, not installed
-    __version__ = "0+unknown"
+
+def __getattr__(name: str) -> _Any:
+    # __version__ is read from the installed metadata on first use: importing
+    # importlib.metadata costs about a quarter of `import resilient`.
+    if name == "__version__":
+        from importlib import metadata
+
+        try:
+            version = metadata.version("resilient")
+        except metadata.PackageNotFoundError:  # pragma: no cover - a source tree, not installed
+            version = "0+unknown"
+        globals()["__version__"] = version
+        return version
+    raise AttributeError(f"module 'resilient' has no attribute {name!r}")
+
 
 __all__ = [
     "DEADLINE_HEADER",
