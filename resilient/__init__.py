@@ -20,6 +20,7 @@ from resilient.breaker import (
 from resilient.bulkhead import Bulkhead
 from resilient.deadline import (
     DEADLINE_HEADER,
+    carry,
     check_deadline,
     deadline,
     deadline_at,
@@ -89,6 +90,7 @@ __all__ = [
     "TransportBulkheadFull",
     "TransportCircuitOpen",
     "TransportDeadlineExceeded",
+    "carry",
     "check_deadline",
     "deadline",
     "deadline_at",

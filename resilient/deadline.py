@@ -11,8 +11,18 @@ In async code (``async with deadline(...)``) the scope cancels the awaited work
 when the deadline passes and raises :class:`DeadlineExceeded` out of the scope;
 a cancellation from outside still arrives as :class:`asyncio.CancelledError`.
 Tasks created inside the scope copy the context, so they inherit the deadline.
+The sync form ``with deadline(...)`` inside a coroutine sets the same deadline,
+which every `resilient` driver honours (a Policy-wrapped async call is cancelled
+at it), but it does not cancel plain awaits itself: only ``async with`` does.
 Sync code cannot be interrupted: there the deadline is cooperative, read with
-:func:`remaining` or enforced with :func:`check_deadline`.
+:func:`remaining` (``remaining(default=10.0)`` gives a finite timeout to hand to
+a socket or an HTTP client when no deadline is in force) or enforced with
+:func:`check_deadline`.
+
+Threads do not inherit contextvars: work handed to ``executor.submit``,
+``loop.run_in_executor`` or ``threading.Thread`` starts with no deadline.
+Wrap it in :func:`carry` to take the caller's along (``asyncio.to_thread``
+already does).
 
 This module is the only one that touches the ContextVar. Drivers (the Policy's,
 the transport's, yours) read and narrow the deadline through :func:`current`,
@@ -20,18 +30,23 @@ the transport's, yours) read and narrow the deadline through :func:`current`,
 
 Public names: :func:`deadline` (relative, "within seconds"), :func:`deadline_at`
 (absolute, "no later than"), :func:`remaining`, :func:`check_deadline`,
-:func:`current`, :func:`narrow`, :func:`restore`, :class:`DeadlineExceeded`,
-:data:`DEADLINE_HEADER`, :func:`format_deadline_header`, :func:`parse_deadline_header`.
+:func:`carry`, :func:`current`, :func:`narrow`, :func:`restore`,
+:class:`DeadlineExceeded`, :data:`DEADLINE_HEADER`, :func:`format_deadline_header`,
+:func:`parse_deadline_header`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
+import inspect
 import math
 import time
 from collections.abc import Callable
 from contextvars import ContextVar, Token
 from types import TracebackType
+from typing import ParamSpec, TypeVar
 
 from resilient._config import Duration, to_seconds
 from resilient.errors import DeadlineExceeded
@@ -40,6 +55,7 @@ __all__ = [
     "DEADLINE_HEADER",
     "DeadlineExceeded",
     "Scope",
+    "carry",
     "check_deadline",
     "current",
     "deadline",
@@ -52,6 +68,9 @@ __all__ = [
 ]
 
 _INF = math.inf
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 #: The absolute monotonic deadline in force; ``inf`` when there is none.
 _deadline: ContextVar[float] = ContextVar("resilient_deadline", default=_INF)
@@ -79,13 +98,28 @@ narrow: Callable[[float], Token[float]] = _set
 restore: Callable[[Token[float]], None] = _deadline.reset
 
 
-def remaining() -> float:
+def remaining(*, default: Duration | None = None) -> float:
     """Return the seconds left before the deadline in force: ``math.inf`` when there is none.
 
     Never negative: a deadline that has passed leaves ``0.0``.
+
+    ``default`` (seconds, or a :class:`datetime.timedelta`; positive and finite)
+    is returned instead of ``math.inf`` when no deadline is in force, for APIs
+    that refuse an infinite timeout (sockets, httpx). It is a fallback, not a
+    cap: under a deadline the seconds left are returned even if they are more
+    (``min(remaining(), cap)`` caps)::
+
+        response = httpx.get(url, timeout=resilient.remaining(default=10.0))
+
+    ``socket.settimeout(0.0)`` means non-blocking, not "expired": call
+    :func:`check_deadline` first where ``0.0`` would be taken that way.
     """
-    when = _deadline.get()
-    if when == _INF:
+    when = _get()
+    if default is not None:
+        fallback = to_seconds("default", default, allow_zero=False)
+        if when == _INF:
+            return fallback
+    elif when == _INF:
         return _INF
     left = when - time.monotonic()
     return left if left > 0.0 else 0.0
@@ -149,7 +183,15 @@ class Scope:
 
     def _exit(self) -> None:
         assert self._token is not None
-        _deadline.reset(self._token)
+        try:
+            _deadline.reset(self._token)
+        except ValueError:
+            # The token belongs to the context the scope was entered in; another
+            # thread or task runs in a context of its own.
+            raise RuntimeError(
+                "a deadline scope must be exited by the thread or task that entered it; "
+                "close the with block where it was opened"
+            ) from None
 
     def __enter__(self) -> Scope:
         self._enter()
@@ -191,9 +233,16 @@ class Scope:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        self._exit()
         if self._handle is not None:
+            # First, whatever happens next: a timer left armed would cancel the
+            # entering task later, wherever it had got to by then.
             self._handle.cancel()
+        if self._task is not None and asyncio.current_task() is not self._task:
+            raise RuntimeError(
+                "a deadline scope must be exited by the task that entered it "
+                f"({self._task.get_name()}); close the async with block where it was opened"
+            )
+        self._exit()
         if self._expired:
             assert self._task is not None
             # Only our own cancellation becomes DeadlineExceeded; one from outside
@@ -218,6 +267,11 @@ def deadline(seconds: Duration) -> Scope:
 
         async with resilient.deadline(0.5):
             await slow()                # cancelled at 0.5 s: DeadlineExceeded
+
+    In a coroutine, prefer ``async with``: the sync form ``with deadline(...)``
+    sets the deadline every `resilient` driver honours (a Policy-wrapped async
+    call is cancelled at it), but does not itself cancel plain awaits such as
+    ``await asyncio.sleep(5)``.
     """
     return Scope(to_seconds("seconds", seconds, allow_inf=True))
 
@@ -243,6 +297,41 @@ def deadline_at(when: float) -> Scope:
     return Scope(math.inf, at=float(when))
 
 
+def carry(fn: Callable[P, R]) -> Callable[P, R]:
+    """Return ``fn`` bound to the caller's contextvars, deadline included, to run in a thread.
+
+    A thread starts with an empty context, so work handed to an executor or a
+    thread would see no deadline. The context is copied when ``carry`` is
+    called; each call of the result runs ``fn`` in a fresh copy of it, so calls
+    may run concurrently and what one sets stays out of the others::
+
+        with resilient.deadline(2.0):
+            future = executor.submit(resilient.carry(fetch), key)
+            threading.Thread(target=resilient.carry(fetch), args=(key,)).start()
+
+        async with resilient.deadline(2.0):
+            await loop.run_in_executor(None, resilient.carry(fetch), key)
+
+    Coroutine functions are refused: a coroutine runs in the task that awaits
+    it, and asyncio tasks copy the context already.
+    """
+    if not callable(fn):
+        raise TypeError(f"fn must be a callable, got {type(fn).__name__}: {fn!r}")
+    if inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(type(fn).__call__):
+        raise TypeError(
+            f"fn must be a plain function, got the coroutine function {fn!r}: asyncio tasks "
+            "copy the context already; await it, or start it with asyncio.create_task()"
+        )
+    context = contextvars.copy_context()
+
+    @functools.wraps(fn)
+    def carried(*args: P.args, **kwargs: P.kwargs) -> R:
+        # A copy per call: one Context cannot be entered by two threads at once.
+        return context.copy().run(fn, *args, **kwargs)
+
+    return carried
+
+
 # Deadline propagation over the wire -------------------------------------------------
 
 #: The request header that carries the caller's remaining budget, in milliseconds.
@@ -257,6 +346,11 @@ def format_deadline_header(seconds: float) -> str:
     Rounding down keeps the server's budget within the caller's. ``inf`` has no
     encoding (send no header); negative and NaN are refused.
     """
+    if not isinstance(seconds, int | float) or isinstance(seconds, bool):
+        raise TypeError(
+            "seconds must be the budget left as a number of seconds, "
+            f"got {type(seconds).__name__}: {seconds!r}"
+        )
     if math.isnan(seconds) or seconds < 0:
         raise ValueError(f"seconds must be a non-negative number, got {seconds!r}")
     if math.isinf(seconds):
@@ -264,22 +358,29 @@ def format_deadline_header(seconds: float) -> str:
     return str(int(seconds * 1000.0))
 
 
-def parse_deadline_header(value: str | bytes, *, maximum: float = 300.0) -> float:
+def parse_deadline_header(value: str | bytes, *, maximum: Duration = 300.0) -> float:
     """Decode a header value into seconds left, strictly.
 
     Only ASCII digits are accepted (no sign, spaces, underscores or other
     scripts' digits, which :func:`int` would take); the result is clamped to
-    ``maximum`` seconds so a caller cannot make a server hold work forever.
+    ``maximum`` seconds (positive and finite, or a :class:`datetime.timedelta`)
+    so a caller cannot make a server hold work forever.
     ``0`` means the budget is already spent: the caller will not wait for the answer.
     """
+    limit = to_seconds("maximum", maximum, allow_zero=False)
     if isinstance(value, bytes):
         try:
             value = value.decode("ascii")
         except UnicodeDecodeError:
             raise ValueError(f"{DEADLINE_HEADER} must be ASCII digits, got {value!r}") from None
+    elif not isinstance(value, str):
+        raise TypeError(
+            f"value must be the {DEADLINE_HEADER} header value as str or bytes, "
+            f"got {type(value).__name__}: {value!r}"
+        )
     if not value or not (value.isascii() and value.isdigit()):
         raise ValueError(f"{DEADLINE_HEADER} must be ASCII digits (milliseconds), got {value!r}")
     if len(value) > _MAX_HEADER_DIGITS:
-        return maximum
+        return limit
     seconds = int(value) / 1000.0
-    return seconds if seconds < maximum else maximum
+    return seconds if seconds < limit else limit
