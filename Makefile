@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: test lint typecheck unit bench bench-check clean
+.PHONY: test lint typecheck unit unasync bench bench-check clean
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "resilient needs Python 3.11 or newer; set PYTHON=python3.11")'
@@ -23,6 +23,11 @@ test: lint typecheck unit
 lint: $(VENV)/.dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/python scripts/unasync.py --check
+
+# The sync twins of the async healthy paths are generated: edit the async code, then run this.
+unasync: $(VENV)/.dev
+	$(BIN)/python scripts/unasync.py
 
 typecheck: $(VENV)/.dev
 	$(BIN)/mypy --strict resilient

@@ -225,128 +225,24 @@ def build(
     # A retrier with a clock of its own is read through start(); else inline.
     counted = None if shared_clock else start
 
-    if not asynchronous:
-        # The first result is checked: a "sync" function that returns a coroutine is
-        # async behind a decorator without functools.wraps, and must not pass as healthy.
-        unchecked = True
+    # The first result of a sync function is checked: a "sync" function that returns a
+    # coroutine is async behind a decorator without functools.wraps, and must not pass as
+    # healthy.
+    unchecked = True
 
-        def _check_sync_result(
-            fn: Callable[..., Any], result: object, on_abort: Any, ticket: object
-        ) -> None:
-            nonlocal unchecked
-            if inspect.isawaitable(result):
-                if on_abort is not None:
-                    on_abort(ticket)
-                raise _refuse_coroutine(fn, result)
-            unchecked = False
+    def _check_sync_result(
+        fn: Callable[..., Any], result: object, on_abort: Any, ticket: object
+    ) -> None:
+        nonlocal unchecked
+        if inspect.isawaitable(result):
+            if on_abort is not None:
+                on_abort(ticket)
+            raise _refuse_coroutine(fn, result)
+        unchecked = False
 
-        def run(*args: Any, **kwargs: Any) -> Any:
-            record = None
-            if begin is not None and (
-                explicit
-                or traces._TRACER_PROVIDER is not None
-                or meters._METER_PROVIDER is not None
-            ):
-                record = begin(args, kwargs)
-            outer = total = limit = _current()
-            now = 0.0
-            if bounded or outer != _INF:
-                now = _monotonic()
-                if timeout is not None and now + timeout < total:
-                    total = now + timeout
-                limit = total
-                if attempt_timeout is not None and now + attempt_timeout < limit:
-                    limit = now + attempt_timeout
-            if take is not None:
-                try:
-                    if waiting:
-                        raise IndexError  # others wait first: join them
-                    take()
-                    admitted = True
-                except IndexError:
-                    admitted = False
-            else:
-                admitted = try_acquire is None or _admitted(try_acquire, record)
-            if not admitted:  # waited for outside the handler, so its errors carry no IndexError
-                _wait_for_slot(admission, total, outer, record)
-                if bounded or outer != _INF:
-                    now = _monotonic()
-                    limit = _attempt_limit(now, total, attempt_timeout)
-            try:
-                started = now
-                if count_call is not None:
-                    if counted is not None:
-                        started = counted()
-                    else:
-                        if not now:
-                            started = _monotonic()
-                        if slices is not None and started < slices.end:
-                            slices.calls[slices.current] += 1
-                        elif not counts_nothing:
-                            count_call(started)
-                if now >= total:
-                    raise _expired(timeout)
-                token = None if limit >= outer else _narrow(limit)
-                try:
-                    ticket = None
-                    if holder is not None and holder.state is closed:
-                        pass  # the gate's quiet path: before_call() would return None
-                    elif before_call is not None:
-                        try:
-                            ticket = before_call()
-                        except Exception as refused:
-                            if record is not None:
-                                record.rejected(refused)
-                            raise
-                    if record is not None:
-                        record.attempts += 1
-                    try:
-                        result = fn(*args, **kwargs)
-                    except Exception as exc:
-                        if on_failure is not None:
-                            on_failure(ticket, exc)
-                        if retrier is None:
-                            raise
-                        error: Exception | None = exc
-                        result = None
-                    except BaseException:
-                        if on_abort is not None:
-                            on_abort(ticket)
-                        raise
-                    else:
-                        if unchecked:
-                            _check_sync_result(fn, result, on_abort, ticket)
-                        if ticket is None and holder is not None:
-                            if holder.consecutive_failures:
-                                on_success(None)  # type: ignore[misc]
-                        elif on_success is not None:
-                            on_success(ticket)
-                        if not judges:
-                            return result
-                        error = None
-                finally:
-                    if token is not None:
-                        _restore(token)
-                flow = recovery(started, total, outer).flow(error, result, record)
-                error = None  # this frame is on its traceback: the flow holds it now
-                return _run_sync(flow, fn, args, kwargs)
-            except BaseException as exc:
-                if record is not None:
-                    record.error = exc
-                raise
-            finally:
-                if give is not None:
-                    give(None)  # append first, look second (see SlotPool)
-                    if waiting:
-                        wake()
-                elif release is not None:
-                    release()
-                if record is not None:
-                    record.end()
-                    record = None  # it holds the error, and this frame is on its traceback
-
-        return run
-
+    # The healthy path, inlined for speed: written once, async; scripts/unasync.py writes
+    # the sync twin below it.
+    # unasync: begin
     async def run_async(*args: Any, **kwargs: Any) -> Any:
         record = None
         if begin is not None and (
@@ -406,6 +302,7 @@ def build(
                 if record is not None:
                     record.attempts += 1
                 try:
+                    # unasync: async-only {
                     awaitable = fn(*args, **kwargs)
                     if type(awaitable) is not _CoroutineType:
                         if not inspect.isawaitable(awaitable):
@@ -429,6 +326,10 @@ def build(
                     if on_abort is not None:
                         on_abort(ticket)
                     raise
+                    # unasync: }
+                    # unasync: sync-only {
+                    # result = fn(*args, **kwargs)
+                    # unasync: }
                 except Exception as exc:
                     if on_failure is not None:
                         on_failure(ticket, exc)
@@ -441,6 +342,10 @@ def build(
                         on_abort(ticket)
                     raise
                 else:
+                    # unasync: sync-only {
+                    # if unchecked:
+                    #     _check_sync_result(fn, result, on_abort, ticket)
+                    # unasync: }
                     if ticket is None and holder is not None:
                         if holder.consecutive_failures:
                             on_success(None)  # type: ignore[misc]
@@ -471,7 +376,115 @@ def build(
                 record.end()
                 record = None  # it holds the error, and this frame is on its traceback
 
-    return run_async
+    # unasync: end
+    # unasync: generated from the async code above by scripts/unasync.py; do not edit
+    def run(*args: Any, **kwargs: Any) -> Any:
+        record = None
+        if begin is not None and (
+            explicit or traces._TRACER_PROVIDER is not None or meters._METER_PROVIDER is not None
+        ):
+            record = begin(args, kwargs)
+        outer = total = limit = _current()
+        now = 0.0
+        if bounded or outer != _INF:
+            now = _monotonic()
+            if timeout is not None and now + timeout < total:
+                total = now + timeout
+            limit = total
+            if attempt_timeout is not None and now + attempt_timeout < limit:
+                limit = now + attempt_timeout
+        if take is not None:
+            try:
+                if waiting:
+                    raise IndexError  # others wait first: join them
+                take()
+                admitted = True
+            except IndexError:
+                admitted = False
+        else:
+            admitted = try_acquire is None or _admitted(try_acquire, record)
+        if not admitted:  # waited for outside the handler, so its errors carry no IndexError
+            _wait_for_slot(admission, total, outer, record)
+            if bounded or outer != _INF:
+                now = _monotonic()
+                limit = _attempt_limit(now, total, attempt_timeout)
+        try:
+            started = now
+            if count_call is not None:
+                if counted is not None:
+                    started = counted()
+                else:
+                    if not now:
+                        started = _monotonic()
+                    if slices is not None and started < slices.end:
+                        slices.calls[slices.current] += 1
+                    elif not counts_nothing:
+                        count_call(started)
+            if now >= total:
+                raise _expired(timeout)
+            token = None if limit >= outer else _narrow(limit)
+            try:
+                ticket = None
+                if holder is not None and holder.state is closed:
+                    pass  # the gate's quiet path: before_call() would return None
+                elif before_call is not None:
+                    try:
+                        ticket = before_call()
+                    except Exception as refused:
+                        if record is not None:
+                            record.rejected(refused)
+                        raise
+                if record is not None:
+                    record.attempts += 1
+                try:
+                    result = fn(*args, **kwargs)
+                except Exception as exc:
+                    if on_failure is not None:
+                        on_failure(ticket, exc)
+                    if retrier is None:
+                        raise
+                    error: Exception | None = exc
+                    result = None
+                except BaseException:
+                    if on_abort is not None:
+                        on_abort(ticket)
+                    raise
+                else:
+                    if unchecked:
+                        _check_sync_result(fn, result, on_abort, ticket)
+                    if ticket is None and holder is not None:
+                        if holder.consecutive_failures:
+                            on_success(None)  # type: ignore[misc]
+                    elif on_success is not None:
+                        on_success(ticket)
+                    if not judges:
+                        return result
+                    error = None
+            finally:
+                if token is not None:
+                    _restore(token)
+            recovered = recovery(started, total, outer)
+            flow = recovered.flow(error, result, record)
+            error = None  # this frame is on its traceback: the flow holds it now
+            return _run_sync(recovered, flow, fn, args, kwargs)
+        except BaseException as exc:
+            if record is not None:
+                record.error = exc
+            raise
+        finally:
+            if give is not None:
+                give(None)  # append first, look second (see SlotPool)
+                if waiting:
+                    wake()
+            elif release is not None:
+                release()
+            if record is not None:
+                record.end()
+                record = None  # it holds the error, and this frame is on its traceback
+
+    # unasync: end generated
+
+    return run_async if asynchronous else run
 
 
 def build_resume(
@@ -523,19 +536,7 @@ def build_resume(
         finally:
             error = None  # type: ignore[assignment]  # this frame is on its traceback
 
-    if not asynchronous:
-
-        def resume(started: float, error: Exception, *args: Any, **kwargs: Any) -> Any:
-            recording = _Recording(begin, args, kwargs)
-            with recording:
-                try:
-                    _, flow = recover(started, error, recording.record)
-                finally:
-                    error = None  # type: ignore[assignment]
-                return _run_sync(flow, fn, args, kwargs)
-
-        return resume
-
+    # unasync: begin
     async def resume_async(started: float, error: Exception, *args: Any, **kwargs: Any) -> Any:
         recording = _Recording(begin, args, kwargs)
         with recording:
@@ -545,7 +546,20 @@ def build_resume(
                 error = None  # type: ignore[assignment]
             return await _run_async(recovery, flow, fn, args, kwargs)
 
-    return resume_async
+    # unasync: end
+    # unasync: generated from the async code above by scripts/unasync.py; do not edit
+    def resume(started: float, error: Exception, *args: Any, **kwargs: Any) -> Any:
+        recording = _Recording(begin, args, kwargs)
+        with recording:
+            try:
+                recovery, flow = recover(started, error, recording.record)
+            finally:
+                error = None  # type: ignore[assignment]
+            return _run_sync(recovery, flow, fn, args, kwargs)
+
+    # unasync: end generated
+
+    return resume_async if asynchronous else resume
 
 
 class _Recording:
@@ -607,6 +621,24 @@ def _admitted(try_acquire: Callable[[], bool], record: CallRecord | None) -> boo
         raise
 
 
+# unasync: begin
+async def _wait_for_slot_async(
+    admission: Any, total: float, outer: float, record: CallRecord | None
+) -> None:
+    """No free slot: wait for one within the call's total deadline."""
+    token = None if total >= outer else _narrow(total)
+    try:
+        await admission.acquire_async()
+    except BaseException as exc:
+        _refused(record, exc)
+        raise
+    finally:
+        if token is not None:
+            _restore(token)
+
+
+# unasync: end
+# unasync: generated from the async code above by scripts/unasync.py; do not edit
 def _wait_for_slot(admission: Any, total: float, outer: float, record: CallRecord | None) -> None:
     """No free slot: wait for one within the call's total deadline."""
     token = None if total >= outer else _narrow(total)
@@ -620,18 +652,7 @@ def _wait_for_slot(admission: Any, total: float, outer: float, record: CallRecor
             _restore(token)
 
 
-async def _wait_for_slot_async(
-    admission: Any, total: float, outer: float, record: CallRecord | None
-) -> None:
-    token = None if total >= outer else _narrow(total)
-    try:
-        await admission.acquire_async()
-    except BaseException as exc:
-        _refused(record, exc)
-        raise
-    finally:
-        if token is not None:
-            _restore(token)
+# unasync: end generated
 
 
 # The failure path ---------------------------------------------------------------------
@@ -762,13 +783,51 @@ class Recovery:
             error = result = state = record = None
 
 
-def _run_sync(
+# unasync: begin
+async def _run_async(
+    recovery: Recovery,
     flow: Generator[object, Any, Any],
     fn: Callable[..., Any],
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
 ) -> Any:
-    """Run a recovery's flow in a thread: sleep when it asks, call when it asks."""
+    """Run a recovery's flow: wait when it asks, attempt (async: within its limit) when it asks."""
+    try:
+        command = next(flow)
+        while True:
+            if command is _ATTEMPT:
+                try:
+                    # unasync: async-only {
+                    awaitable = fn(*args, **kwargs)
+                    if type(awaitable) is not _CoroutineType and not inspect.isawaitable(awaitable):
+                        raise _refuse_result(fn, awaitable)
+                    limit, total = recovery.limit, recovery.total
+                    outcome = await _attempt(awaitable, limit, total, recovery.attempt_timeout)
+                    # unasync: }
+                    # unasync: sync-only {
+                    # outcome = fn(*args, **kwargs)
+                    # unasync: }
+                except BaseException as exc:
+                    command = flow.throw(exc)
+                    continue
+                command = flow.send(outcome)
+            else:
+                await _async_sleep(command)  # type: ignore[arg-type]
+                command = next(flow)
+    except StopIteration as stop:
+        return stop.value
+
+
+# unasync: end
+# unasync: generated from the async code above by scripts/unasync.py; do not edit
+def _run_sync(
+    recovery: Recovery,
+    flow: Generator[object, Any, Any],
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Any:
+    """Run a recovery's flow: wait when it asks, attempt (async: within its limit) when it asks."""
     try:
         command = next(flow)
         while True:
@@ -786,33 +845,7 @@ def _run_sync(
         return stop.value
 
 
-async def _run_async(
-    recovery: Recovery,
-    flow: Generator[object, Any, Any],
-    fn: Callable[..., Awaitable[Any]],
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-) -> Any:
-    """Run a recovery's flow in a task: await when it asks, bound each attempt by its limit."""
-    try:
-        command = next(flow)
-        while True:
-            if command is _ATTEMPT:
-                try:
-                    awaitable = fn(*args, **kwargs)
-                    if type(awaitable) is not _CoroutineType and not inspect.isawaitable(awaitable):
-                        raise _refuse_result(fn, awaitable)
-                    limit, total = recovery.limit, recovery.total
-                    outcome = await _attempt(awaitable, limit, total, recovery.attempt_timeout)
-                except BaseException as exc:
-                    command = flow.throw(exc)
-                    continue
-                command = flow.send(outcome)
-            else:
-                await _async_sleep(command)  # type: ignore[arg-type]
-                command = next(flow)
-    except StopIteration as stop:
-        return stop.value
+# unasync: end generated
 
 
 # Bounding async attempts --------------------------------------------------------------
