@@ -162,14 +162,17 @@ class _CountWindow:
         Every stored outcome is a success, so where the ring's next position is does
         not matter: only the count grows, up to the size. Returns ``True``.
         """
-        if self.calls < len(self._outcomes):
-            self.calls += 1
+        # Read once, write once: racing threads may lose a count, but never write more
+        # than the size (a count past it would stop add() from ever evicting again).
+        calls = self.calls
+        if calls < len(self._outcomes):
+            self.calls = calls + 1
         return True
 
     def add(self, failed: bool, now: float) -> None:
         outcomes = self._outcomes
         position = self._next
-        if self.calls == len(outcomes):
+        if self.calls >= len(outcomes):
             self.failures -= outcomes[position]
         else:
             self.calls += 1
