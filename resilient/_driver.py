@@ -27,8 +27,9 @@ import time
 import types
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Generator
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Self
 
+from resilient import _fork
 from resilient.deadline import current as _current
 from resilient.deadline import narrow as _narrow
 from resilient.deadline import restore as _restore
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
     from resilient.stages import Admission, CallObserver, CallRecord, Gate, Retrier
 
 __all__ = [
+    "Configured",
     "DriverCache",
     "NotAwaitable",
     "Recovery",
@@ -47,6 +49,7 @@ __all__ = [
     "decorate",
     "is_async",
     "refuse_generators",
+    "wrap",
 ]
 
 _INF: Final = math.inf
@@ -119,10 +122,81 @@ def cached(
 
 def decorate(fn: Callable[..., Any], what: str, **stages: Any) -> Callable[..., Any]:
     """Wrap ``fn`` in a driver over ``stages`` (see :func:`build`), keeping its metadata."""
+    return wrap(fn, what, functools.partial(_build_over, stages))
+
+
+def _build_over(
+    stages: dict[str, Any], fn: Callable[..., Any], asynchronous: bool
+) -> Callable[..., Any]:
+    return build(fn, asynchronous=asynchronous, **stages)
+
+
+def wrap(
+    fn: Callable[..., Any],
+    what: str,
+    make: Callable[[Callable[..., Any], bool], Callable[..., Any]],
+) -> Callable[..., Any]:
+    """Wrap ``fn`` in the driver ``make(fn, asynchronous)`` returns, keeping its metadata.
+
+    A ``staticmethod`` or ``classmethod`` (a decorator stacked above one in a class
+    body) comes back as the same kind of object over the wrapped function: wrapping
+    the descriptor itself would lose the binding (a staticmethod would get ``self``).
+    """
+    if isinstance(fn, staticmethod | classmethod):
+        return type(fn)(wrap(fn.__func__, what, make))
     if not callable(fn):
         raise TypeError(f"{what} decorates callables, got {type(fn).__name__}: {fn!r}")
     refuse_generators(fn, what)
-    return functools.wraps(fn)(build(fn, asynchronous=is_async(fn), **stages))
+    return functools.wraps(fn)(make(fn, is_async(fn)))
+
+
+class _ConstructorSignature:
+    """``__signature__`` of a :class:`Configured` class: its ``__init__``'s, not ``__new__``'s.
+
+    An instance has none (``AttributeError``), so its signature stays its ``__call__``'s.
+    """
+
+    def __get__(self, instance: object, owner: Any) -> inspect.Signature:
+        if instance is not None:
+            raise AttributeError("__signature__")
+        init = inspect.signature(owner.__init__)
+        return init.replace(parameters=tuple(init.parameters.values())[1:])
+
+
+class Configured:
+    """Base of the stage classes whose instances decorate: ``@Retry()``, ``@CircuitBreaker()``.
+
+    Their configuration is keyword-only, so ``@Retry`` written without parentheses
+    would fail with Python's "takes 1 positional argument but 2 were given". Here
+    it fails with what to write instead. The check runs once per construction,
+    never per call. ``inspect.signature`` and ``help`` still show the subclass's
+    ``__init__``.
+    """
+
+    __slots__ = ()
+
+    def __new__(cls, *args: object, **config: object) -> Self:
+        if args:
+            raise _positional(cls.__name__, args)
+        return object.__new__(cls)
+
+    __signature__ = _ConstructorSignature()
+
+
+def _positional(what: str, args: tuple[object, ...]) -> TypeError:
+    target = args[0]
+    if len(args) == 1 and (callable(target) or isinstance(target, staticmethod | classmethod)):
+        name = _name(getattr(target, "__func__", target))
+        return TypeError(
+            f"{what} is a class: write @{what}() (with parentheses) to decorate {name}, "
+            f"or @{what}(setting=value, ...) to configure it; it takes no positional "
+            "arguments"
+        )
+    listed = ", ".join(map(repr, args))
+    return TypeError(
+        f"{what} takes keyword arguments only, got positional {listed}; "
+        f"write {what}(setting=value, ...)"
+    )
 
 
 def is_async(fn: object) -> bool:
@@ -924,6 +998,7 @@ _queues: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Deadlines] = (
     weakref.WeakKeyDictionary()
 )
 _queues_lock = threading.Lock()
+_fork.register_lock(_queues_lock)
 
 
 def _queue(loop: asyncio.AbstractEventLoop) -> _Deadlines:

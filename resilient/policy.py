@@ -18,8 +18,8 @@ one-stage wrappers (``@Retry(...)``, ``@breaker``) use the same driver.
 
 from __future__ import annotations
 
-import functools
 import math
+import pickle
 import sys
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, NoReturn, ParamSpec, TypeVar, cast
@@ -41,7 +41,7 @@ R = TypeVar("R")
 _INF = math.inf
 
 
-class Policy:
+class Policy(_driver.Configured):
     """Resilience stages fused into one wrapper, for sync and async functions.
 
     >>> policy = Policy(
@@ -69,6 +69,10 @@ class Policy:
     off for this Policy.
 
     A Policy is immutable after construction; build another to change a stage.
+    It pickles as its configuration: its stages pickle as theirs, so the copy has
+    fresh budgets and closed breakers. ``tracer_provider`` and ``meter_provider``,
+    which belong to one process, usually do not pickle: configure the other
+    process's global providers instead.
     """
 
     __slots__ = (
@@ -118,16 +122,15 @@ class Policy:
                 "retry must be a resilient.Retry or a Retrier stage (clock, judges_results, "
                 f"count_call, begin, next_delay, give_up), got {retry!r}"
             )
-        total = None if timeout is None else to_seconds("timeout", timeout, allow_inf=True)
-        per_attempt = (
-            None
-            if attempt_timeout is None
-            else to_seconds("attempt_timeout", attempt_timeout, allow_zero=False, allow_inf=True)
-        )
+        total = _time_limit("timeout", timeout, "a call")
+        per_attempt = _time_limit("attempt_timeout", attempt_timeout, "an attempt")
         if name is not None and not isinstance(name, str):
             raise TypeError(f"name must be a str, got {type(name).__name__}: {name!r}")
-        if name == "":
-            raise ValueError("name must not be empty: it names the Policy's spans and metrics")
+        if name is not None and not name.strip():
+            raise ValueError(
+                f"name must not be empty or blank, got {name!r}: it names the Policy's "
+                "spans and metrics; pass None to use the function's name"
+            )
         if not isinstance(tracing, bool):
             raise TypeError(f"tracing must be True or False, got {tracing!r}")
         if not tracing and (tracer_provider is not None or meter_provider is not None):
@@ -137,10 +140,10 @@ class Policy:
             )
         setattr_ = object.__setattr__
         setattr_(self, "bulkhead", bulkhead)
-        setattr_(self, "timeout", None if total == _INF else total)
+        setattr_(self, "timeout", total)
         setattr_(self, "retry", retry)
         setattr_(self, "breaker", breaker)
-        setattr_(self, "attempt_timeout", None if per_attempt == _INF else per_attempt)
+        setattr_(self, "attempt_timeout", per_attempt)
         setattr_(self, "name", name)
         setattr_(self, "tracing", tracing)
         setattr_(self, "_gate", _as_gate(breaker))
@@ -172,15 +175,43 @@ class Policy:
             stages.append("tracing=False")
         return f"Policy({', '.join(stages)})"
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # As its configuration (the default would set attributes on an immutable object).
+        config: dict[str, Any] = {
+            "bulkhead": self.bulkhead,
+            "timeout": self.timeout,
+            "retry": self.retry,
+            "breaker": self.breaker,
+            "attempt_timeout": self.attempt_timeout,
+            "name": self.name,
+            "tracing": self.tracing,
+        }
+        telemetry = self._telemetry
+        if telemetry is not None:
+            for parameter in ("tracer_provider", "meter_provider"):
+                provider = getattr(telemetry, parameter)
+                if provider is None:
+                    continue
+                # Pickle's own error would only name a lock deep inside the provider.
+                try:
+                    pickle.dumps(provider)
+                except Exception as exc:
+                    raise pickle.PicklingError(
+                        f"this Policy cannot be pickled: its {parameter} {provider!r} is not "
+                        "picklable (providers belong to one process); leave it out and set "
+                        "the global provider in the process that unpickles the Policy"
+                    ) from exc
+                config[parameter] = provider
+        return (_rebuild, (type(self), config))
+
     # Decorating ---------------------------------------------------------------------
 
     def __call__(self, fn: Callable[P, R]) -> Callable[P, R]:
-        """Wrap ``fn``; the wrapper keeps its name, docstring, signature and sync/async kind."""
-        if not callable(fn):
-            raise TypeError(f"Policy decorates callables, got {type(fn).__name__}: {fn!r}")
-        _driver.refuse_generators(fn, "Policy")
-        asynchronous = _driver.is_async(fn)
-        return cast("Callable[P, R]", functools.wraps(fn)(self.driver(fn, asynchronous)))
+        """Wrap ``fn``; the wrapper keeps its name, docstring, signature and sync/async kind.
+
+        Over a ``staticmethod`` or ``classmethod`` it returns one of the same kind.
+        """
+        return cast("Callable[P, R]", _driver.wrap(fn, "Policy", self.driver))
 
     def call(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
         """Call sync ``fn(*args, **kwargs)`` through the policy, without decorating it."""
@@ -253,6 +284,24 @@ class Policy:
             return None
         name = self.name or str(getattr(fn, "__qualname__", None) or type(fn).__qualname__)
         return _tracing.CallSite(name, telemetry, self.timeout)
+
+
+def _time_limit(name: str, value: Duration | None, bounded: str) -> float | None:
+    """``timeout`` or ``attempt_timeout`` as seconds; ``None`` (no limit) for None or inf."""
+    if value is None:
+        return None
+    seconds = to_seconds(name, value, allow_inf=True)
+    if seconds == 0.0:
+        raise ValueError(
+            f"{name} must be greater than zero, got {value!r}: {bounded} given no time "
+            "could never succeed; pass None for no limit"
+        )
+    return None if seconds == _INF else seconds
+
+
+def _rebuild(cls: type[Policy], config: dict[str, Any]) -> Policy:
+    """Unpickle a :class:`Policy`: the same stages, as they unpickle."""
+    return cls(**config)
 
 
 def _as_gate(breaker: object) -> Gate | None:

@@ -43,7 +43,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, Literal, ParamSpec, Protocol, TypeAlias, TypeVar, cast
 
-from resilient import _driver
+from resilient import _driver, _fork
 from resilient._config import DEFAULT, Default, Duration, check_int, check_number, to_seconds
 from resilient.errors import PROGRAMMING_ERRORS, BulkheadFull, CircuitOpenError
 from resilient.stages import CallTally
@@ -71,6 +71,7 @@ __all__ = [
 
 P = ParamSpec("P")
 R = TypeVar("R")
+_T = TypeVar("_T")
 
 Jitter: TypeAlias = Literal["full", "equal", "decorrelated", "none"]
 """How :class:`Backoff` randomises waits; see :class:`Backoff`."""
@@ -120,6 +121,7 @@ _instant_depth = 0
 _instant_caps: list[int] = []
 _instant_cap: int | None = None
 _instant_lock = threading.Lock()
+_fork.register_lock(_instant_lock)
 
 
 @contextmanager
@@ -293,6 +295,8 @@ class RetryBudget:
 
     Pass ``now`` values from the same clock as ``clock``; ``clock`` is only read
     by :meth:`available` when it is called without ``now``.
+
+    A budget pickles as its configuration: the copy starts empty, like :meth:`spawn`'s.
     """
 
     __slots__ = (
@@ -334,6 +338,7 @@ class RetryBudget:
         # driver reads to count a healthy call inline (see resilient.stages.CallTally).
         self._slices = _Slices()
         self._lock = threading.Lock()
+        _fork.register_lock(self._lock)
 
     def spawn(self) -> RetryBudget:
         """A new, empty budget of the same shape and clock (one per origin, say)."""
@@ -369,6 +374,16 @@ class RetryBudget:
             f"RetryBudget(ratio={self._ratio:g}, "
             f"min_retries_per_second={self._min_retries_per_second:g}, window={self._window:g})"
         )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # As its configuration: the counts are this process's recent traffic, not the copy's.
+        config = {
+            "ratio": self._ratio,
+            "min_retries_per_second": self._min_retries_per_second,
+            "window": self._window,
+            "clock": self._clock,
+        }
+        return (_rebuild, (type(self), config))
 
     def deposit(self, now: float) -> None:
         """Count one call made at ``now``. O(1) and lock-free (see the class docstring)."""
@@ -441,6 +456,11 @@ class _Slices:
 
 def _count_nothing(now: float) -> None:
     """``Retry.count_call`` when there is no budget to deposit into."""
+
+
+def _rebuild(cls: type[_T], config: dict[str, Any]) -> _T:
+    """Unpickle a :class:`Retry` or :class:`RetryBudget`: same configuration, fresh state."""
+    return cls(**config)
 
 
 # Events and per-call state ------------------------------------------------------------
@@ -553,7 +573,7 @@ def _describe(value: object) -> str:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True, init=False, eq=False, repr=False)
-class Retry:
+class Retry(_driver.Configured):
     """Retry a failing call, with backoff, a retry budget and respect for the deadline.
 
     >>> retry = Retry(attempts=4, on=(ConnectionError, TimeoutError))
@@ -598,6 +618,11 @@ class Retry:
 
     ``Retry`` never sleeps or calls the function itself: :class:`resilient.Policy`
     drives it, and this object is a ``Policy`` stage (a :class:`~resilient.stages.Retrier`).
+
+    A ``Retry`` pickles as its configuration: the copy has a fresh budget. Its
+    callables (``on``, ``retry_after``, hooks, ``clock``...) must then be picklable:
+    module-level functions, not lambdas. With the default ``random``, each copy
+    draws its own jitter.
     """
 
     attempts: int | None
@@ -785,10 +810,37 @@ class Retry:
             parts.append(f"on_retry={', '.join(_describe(hook) for hook in self._hooks)}")
         return f"Retry({', '.join(parts)})"
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # As its configuration, so the copy starts with a fresh budget and no cached drivers
+        # (the lock in the budget could not be pickled anyway).
+        config: dict[str, Any] = {
+            "attempts": self.attempts,
+            "on_result": self.on_result,
+            "backoff": self.backoff,
+            "wait": self.wait,
+            "stop": self.stop,
+            "budget": self.budget,
+            "retry_after": self.retry_after,
+            "on_retry": self.on_retry,
+            "clock": self.clock,
+        }
+        if not self._skips:
+            # The default `on` is stored as Exception but also skips the programming
+            # errors; passing on=Exception would retry those too.
+            config["on"] = self.on
+        if self.random is not _random.random:
+            # The module's generator would be pickled with its state, and every copy
+            # would then draw the same jitter: leave each process its own.
+            config["random"] = self.random
+        return (_rebuild, (type(self), config))
+
     # Using it alone: the driver with this one stage ------------------------------------
 
     def __call__(self, fn: Callable[P, R]) -> Callable[P, R]:
-        """Decorate ``fn`` (sync or async) to retry it; generators are refused."""
+        """Decorate ``fn`` (sync or async) to retry it; generators are refused.
+
+        Over a ``staticmethod`` or ``classmethod`` it returns one of the same kind.
+        """
         return cast("Callable[P, R]", _driver.decorate(fn, "Retry", retrier=self))
 
     def call(self, fn: Callable[..., R], /, *args: Any, **kwargs: Any) -> R:

@@ -26,7 +26,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from resilient import _driver
+from resilient import _driver, _fork
 from resilient.retry import instant_retries
 
 __all__ = ["FakeClock", "instant_retries", "record_sleeps"]
@@ -60,6 +60,7 @@ class FakeClock:
 
 
 _recording_lock = threading.Lock()
+_fork.register_lock(_recording_lock)
 _recording = False
 
 

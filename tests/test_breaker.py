@@ -323,6 +323,71 @@ def test_probe_that_finishes_after_its_half_open_ended_is_ignored() -> None:
     assert breaker.metrics().consecutive_failures == 0
 
 
+class Probes:
+    """Admits probes and keeps those still running, to count how many run at once."""
+
+    def __init__(self, breaker: CircuitBreaker) -> None:
+        self.breaker = breaker
+        self.running: list[object] = []
+        self.most = 0
+
+    def admit_all(self) -> int:
+        """Start probes until the breaker refuses one; return how many started."""
+        started = 0
+        while True:
+            try:
+                self.running.append(self.breaker.before_call())
+            except CircuitOpenError:
+                return started
+            started += 1
+            self.most = max(self.most, len(self.running))
+
+    def fail_newest(self) -> None:
+        self.breaker.on_failure(self.running.pop(), RuntimeError("probe failed"))
+
+
+@pytest.mark.parametrize("limit", [2, 3])
+def test_half_open_max_calls_holds_across_half_open_stays(limit: int) -> None:
+    """Probes still running from earlier half-open stays keep their slots: however often the
+    breaker reopens and half-opens again, no more than half_open_max_calls probes run at once."""
+    breaker, clock, _ = make(failure_threshold=1, reset_timeout=10, half_open_max_calls=limit)
+    probes = Probes(breaker)
+    fail(breaker)
+    for _ in range(5):
+        clock.advance(10)
+        probes.admit_all()
+        assert breaker.metrics().probes_in_flight == limit
+        probes.fail_newest()  # reopens; the stay's other probes are still running
+        assert breaker.state is OPEN
+    assert probes.most == limit
+    assert len(probes.running) == limit - 1
+    clock.advance(10)
+    assert probes.admit_all() == 1  # the only free slot
+
+
+def test_a_probe_from_an_earlier_stay_frees_its_slot_however_it_ends() -> None:
+    """An old probe's late success, failure or cancellation changes no state but frees its slot."""
+    breaker, clock, recorder = make(failure_threshold=1, reset_timeout=10, half_open_max_calls=4)
+    probes = Probes(breaker)
+    fail(breaker)
+    clock.advance(10)
+    assert probes.admit_all() == 4
+    probes.fail_newest()
+    clock.advance(10)
+    assert probes.admit_all() == 1
+    newest = probes.running.pop()
+    late_success, late_failure, late_abort = probes.running
+    breaker.on_success(late_success)
+    breaker.on_failure(late_failure, RuntimeError("late"))
+    breaker.on_abort(late_abort)
+    assert breaker.state is HALF_OPEN  # none of them speaks for this stay
+    assert breaker.metrics().probes_in_flight == 1
+    assert probes.admit_all() == 3
+    breaker.on_success(newest)
+    assert breaker.state is CLOSED
+    assert recorder.transitions()[-1] == (HALF_OPEN, CLOSED, "probes succeeded")
+
+
 @pytest.mark.parametrize("max_calls", [1, 3])
 def test_threads_racing_a_half_open_breaker_admit_exactly_max_calls(max_calls: int) -> None:
     """50 threads released at once: exactly half_open_max_calls become probes, the rest are
@@ -697,6 +762,8 @@ def test_circuit_open_error_pickles() -> None:
     ("config", "error", "names"),
     [
         ({"name": 3}, TypeError, ["name"]),
+        ({"name": ""}, ValueError, ["name", "empty or blank"]),
+        ({"name": " \t"}, ValueError, ["name", "empty or blank"]),
         ({"failure_threshold": 0}, ValueError, ["failure_threshold"]),
         ({"failure_threshold": 2.5}, TypeError, ["failure_threshold"]),
         ({"failure_threshold": None}, ValueError, ["failure_threshold", "failure_rate"]),
@@ -748,8 +815,16 @@ def test_config_errors_name_the_parameter(
 
 def test_config_is_keyword_only() -> None:
     """Positional configuration is refused, so call sites stay readable."""
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="keyword arguments only, got positional 'svc'"):
         CircuitBreaker("svc")  # type: ignore[call-arg]
+
+
+def test_breaker_without_parentheses_says_to_add_them() -> None:
+    """@CircuitBreaker over a function is a TypeError that shows the fix."""
+    with pytest.raises(TypeError, match=r"^CircuitBreaker is a class: write @CircuitBreaker\(\)"):
+
+        @CircuitBreaker  # type: ignore[call-arg]
+        def charge() -> None: ...
 
 
 def test_empty_exclude_tuple_excludes_nothing() -> None:
@@ -828,6 +903,23 @@ def test_store_probe_slots() -> None:
     assert store.load(0.0).probes_in_flight == 0
     store.compare_and_set_state(epoch, CLOSED, 0.0)
     assert store.release_probe(epoch, True) is None  # that half-open stay is over
+
+
+def test_store_probe_slots_outlast_the_stay_that_took_them() -> None:
+    """A state change keeps the slots of probes still running; releasing one frees it later."""
+    store = InMemoryBreakerStore()
+    store.compare_and_set_state(store.load(0.0).epoch, HALF_OPEN, 0.0)
+    first = store.load(0.0).epoch
+    assert store.acquire_probe(first, 2)
+    assert store.compare_and_set_state(first, OPEN, 1.0)
+    assert store.compare_and_set_state(store.load(1.0).epoch, HALF_OPEN, 2.0)
+    second = store.load(2.0).epoch
+    assert store.load(2.0).probes_in_flight == 1
+    assert store.acquire_probe(second, 2)
+    assert not store.acquire_probe(second, 2)
+    assert store.release_probe(first, True) is None  # too late to count, but the slot is free
+    assert store.load(2.0).probe_successes == 0
+    assert store.acquire_probe(second, 2)
 
 
 def test_store_time_window_files_a_backwards_clock_under_the_newest_bucket() -> None:

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import pickle
 import threading
 import time
 import warnings
 from collections.abc import Iterator
+from datetime import timedelta
 from typing import Any
 
 import pybreaker
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.trace import NoOpTracerProvider
 
 import resilient
 from resilient._compat.pybreaker import PyBreakerOpenError
@@ -129,8 +133,11 @@ def test_call_and_acall_run_inline() -> None:
     ("kwargs", "match"),
     [
         ({"timeout": -1}, "timeout"),
-        ({"attempt_timeout": 0}, "attempt_timeout"),
+        ({"timeout": float("nan")}, "timeout"),
+        ({"timeout": timedelta(seconds=-1)}, "timeout"),
+        ({"attempt_timeout": -0.5}, "attempt_timeout"),
         ({"attempt_timeout": float("nan")}, "attempt_timeout"),
+        ({"name": "  "}, "name"),
         ({"retry": 3}, "retry"),
         ({"bulkhead": 3}, "bulkhead"),
         ({"breaker": object()}, "breaker"),
@@ -140,6 +147,14 @@ def test_bad_configuration_names_the_parameter(kwargs: dict[str, Any], match: st
     """Every bad value is refused at construction, naming the parameter."""
     with pytest.raises((TypeError, ValueError), match=match):
         resilient.Policy(**kwargs)
+
+
+@pytest.mark.parametrize("name", ["timeout", "attempt_timeout"])
+@pytest.mark.parametrize("zero", [0, 0.0, timedelta(0)])
+def test_a_zero_time_limit_is_refused_because_nothing_could_succeed(name: str, zero: Any) -> None:
+    """timeout=0 (or attempt_timeout=0) would fail every call: refused, naming the parameter."""
+    with pytest.raises(ValueError, match=rf"^{name} must be greater than zero.*never succeed"):
+        resilient.Policy(**{name: zero})
 
 
 # Retry through the driver --------------------------------------------------------------
@@ -869,3 +884,130 @@ def test_decorating_something_that_is_not_callable_is_refused() -> None:
         resilient.Policy()(42)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="decorates callables, got str"):
         resilient.Retry()("fetch")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="decorates callables, got NoneType"):
+        resilient.CircuitBreaker()(None)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("decorator", [resilient.Retry, resilient.CircuitBreaker, resilient.Policy])
+def test_a_decorator_written_without_parentheses_says_to_add_them(decorator: type) -> None:
+    """@Retry, @CircuitBreaker and @Policy over a function fail at once, showing the fix."""
+    name = decorator.__name__
+    with pytest.raises(TypeError, match=rf"^{name} is a class: write @{name}\(\) \(with paren"):
+
+        @decorator
+        def fetch() -> None: ...
+
+    with pytest.raises(TypeError, match=rf"^{name} is a class: .* to decorate \S*Holder\.fetch,"):
+
+        class Holder:
+            @decorator
+            @classmethod
+            def fetch(cls) -> None: ...
+
+
+def _decorators() -> list[Any]:
+    """One of each decorator, retrying (where it can) so that a failure shows it applies."""
+    return [
+        pytest.param(lambda: no_budget_retry(), id="Retry"),
+        pytest.param(lambda: resilient.CircuitBreaker(failure_threshold=1), id="CircuitBreaker"),
+        pytest.param(lambda: resilient.Policy(retry=no_budget_retry()), id="Policy"),
+    ]
+
+
+@pytest.mark.parametrize("make", _decorators())
+def test_decorators_over_staticmethod_and_classmethod_keep_the_binding(make: Any) -> None:
+    """@Retry() over @staticmethod / @classmethod: called on the class or an instance, the
+    function gets no self (static) or the class (classmethod), sync and async alike."""
+    decorator = make()
+
+    class Service:
+        @decorator
+        @staticmethod
+        def double(value: int) -> int:
+            """Twice the value."""
+            return 2 * value
+
+        @decorator
+        @classmethod
+        def kind(cls, suffix: str) -> str:
+            return cls.__name__ + suffix
+
+        @decorator
+        @staticmethod
+        async def later(value: int) -> int:
+            await asyncio.sleep(0)
+            return value
+
+        @decorator
+        @classmethod
+        async def later_kind(cls) -> str:
+            return cls.__name__
+
+    class Special(Service):
+        pass
+
+    assert isinstance(vars(Service)["double"], staticmethod)
+    assert isinstance(vars(Service)["kind"], classmethod)
+    assert Service.double(2) == Service().double(2) == 4
+    assert Service.double.__doc__ == "Twice the value."
+    assert Service.kind("!") == Service().kind("!") == "Service!"
+    assert Special.kind("?") == "Special?"
+    assert inspect.iscoroutinefunction(Service.later)
+    assert asyncio.run(Service().later(3)) == 3
+    assert asyncio.run(Special.later_kind()) == "Special"
+
+
+def test_the_driver_applies_to_the_function_inside_a_staticmethod() -> None:
+    """The retries happen: a staticmethod that fails twice is retried to success."""
+    fn = flaky(2)
+
+    class Service:
+        fetch = no_budget_retry()(staticmethod(fn))
+
+    assert Service().fetch() == 3
+
+
+# Pickling -------------------------------------------------------------------------------
+
+
+def test_policy_pickles_as_its_stages_with_fresh_state() -> None:
+    """A pickled Policy keeps its settings; its breaker comes back closed, its budget empty."""
+    breaker = resilient.CircuitBreaker(name="svc", failure_threshold=2, reset_timeout=60)
+    budget = resilient.RetryBudget(ratio=0.0, min_retries_per_second=0.1, window=10)
+    policy = resilient.Policy(
+        timeout=2.0,
+        retry=resilient.Retry(attempts=3, budget=budget),
+        breaker=breaker,
+        attempt_timeout=0.5,
+        name="prices",
+        tracing=False,
+    )
+    with pytest.raises(ConnectionError):
+        policy(flaky(5))()  # retried once (all the budget allows), and the breaker opens
+    assert (budget.available(), breaker.state) == (0, resilient.BreakerState.OPEN)
+    copy = pickle.loads(pickle.dumps(policy))
+    assert repr(copy) == repr(policy).replace("state=open", "state=closed")
+    assert (copy.timeout, copy.attempt_timeout, copy.name, copy.tracing) == (
+        2.0,
+        0.5,
+        "prices",
+        False,
+    )
+    assert copy.breaker.state is resilient.BreakerState.CLOSED
+    assert copy.retry.budget.available() == 1
+    assert copy(flaky(1))() == 2  # its own stages, working
+
+
+def test_policy_pickles_a_picklable_tracer_provider() -> None:
+    """An explicit provider that pickles is kept; the copy still records explicitly."""
+    copy = pickle.loads(pickle.dumps(resilient.Policy(tracer_provider=NoOpTracerProvider())))
+    assert copy.telemetry is not None
+    assert isinstance(copy.telemetry.tracer_provider, NoOpTracerProvider)
+    assert copy.telemetry.explicit
+
+
+def test_policy_with_a_process_bound_provider_names_it_when_pickled() -> None:
+    """An SDK TracerProvider holds locks: the error names tracer_provider and what to do."""
+    policy = resilient.Policy(tracer_provider=TracerProvider())
+    with pytest.raises(pickle.PicklingError, match=r"its tracer_provider .* global provider"):
+        pickle.dumps(policy)

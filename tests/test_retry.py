@@ -11,6 +11,8 @@ import dataclasses
 import inspect
 import logging
 import math
+import pickle
+import random
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import timedelta
@@ -1015,3 +1017,118 @@ def test_retries_are_logged_quietly(caplog: pytest.LogCaptureFixture) -> None:
     assert len(messages) == 2
     assert all(r.levelno == logging.INFO for r in caplog.records if r.name == "resilient.retry")
     assert messages[0] == "attempt 1 failed with ConnectionError; retrying in 0.000 s"
+
+
+# Pickling ----------------------------------------------------------------------------
+
+
+def half(value: object) -> float | None:
+    """A module-level retry_after (so a Retry using it pickles)."""
+    return 0.5
+
+
+def quarter() -> float:
+    """A module-level random source that always returns 0.25."""
+    return 0.25
+
+
+class Hooked:
+    """A module-level on_retry hook that keeps the attempts it saw."""
+
+    def __init__(self) -> None:
+        self.attempts: list[int] = []
+
+    def __call__(self, event: RetryEvent) -> None:
+        self.attempts.append(event.attempt)
+
+
+def test_budget_pickles_as_its_configuration_with_fresh_counts() -> None:
+    """A pickled RetryBudget keeps its ratio, reserve, window and clock, not its counts."""
+    clock = FakeClock()
+    budget = RetryBudget(ratio=0.5, min_retries_per_second=1, window=4, clock=clock)
+    for _ in range(4):
+        budget.deposit(clock())
+    while budget.try_withdraw(clock()):
+        pass
+    assert budget.available() == 0
+    copy = pickle.loads(pickle.dumps(budget))
+    assert repr(copy) == repr(budget)
+    assert isinstance(copy.clock, FakeClock)
+    assert copy.clock() == clock()
+    assert copy.available() == 4  # the reserve alone: no calls, no retries counted yet
+
+
+def test_retry_pickles_as_its_configuration_with_a_fresh_budget() -> None:
+    """Every setting survives the round trip; the budget's counts do not."""
+    clock = FakeClock()
+    hook = Hooked()
+    retry = Retry(
+        attempts=5,
+        on=(ConnectionError, TimeoutError),
+        on_result=math.isnan,
+        backoff=Backoff(initial=1.0, jitter="none"),
+        budget=RetryBudget(ratio=0.0, min_retries_per_second=0.25, window=4, clock=clock),
+        retry_after=half,
+        on_retry=hook,
+        clock=clock,
+        random=quarter,
+    )
+    spent = retry.begin(clock())
+    assert retry.next_delay(spent, now=clock(), error=ConnectionError()) == 0.5
+    assert retry.budget is not None
+    assert retry.budget.available() == 0
+    copy = pickle.loads(pickle.dumps(retry))
+    assert repr(copy) == repr(retry)
+    assert (copy.attempts, copy.on_result) == (5, math.isnan)
+    assert copy.on == (ConnectionError, TimeoutError)
+    assert (copy.retry_after, copy.random) == (half, quarter)
+    assert copy.budget is not None
+    assert copy.budget.available() == 1
+    assert isinstance(copy.on_retry, Hooked)
+    assert copy.on_retry.attempts == [1]
+    assert failures(copy, ConnectionError(), now=clock()) == [0.5, None]  # budget: one retry
+    assert not copy.accepts(ValueError())
+
+
+def test_pickled_retry_keeps_what_the_defaults_mean() -> None:
+    """The default on still skips programming errors (unlike on=Exception), budget=None stays
+    off, a stop strategy still drops the attempts default, and jitter is each copy's own."""
+    default = pickle.loads(pickle.dumps(Retry()))
+    assert not default.accepts(TypeError("a bug"))
+    assert default.accepts(ConnectionError())
+    assert default.random is random.random  # the process's generator, not a copy of its state
+    everything = pickle.loads(pickle.dumps(Retry(on=Exception, budget=None)))
+    assert everything.accepts(TypeError("retried on purpose"))
+    assert everything.budget is None
+    stopped = pickle.loads(
+        pickle.dumps(Retry(stop=tenacity.stop_after_attempt(2), wait=tenacity.wait_fixed(3)))
+    )
+    assert (stopped.attempts, stopped.backoff) == (None, None)
+    assert failures(stopped, ConnectionError()) == [3.0, None]
+
+
+def test_a_retry_holding_a_lambda_fails_to_pickle_with_pickles_own_error() -> None:
+    """Configuration that cannot be pickled is reported by pickle, not silently dropped."""
+    retry = Retry(on=lambda exc: True)
+    with pytest.raises((pickle.PicklingError, AttributeError), match=r"lambda|local"):
+        pickle.dumps(retry)
+
+
+# Misuse ------------------------------------------------------------------------------
+
+
+def test_retry_without_parentheses_says_to_add_them() -> None:
+    """@Retry over a function is a TypeError that shows the fix, not Python's arity message."""
+    with pytest.raises(TypeError, match=r"Retry is a class: write @Retry\(\) \(with parentheses\)"):
+
+        @Retry  # type: ignore[call-arg]
+        def fetch() -> None: ...
+
+    with pytest.raises(TypeError, match=r"keyword arguments only, got positional 3"):
+        Retry(3)  # type: ignore[call-arg]
+
+
+def test_a_retry_instance_shows_the_decorator_signature() -> None:
+    """inspect.signature(Retry) is the configuration; an instance's is the decorator's."""
+    assert "attempts" in inspect.signature(Retry).parameters
+    assert list(inspect.signature(Retry()).parameters) == ["fn"]

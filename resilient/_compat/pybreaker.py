@@ -26,6 +26,7 @@ from datetime import UTC, datetime, timedelta
 
 import pybreaker
 
+from resilient import _fork
 from resilient.errors import CircuitOpenError
 
 __all__ = ["PyBreakerOpenError", "PyBreakerStage"]
@@ -49,6 +50,7 @@ class PyBreakerStage:
     def __init__(self, breaker: pybreaker.CircuitBreaker) -> None:
         self._breaker = breaker
         self._probe = threading.Lock()
+        _fork.register_lock(self._probe)
         self.name: str = breaker.name or "pybreaker"
 
     def _rejected(self) -> PyBreakerOpenError:

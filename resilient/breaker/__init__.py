@@ -20,7 +20,8 @@ between the states of :class:`BreakerState`::
   whose ``retry_after`` says how many seconds remain until a probe is let through.
 * **Half-open**: ``reset_timeout`` after opening (checked lazily, by the next
   call or :attr:`CircuitBreaker.state` read), up to ``half_open_max_calls``
-  probe calls run at once, across all threads and asyncio tasks; everyone else
+  probe calls run at once, across all threads and asyncio tasks (a probe still
+  running from an earlier half-open stay counts against it); everyone else
   is rejected at once with ``retry_after == 0.0``, because a probe slot may free
   up at any moment and nobody can say when. ``success_threshold`` successful
   probes close the breaker; one failed probe opens it again.
@@ -70,7 +71,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Final, ParamSpec, TypeAlias, TypeVar, cast
 
-from resilient import _driver
+from resilient import _driver, _fork
 from resilient._config import DEFAULT, Default, Duration, check_int, check_number, to_seconds
 
 # The states as module globals (cheaper to read than class attributes), shared with the store.
@@ -185,7 +186,7 @@ def _restore_breaker(cls: type[CircuitBreaker], config: dict[str, Any]) -> Circu
     return cls(**config)
 
 
-class CircuitBreaker:
+class CircuitBreaker(_driver.Configured):
     """Stops calls to a failing dependency and lets probes find out when it recovers.
 
     >>> payments = CircuitBreaker(name="payments", failure_threshold=5, reset_timeout=30)
@@ -205,7 +206,8 @@ class CircuitBreaker:
     * ``slow_call_duration`` — calls taking longer than this many seconds count
       as failures even if they returned (default ``None``: off).
     * ``reset_timeout`` — seconds from opening until probes are let in (default 30).
-    * ``half_open_max_calls`` — probes allowed to run at once (default 1).
+    * ``half_open_max_calls`` — probes allowed to run at once (default 1),
+      counting those still running from an earlier half-open stay.
     * ``success_threshold`` — successful probes that close it (default 1).
     * ``exclude`` — exception types, or a predicate taking the exception, that
       are the caller's fault: such a call counts as though it returned (so a
@@ -271,6 +273,11 @@ class CircuitBreaker:
             name = f"breaker-{next(_names)}"
         elif not isinstance(name, str):
             raise TypeError(f"name must be a str, got {type(name).__name__}: {name!r}")
+        elif not name.strip():
+            raise ValueError(
+                f"name must not be empty or blank, got {name!r}: it names the breaker in "
+                "errors, events and metrics; pass None for a generated one"
+            )
 
         if failure_threshold is not None:
             failure_threshold = check_int("failure_threshold", failure_threshold, minimum=1)
@@ -450,7 +457,10 @@ class CircuitBreaker:
     # Sugar: the driver with this one stage ----------------------------------------------
 
     def __call__(self, fn: Callable[P, R]) -> Callable[P, R]:
-        """Decorate sync or async ``fn`` so that every call goes through this breaker."""
+        """Decorate sync or async ``fn`` so that every call goes through this breaker.
+
+        Over a ``staticmethod`` or ``classmethod`` it returns one of the same kind.
+        """
         return cast("Callable[P, R]", _driver.decorate(fn, "CircuitBreaker", gate=self))
 
     def call(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
@@ -625,8 +635,10 @@ class CircuitBreaker:
     def _finish_probe(self, epoch: int, failed: bool, now: float) -> None:
         store = self._store
         if failed:
+            # Reopen first, then free the slot: the other order could let a new probe in.
             if store.compare_and_set_state(epoch, _OPEN, now):
                 self._emit(_HALF_OPEN, _OPEN, "probe failed", now)
+            store.release_probe(epoch, False)
             return
         successes = store.release_probe(epoch, True)
         if (
@@ -655,8 +667,10 @@ class CircuitBreaker:
 
 _subscribers: tuple[Callable[[BreakerEvent], object], ...] = ()
 _subscribers_lock = threading.Lock()
+_fork.register_lock(_subscribers_lock)
 _live: weakref.WeakSet[CircuitBreaker] = weakref.WeakSet()
 _live_lock = threading.Lock()
+_fork.register_lock(_live_lock)
 
 
 def subscribe(listener: Callable[[BreakerEvent], object]) -> None:

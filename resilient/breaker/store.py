@@ -20,6 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, NamedTuple, Protocol, TypeAlias
 
+from resilient import _fork
+
 __all__ = [
     "BreakerState",
     "BreakerStore",
@@ -68,7 +70,8 @@ class StoreSnapshot(NamedTuple):
 
     ``epoch`` identifies one stay in one state: it changes on every state
     change, so an operation that names the epoch it saw cannot act on a state
-    that has since been left and entered again.
+    that has since been left and entered again. ``probes_in_flight`` counts every
+    probe still running, whichever half-open stay admitted it.
     """
 
     state: BreakerState
@@ -118,7 +121,8 @@ class BreakerStore(Protocol):
 
         Returns whether it moved. ``opened_at`` becomes ``now`` when
         ``new_state`` is ``OPEN`` or ``ISOLATED``, ``None`` otherwise. Moving to the
-        state it is already in is allowed and just clears the counters.
+        state it is already in is allowed and just clears the counters. Probes in
+        flight are not a counter of the stay: they keep their slots until released.
         """
         ...
 
@@ -133,14 +137,19 @@ class BreakerStore(Protocol):
         ...
 
     def acquire_probe(self, epoch: int, limit: int) -> bool:
-        """Take a probe slot in the half-open stay ``epoch`` if fewer than ``limit`` are taken."""
+        """Take a probe slot in the half-open stay ``epoch`` if fewer than ``limit`` are taken.
+
+        Slots still held by probes of earlier stays count as taken: however often the
+        breaker reopens and half-opens, no more than ``limit`` probes run at once.
+        """
         ...
 
     def release_probe(self, epoch: int, succeeded: bool) -> int | None:
-        """Give back a probe slot of stay ``epoch``, counting a success if ``succeeded``.
+        """Give back the slot of a probe admitted in stay ``epoch``, even if that stay is over.
 
+        Counts a success for the stay if ``succeeded`` and it is still current.
         Returns the successful probes of that stay so far, or ``None`` if the
-        store has left it (the slot went away with it).
+        store has left it (the outcome came too late to count).
         """
         ...
 
@@ -291,6 +300,7 @@ class InMemoryBreakerStore:
     def __init__(self, window: WindowSpec | None = None) -> None:
         self._window_spec = WindowSpec() if window is None else window
         self._lock = threading.Lock()
+        _fork.register_lock(self._lock)
         self.state = _CLOSED
         self._epoch = 0
         self.opened_at: float | None = None
@@ -334,7 +344,8 @@ class InMemoryBreakerStore:
             self._epoch += 1
             self.opened_at = now if new_state is _OPEN or new_state is _ISOLATED else None
             self.consecutive_failures = 0
-            self._probes_in_flight = 0
+            # _probes_in_flight is kept: a probe still running holds its slot into the
+            # next half-open stay, until it is released.
             self._probe_successes = 0
             self._window = self._new_window()
             # Last, so a lock-free reader that sees the new state also sees fresh counters.
@@ -372,9 +383,9 @@ class InMemoryBreakerStore:
 
     def release_probe(self, epoch: int, succeeded: bool) -> int | None:
         with self._lock:
+            self._probes_in_flight = max(0, self._probes_in_flight - 1)
             if epoch != self._epoch:
                 return None
-            self._probes_in_flight = max(0, self._probes_in_flight - 1)
             if succeeded:
                 self._probe_successes += 1
             return self._probe_successes
