@@ -46,6 +46,40 @@ instant a slot is released, before the releaser has seen the queue, can take
 that slot ahead of it; the waiters then keep their order and nothing is lost.
 Taking a free slot ignores the deadline: it costs no time, and the protected
 work is what the deadline is for.
+
+As a decorator
+--------------
+A bulkhead also decorates a function, sync or async, as :class:`~resilient.Retry`
+and :class:`~resilient.CircuitBreaker` do: every call takes a slot first and
+gives it back when done, exactly as through ``Policy(bulkhead=..., retry=None)``
+(the same driver runs it)::
+
+    @Bulkhead(max_concurrent=8, max_waiting=32, name="db")
+    async def run_query_async(sql):
+        ...
+
+:meth:`Bulkhead.call` and :meth:`Bulkhead.acall` do the same for one call
+without decorating.
+
+Blocking on an event loop's thread
+----------------------------------
+A thread waiting in :meth:`Bulkhead.acquire` (or ``with bulkhead:``) blocks. On
+a thread that runs an event loop that blocks the loop, and with it the tasks
+holding the slots, which can then never release them. So there, where it would
+have to wait, ``acquire`` raises ``RuntimeError`` pointing to ``async with`` /
+:meth:`Bulkhead.acquire_async` instead of hanging. Taking a free slot never
+blocks, so it still works there, and the check is made only on the way to
+waiting: the healthy path pays nothing for it.
+
+Pickling and forking
+--------------------
+A bulkhead pickles as its configuration: the copy has the same limits and
+every slot free, because slots and waiters are this process's callers. A forked
+child keeps the same object but starts it afresh, every slot free and nobody
+waiting (see :mod:`resilient._fork`): the threads that held slots or waited in
+the parent do not exist there. The child's thread that forked may still give
+back a slot it took before the fork; those releases are accepted even when
+they find every slot free.
 """
 
 from __future__ import annotations
@@ -55,15 +89,20 @@ import math
 import threading
 import time
 from collections import OrderedDict, deque
+from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import Final
+from typing import Any, Final, ParamSpec, Self, TypeVar, cast
 
+from resilient import _driver, _fork
 from resilient._config import Duration, check_int, to_seconds
 from resilient.deadline import remaining
 from resilient.errors import BulkheadFull, DeadlineExceeded
 from resilient.stages import SlotPool
 
 __all__ = ["Bulkhead"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 # A waiter's life: WAITING in the queue, then GRANTED a token (which it then
 # owns, even before it has woken up) or GONE (gave up, or could not be handed
@@ -100,7 +139,12 @@ def _resolve(future: asyncio.Future[bool], granted: bool) -> None:
         future.set_result(granted)
 
 
-class Bulkhead:
+def _rebuild(cls: type[Bulkhead], config: dict[str, Any]) -> Bulkhead:
+    """Unpickle a :class:`Bulkhead`: the same limits, every slot free."""
+    return cls(**config)
+
+
+class Bulkhead(_driver.Configured):
     """Lets at most ``max_concurrent`` callers run at once; see the module docstring.
 
     ``max_waiting`` callers beyond those may wait for a slot, first come first
@@ -109,10 +153,15 @@ class Bulkhead:
     force. A wait that ends without a slot raises :class:`DeadlineExceeded`
     if the deadline ended it, :class:`BulkheadFull` if ``max_wait`` did.
     Cancelling a waiting task raises ``CancelledError`` and frees its place.
+
+    Used as a decorator (``@Bulkhead(max_concurrent=...)``) or through :meth:`call`
+    and :meth:`acall`, it runs each call in a slot.
     """
 
     __slots__ = (
         "__weakref__",
+        "_drivers",
+        "_forked_slots",
         "_lock",
         "_max_concurrent",
         "_max_wait",
@@ -145,6 +194,44 @@ class Bulkhead:
         # back from the garbage collector, which may run while this very
         # thread holds the lock.
         self._lock = threading.RLock()
+        # Slots taken when this process forked (in the child; see _after_fork_in_child).
+        self._forked_slots = 0
+        self._drivers: _driver.DriverCache = {}
+        _fork.register(self)
+
+    def __new__(cls, *args: object, **config: object) -> Self:
+        if len(args) == 1 and callable(args[0]):
+            raise TypeError(
+                "Bulkhead needs its limits to decorate a function: "
+                "write @Bulkhead(max_concurrent=...), not @Bulkhead"
+            )
+        return super().__new__(cls, *args, **config)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # As its configuration: the slots and the waiters belong to this process's callers.
+        config = {
+            "max_concurrent": self._max_concurrent,
+            "max_waiting": self._max_waiting,
+            "max_wait": self._max_wait,
+            "name": self._name,
+        }
+        return (_rebuild, (type(self), config))
+
+    def _after_fork_in_child(self) -> None:
+        # Only the forking thread lives on in a forked child: the other threads, and the
+        # event loops they ran, that waited or held slots in the parent are gone, and would
+        # keep their places and slots forever. Tasks of a loop running in the forking thread
+        # itself live on (Python < 3.12) and keep their places. Mutated in place: drivers
+        # hold these very objects.
+        tokens, waiters = self._tokens, self._waiters
+        self._lock = threading.RLock()
+        loop = asyncio._get_running_loop()
+        for waiter in [waiter for waiter in waiters if loop is None or waiter.loop is not loop]:
+            del waiters[waiter]
+        self._forked_slots = self._max_concurrent - len(tokens)
+        tokens.extend([None] * self._forked_slots)
+        with self._lock:
+            self._hand_out_tokens()
 
     # -- configuration and state ------------------------------------------
 
@@ -209,8 +296,9 @@ class Bulkhead:
         """Take a slot, blocking this thread while waiting for one.
 
         Raises :class:`BulkheadFull` or :class:`DeadlineExceeded` as described
-        in the class docstring. Do not call it on an event loop's thread; use
-        :meth:`acquire_async` there.
+        in the class docstring. On a thread running an event loop it takes a
+        free slot but raises ``RuntimeError`` rather than wait for one, which
+        would block the loop; use :meth:`acquire_async` there.
         """
         if not self.try_acquire():
             self._acquire_waiting()
@@ -232,6 +320,10 @@ class Bulkhead:
         """
         tokens = self._tokens
         if len(tokens) >= self._max_concurrent:
+            if self._forked_slots:
+                # The forking thread giving back a slot it took before a fork.
+                self._forked_slots -= 1
+                return
             raise RuntimeError(
                 f"bulkhead {self._name!r} was released more times than it was acquired: "
                 f"all {self._max_concurrent} slots are already free"
@@ -273,6 +365,26 @@ class Bulkhead:
         traceback: TracebackType | None,
     ) -> None:
         self.release()
+
+    # -- as a decorator: the driver with this one stage ---------------------
+
+    def __call__(self, fn: Callable[P, R]) -> Callable[P, R]:
+        """Decorate sync or async ``fn`` so that every call runs in a slot."""
+        return cast("Callable[P, R]", _driver.decorate(fn, "Bulkhead", admission=self))
+
+    def call(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
+        """Call sync ``fn(*args, **kwargs)`` in a slot, waiting for one as ``acquire`` does."""
+        return cast(R, self._driver(fn, asynchronous=False)(*args, **kwargs))
+
+    async def acall(self, fn: Callable[P, Awaitable[R]], /, *args: P.args, **kwargs: P.kwargs) -> R:
+        """Await async ``fn(*args, **kwargs)`` in a slot, waiting as ``acquire_async`` does."""
+        return cast(R, await self._driver(fn, asynchronous=True)(*args, **kwargs))
+
+    def _driver(self, fn: Callable[..., Any], *, asynchronous: bool) -> Callable[..., Any]:
+        return _driver.cached(self._drivers, fn, asynchronous, "Bulkhead", self._build)
+
+    def _build(self, fn: Callable[..., Any], asynchronous: bool) -> Callable[..., Any]:
+        return _driver.build(fn, asynchronous=asynchronous, admission=self)
 
     # -- the slow path: waiting -------------------------------------------
 
@@ -345,6 +457,13 @@ class Bulkhead:
                 raise BulkheadFull(self._name, self._max_concurrent, self._max_waiting)
             if limit <= 0:
                 raise self._wait_ended(deadline_is_limit, started)
+            if waiter.wakeup is not None and asyncio._get_running_loop() is not None:
+                raise RuntimeError(
+                    f"bulkhead {self._name!r} has no free slot, and waiting for one here "
+                    "would block this thread's running event loop, and with it any task "
+                    "that holds a slot; use 'async with bulkhead:' or "
+                    "'await bulkhead.acquire_async()' in async code"
+                )
             self._waiters[waiter] = None
             # Enqueue first, then look for a token: pairs with release(), which
             # appends first and then looks for waiters.

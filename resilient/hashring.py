@@ -36,6 +36,11 @@ first four bytes of ``md5(key_bytes)`` as a little-endian uint32. On a point sha
 nodes the node added later wins, as in uhashring. ``bytes`` keys are hashed as they are, as
 libketama does (uhashring hashes ``str(b"...")`` instead, so it disagrees on bytes keys).
 
+A node gets at most :data:`MAX_NODE_POINTS` points and a ring at most :data:`MAX_RING_POINTS`:
+a weight (or ``vnodes``) that would need more raises :class:`ValueError` at once, naming the
+node and its weight, instead of spending seconds per million points and gigabytes of memory
+building the ring. Weights are relative, so scale them all down instead.
+
 Lookups are lock-free: each ring keeps an immutable snapshot -- sorted points, their owners,
 and a bucket table indexed by the top bits of a hash that names the owner directly when the
 bucket holds no point (most lookups) or else bounds a tiny ``bisect``. :meth:`HashRing.add`,
@@ -43,7 +48,12 @@ bucket holds no point (most lookups) or else bounds a tiny ``bisect``. :meth:`Ha
 publish it with one attribute assignment, so a concurrent reader sees the old ring or the new
 one, never a half-built one.
 
-Public names: :class:`HashRing`, :class:`BoundedLoadRing`, :class:`EmptyRingError`.
+A ring pickles as its configuration -- node ids, weights, ``vnodes``, ``compat`` -- so the
+copy routes every key exactly as the original does; a :class:`BoundedLoadRing` pickles with
+its ring and its current assignments. Both are safe to use in a forked child.
+
+Public names: :class:`HashRing`, :class:`BoundedLoadRing`, :class:`EmptyRingError`,
+:data:`MAX_NODE_POINTS`, :data:`MAX_RING_POINTS`.
 """
 
 from __future__ import annotations
@@ -60,14 +70,15 @@ from importlib import import_module
 from itertools import chain, repeat
 from operator import rshift
 from types import MappingProxyType
-from typing import Any, Literal, Protocol
+from typing import Any, Final, Literal, Protocol
 
 from xxhash import xxh3_64_intdigest
 
+from resilient import _fork
 from resilient._config import check_int, check_number
 from resilient.errors import ResilientError
 
-__all__ = ["BoundedLoadRing", "EmptyRingError", "HashRing"]
+__all__ = ["MAX_NODE_POINTS", "MAX_RING_POINTS", "BoundedLoadRing", "EmptyRingError", "HashRing"]
 
 Key = str | bytes | int
 """What a ring routes: ``str`` (hashed as UTF-8), ``bytes``, or ``int`` (as decimal digits)."""
@@ -101,6 +112,21 @@ _ketama_digest_points = struct.Struct("<4I").unpack
 # at 1,000 nodes and 77 at 10,000, lookups there are 1.4-2.1x as fast and builds 25-50%
 # slower (filling the table is a Python loop over the buckets that hold points).
 _TABLE_OVERSAMPLING_BITS = 2
+
+MAX_NODE_POINTS: Final = 1 << 20
+"""The most points one node may have: 1,048,576, i.e. weight 6,553.6 at ``vnodes=160``.
+
+Building that many takes over a second and some 200 MiB (measured with CPython 3.11), on
+every membership change; a weight needing more is a mistake (weights are relative), and is
+refused with ValueError.
+"""
+MAX_RING_POINTS: Final = 1 << 22
+"""The most points a whole ring may have: 4,194,304, i.e. 26,214 nodes at ``vnodes=160``.
+
+Such a ring takes about six seconds and 600 MiB to build (measured with CPython 3.11), and
+every membership change rebuilds it; past that, adding nodes or weight is refused with
+ValueError.
+"""
 _MAX_TABLE_BITS = 22
 _REPR_MAX_NODES = 8
 
@@ -143,6 +169,15 @@ def _check_node(node: object) -> str:
     if not node:
         raise ValueError("node id must be a non-empty str, got ''")
     return node
+
+
+def _too_many_points(node: str, weight: float, points: float, vnodes: int) -> ValueError:
+    shown = f"{points:,.0f}" if points < 1e15 else f"{points:.3g}"
+    return ValueError(
+        f"node {node!r} with weight {weight!r} would need {shown} points on the ring "
+        f"(vnodes={vnodes}), more than MAX_NODE_POINTS={MAX_NODE_POINTS:,}; weights are "
+        "relative, so scale them all down (or lower vnodes)"
+    )
 
 
 def _check_weight(name: str, weight: object) -> float:
@@ -242,13 +277,43 @@ def _empty_ring_error() -> EmptyRingError:
     return EmptyRingError("the ring has no nodes; add() one before looking keys up")
 
 
+def _ring_config(snapshot: _Snapshot, vnodes: int) -> dict[str, Any]:
+    """The arguments of a :class:`HashRing` whose snapshot equals ``snapshot``."""
+    weights = snapshot.weights
+    # The nodes in the order they were added: in ketama mode that order breaks ties.
+    return {
+        "nodes": list(weights),
+        "vnodes": vnodes,
+        "weights": dict(weights),
+        "compat": "ketama" if snapshot.ketama else None,
+    }
+
+
+def _rebuild_ring(cls: type[HashRing], config: dict[str, Any]) -> HashRing:
+    """Unpickle a :class:`HashRing`: the same nodes, weights and placement."""
+    return cls(**config)
+
+
+def _rebuild_bounded(
+    cls: type[BoundedLoadRing], ring: dict[str, Any], c: float, assigned: dict[Key, str]
+) -> BoundedLoadRing:
+    """Unpickle a :class:`BoundedLoadRing`: the same ring, ``c`` and assignments."""
+    view = cls(HashRing(**ring), c=c)
+    view._assigned = assigned
+    for node in assigned.values():
+        view._loads[node] += 1
+    return view
+
+
 class HashRing:
     """A consistent hashing ring of node ids; see the module docstring for exact placement.
 
     ``nodes`` are the initial node ids (non-empty ``str``, no duplicates); ``weights`` maps
     some of them to a positive finite weight (default 1); ``vnodes`` is the number of points
-    of a weight-1 node; ``compat="ketama"`` selects the libketama continuum. The ring is
-    safe to share between threads.
+    of a weight-1 node; ``compat="ketama"`` selects the libketama continuum. A weight or
+    ``vnodes`` needing more than :data:`MAX_NODE_POINTS` points for a node, or
+    :data:`MAX_RING_POINTS` for the ring, raises :class:`ValueError`. The ring is safe to
+    share between threads and pickles as its configuration.
 
     >>> ring = HashRing(["cache-a", "cache-b", "cache-c"])
     >>> ring.get("user:42") in ring
@@ -271,6 +336,11 @@ class HashRing:
             raise ValueError(f"compat must be None or 'ketama', got {compat!r}")
         self._ketama = compat == "ketama"
         self._vnodes = check_int("vnodes", vnodes, minimum=1)
+        if vnodes > MAX_NODE_POINTS:
+            raise ValueError(
+                f"vnodes must be at most MAX_NODE_POINTS={MAX_NODE_POINTS:,} (the points of "
+                f"a weight-1 node), got {vnodes!r}"
+            )
         if self._ketama and vnodes % 4:
             raise ValueError(
                 f"vnodes must be a multiple of 4 with compat='ketama' "
@@ -293,9 +363,16 @@ class HashRing:
                 raise ValueError(f"weights names nodes that are not in nodes: {unknown!r}")
             for node, weight in weights.items():
                 initial[node] = _check_weight(f"weights[{node!r}]", weight)
-        self._write_lock = threading.Lock()
+        self._write_lock = _fork.register_lock(threading.Lock())
         self._points_cache: dict[str, list[int]] = {}
         self._snapshot = self._build(initial)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # As its configuration: placement depends on nothing else, so the copy routes alike.
+        return (_rebuild_ring, (type(self), self._config()))
+
+    def _config(self) -> dict[str, Any]:
+        return _ring_config(self._snapshot, self._vnodes)
 
     # -- lookups (lock-free) -------------------------------------------------------------
 
@@ -446,16 +523,37 @@ class HashRing:
         return BoundedLoadRing(self, c=c)
 
     def _point_counts(self, weights: dict[str, float]) -> dict[str, int]:
+        """Each node's number of points; ValueError past MAX_NODE_POINTS or MAX_RING_POINTS."""
+        vnodes = self._vnodes
         if not self._ketama:
-            return {node: max(1, round(self._vnodes * weight)) for node, weight in weights.items()}
-        # libketama's share of 40 digests per server times the number of servers; Fractions
-        # make it exact for float weights and identical to the integer formula for ints.
-        digests_per_node = self._vnodes // 4 * len(weights)
-        total = sum(map(Fraction, weights.values()))
-        return {
-            node: 4 * math.floor(digests_per_node * Fraction(weight) / total)
-            for node, weight in weights.items()
-        }
+            counts = {}
+            for node, weight in weights.items():
+                exact = vnodes * weight
+                # Checked before rounding too: round() of an overflowing product would raise.
+                if not exact < MAX_NODE_POINTS + 1 or round(exact) > MAX_NODE_POINTS:
+                    raise _too_many_points(node, weight, exact, vnodes)
+                counts[node] = max(1, round(exact))
+        else:
+            # libketama's share of 40 digests per server times the number of servers;
+            # Fractions make it exact for float weights and identical to the integer formula
+            # for ints.
+            digests_per_node = vnodes // 4 * len(weights)
+            total = sum(map(Fraction, weights.values()))
+            counts = {
+                node: 4 * math.floor(digests_per_node * Fraction(weight) / total)
+                for node, weight in weights.items()
+            }
+            for node, count in counts.items():
+                if count > MAX_NODE_POINTS:
+                    raise _too_many_points(node, weights[node], count, vnodes)
+        points = sum(counts.values())
+        if points > MAX_RING_POINTS:
+            raise ValueError(
+                f"the ring would have {points:,} points over {len(counts):,} nodes "
+                f"(vnodes={vnodes}), more than MAX_RING_POINTS={MAX_RING_POINTS:,}: building "
+                "it would take many seconds and gigabytes; lower vnodes or the weights"
+            )
+        return counts
 
     def _build(self, weights: dict[str, float]) -> _Snapshot:
         generate = _ketama_points if self._ketama else _xxh3_points
@@ -491,7 +589,16 @@ class BoundedLoadRing:
     keys again. All methods are thread-safe (one lock serialises them).
     """
 
-    __slots__ = ("_assigned", "_c", "_c_denominator", "_c_numerator", "_loads", "_lock", "_ring")
+    __slots__ = (
+        "_assigned",
+        "_c",
+        "_c_denominator",
+        "_c_numerator",
+        "_loads",
+        "_lock",
+        "_ring",
+        "_vnodes",
+    )
 
     def __init__(self, ring: HashRing, *, c: float = 1.25) -> None:
         if not isinstance(ring, HashRing):
@@ -502,9 +609,17 @@ class BoundedLoadRing:
         self._c_numerator = exact.numerator
         self._c_denominator = exact.denominator
         self._ring = ring._snapshot
+        self._vnodes = ring._vnodes  # only to pickle the ring
         self._loads = dict.fromkeys(self._ring.weights, 0)
         self._assigned: dict[Key, str] = {}
-        self._lock = threading.Lock()
+        self._lock = _fork.register_lock(threading.Lock())
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # The assignments are plain data, not this process's state: they travel too.
+        with self._lock:
+            assigned = dict(self._assigned)
+        ring = _ring_config(self._ring, self._vnodes)
+        return (_rebuild_bounded, (type(self), ring, self._c, assigned))
 
     @property
     def c(self) -> float:

@@ -24,6 +24,14 @@ at once. So use it for shared, read-mostly state; for state one thread owns, use
 On free-threaded CPython dicts synchronise internally, so the lock-free reads stay safe, and
 writers to different shards run in parallel. ``benchmarks/shardmap.py`` measures these claims.
 
+A map does not pickle or copy (:class:`TypeError`): what it holds is this process's state --
+clients, breakers, locks -- and ``on_evict`` is usually a closure, while a copy with the
+configuration but none of the contents would silently start cold. Pickle ``m.snapshot()`` and
+``update()`` a new map from it where the values do pickle. A forked child can use the map:
+each shard's lock is made anew there, and creations that other threads of the parent had in
+flight, which can never finish in the child, are forgotten so the child creates those values
+itself.
+
 Public names: :class:`ShardedMap`.
 """
 
@@ -33,8 +41,9 @@ import enum
 import threading
 from collections import OrderedDict, deque
 from collections.abc import Callable, ItemsView, Iterator, KeysView, MutableMapping, ValuesView
-from typing import Final, Generic, TypeVar, overload
+from typing import Final, Generic, NoReturn, TypeVar, overload
 
+from resilient import _fork
 from resilient._config import check_int
 
 __all__ = ["ShardedMap"]
@@ -228,6 +237,29 @@ class ShardedMap(MutableMapping[K, V]):
         self._mask = shards - 1
         self._max_items = max_items
         self._on_evict = on_evict
+        # One registration for all the shards: a map may have many.
+        _fork.register(self)
+
+    def __reduce_ex__(self, protocol: object) -> NoReturn:
+        raise TypeError(
+            f"a {type(self).__name__} cannot be pickled or copied: it holds this process's "
+            "state (clients, breakers, an on_evict callback), and a copy without it would "
+            "start cold unnoticed; pickle or copy m.snapshot() and update() a new map from it"
+        )
+
+    def _after_fork_in_child(self) -> None:
+        # In a forked child only the forking thread lives on: a shard lock another thread
+        # held stays held, and a creation another thread had in flight never finishes, so
+        # its waiters would wait forever. The forking thread's own creations still finish.
+        me = threading.get_ident()
+        for shard in self._shards:
+            shard.lock = threading.Lock()
+            pending = shard.pending
+            for key, creation in list(pending.items()):
+                if creation.creator == me:
+                    creation.done = threading.Event()
+                else:
+                    del pending[key]
 
     @property
     def shards(self) -> int:

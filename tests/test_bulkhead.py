@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import pickle
 import signal
 import threading
 import time
@@ -581,3 +582,237 @@ def test_release_without_acquire_is_an_error_and_adds_no_slot() -> None:
     with pytest.raises(RuntimeError):
         bulkhead.release()
     assert bulkhead.available == 2
+
+
+# -- as a decorator ------------------------------------------------------------
+
+
+def test_decorated_function_runs_in_a_slot_and_keeps_its_metadata() -> None:
+    """@Bulkhead(...) caps a sync function's concurrent calls; the wrapper looks like it."""
+    bulkhead = Bulkhead(max_concurrent=2, max_waiting=8)
+    counter = PeakCounter()
+
+    @bulkhead
+    def work(seconds: float) -> str:
+        """Sleep a little inside the section."""
+        counter.enter()
+        time.sleep(seconds)
+        counter.leave()
+        return "done"
+
+    threads = [start_thread(work, 0.01) for _ in range(8)]
+    for thread in threads:
+        thread.join()
+    assert (counter.entries, counter.peak) == (8, 2)
+    assert work(0) == "done"
+    assert work.__name__ == "work"
+    assert work.__doc__ == "Sleep a little inside the section."
+    assert bulkhead.available == 2
+
+
+async def test_decorated_coroutine_function_runs_in_a_slot() -> None:
+    """An async function decorated with a bulkhead stays async and is capped across tasks."""
+    bulkhead = Bulkhead(max_concurrent=2, max_waiting=8)
+    counter = PeakCounter()
+
+    @bulkhead
+    async def work() -> int:
+        counter.enter()
+        await asyncio.sleep(0.005)
+        counter.leave()
+        return 7
+
+    assert asyncio.iscoroutinefunction(work)
+    assert await asyncio.gather(*(work() for _ in range(8))) == [7] * 8
+    assert (counter.entries, counter.peak) == (8, 2)
+    assert bulkhead.available == 2
+
+
+def test_decorated_function_behaves_like_a_policy_with_only_the_bulkhead() -> None:
+    """Refusals, errors and slot accounting match Policy(bulkhead=..., retry=None)."""
+    from resilient.policy import Policy
+
+    def fail() -> None:
+        raise KeyError("boom")
+
+    def refusal(run: Callable[[], object], bulkhead: Bulkhead) -> str:
+        assert bulkhead.try_acquire()
+        try:
+            with pytest.raises(BulkheadFull) as refused:
+                run()
+        finally:
+            bulkhead.release()
+        return str(refused.value)
+
+    alone, in_policy = Bulkhead(max_concurrent=1, name="db"), Bulkhead(max_concurrent=1, name="db")
+    policy = Policy(bulkhead=in_policy, retry=None, tracing=False)
+    assert refusal(alone(fail), alone) == refusal(policy(fail), in_policy)
+    for run in (alone(fail), policy(fail)):
+        with pytest.raises(KeyError, match="boom"):
+            run()  # not retried: the bulkhead is the only stage
+    assert alone.available == in_policy.available == 1
+
+
+async def test_call_and_acall_run_one_call_in_a_slot() -> None:
+    """call() and acall() run a function once in a slot without decorating it."""
+    bulkhead = Bulkhead(max_concurrent=1)
+    inside: list[int] = []
+
+    def work(value: int) -> int:
+        inside.append(bulkhead.available)
+        return value * 2
+
+    async def work_async(value: int) -> int:
+        inside.append(bulkhead.available)
+        return value * 3
+
+    assert bulkhead.call(work, 2) == 4
+    assert await bulkhead.acall(work_async, 2) == 6
+    assert inside == [0, 0]
+    assert bulkhead.available == 1
+    with pytest.raises(TypeError, match=r"acall\(\)"):
+        bulkhead.call(work_async, 1)
+
+
+def test_decorator_refuses_generators_and_non_callables() -> None:
+    """Generator functions and non-callables are refused at decoration, like Retry does."""
+    bulkhead = Bulkhead(max_concurrent=1)
+
+    def numbers() -> Iterator[int]:
+        yield 1
+
+    async def numbers_async() -> Any:
+        yield 1
+
+    with pytest.raises(TypeError, match=r"Bulkhead cannot wrap .*numbers: it is a generator"):
+        bulkhead(numbers)
+    with pytest.raises(TypeError, match="an async generator function"):
+        bulkhead(numbers_async)
+    with pytest.raises(TypeError, match="Bulkhead decorates callables, got int"):
+        bulkhead(42)  # type: ignore[arg-type]
+
+
+def test_bare_decorator_says_to_give_the_limits() -> None:
+    """@Bulkhead without arguments fails at once, saying what to write instead."""
+    with pytest.raises(TypeError, match=r"write @Bulkhead\(max_concurrent=\.\.\.\)"):
+
+        @Bulkhead  # type: ignore[call-arg, arg-type]
+        def work() -> None:
+            pass
+
+    with pytest.raises(TypeError, match="keyword arguments only"):
+        Bulkhead(3)  # type: ignore[call-arg, misc]
+
+
+# -- sync waiting on an event loop's thread ------------------------------------
+
+
+async def test_sync_acquire_that_would_block_the_running_loop_raises() -> None:
+    """A sync wait on a loop's thread raises RuntimeError instead of blocking the loop."""
+    bulkhead = Bulkhead(max_concurrent=1, max_waiting=1, max_wait=0.2)
+    with bulkhead:  # a free slot is taken here as anywhere: nothing waits
+        pass
+    holder_entered = asyncio.Event()
+    holder_may_leave = asyncio.Event()
+
+    async def holder() -> None:
+        async with bulkhead:
+            holder_entered.set()
+            await holder_may_leave.wait()
+
+    task = asyncio.create_task(holder())
+    await holder_entered.wait()
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"async with bulkhead:.*acquire_async\(\)"):
+        bulkhead.acquire()
+    with (
+        pytest.raises(RuntimeError, match="would block this thread's running event loop"),
+        bulkhead,
+    ):
+        pass
+    assert time.monotonic() - started < 0.1  # refused, not waited for
+    assert (bulkhead.waiting, bulkhead.available) == (0, 0)
+    holder_may_leave.set()
+    await task
+    assert bulkhead.available == 1
+
+
+async def test_sync_decorated_function_on_the_loop_raises_when_it_would_wait() -> None:
+    """The driver's wait goes through acquire(), so a sync decorated call is refused too."""
+    bulkhead = Bulkhead(max_concurrent=1, max_waiting=1, max_wait=0.2)
+
+    @bulkhead
+    def work() -> str:
+        return "ran"
+
+    assert work() == "ran"  # a free slot: fine on the loop's thread
+    assert bulkhead.try_acquire()
+    with pytest.raises(RuntimeError, match="acquire_async"):
+        work()
+    bulkhead.release()
+    assert bulkhead.available == 1
+
+
+async def test_full_bulkhead_without_a_queue_still_refuses_with_bulkhead_full_on_a_loop() -> None:
+    """Where nothing would wait (no queue), the usual BulkheadFull comes, not RuntimeError."""
+    bulkhead = Bulkhead(max_concurrent=1)
+    assert bulkhead.try_acquire()
+    with pytest.raises(BulkheadFull):
+        bulkhead.acquire()
+    bulkhead.release()
+
+
+# -- pickling and forking --------------------------------------------------------
+
+
+def test_pickles_as_its_limits_with_every_slot_free() -> None:
+    """A pickled bulkhead comes back with the same limits and name, and nothing taken."""
+    bulkhead = Bulkhead(max_concurrent=3, max_waiting=5, max_wait=timedelta(seconds=2), name="db")
+    assert bulkhead.try_acquire()
+    copy = pickle.loads(pickle.dumps(bulkhead))
+    assert type(copy) is Bulkhead
+    assert (copy.max_concurrent, copy.max_waiting, copy.max_wait, copy.name) == (3, 5, 2.0, "db")
+    assert (copy.available, copy.waiting) == (3, 0)
+    with copy:
+        assert (copy.available, bulkhead.available) == (2, 2)
+    unnamed = pickle.loads(pickle.dumps(Bulkhead(max_concurrent=1)))
+    assert (unnamed.name, unnamed.max_wait) == ("unnamed", None)
+
+
+def test_after_fork_every_slot_is_free_and_only_the_parents_threads_are_forgotten() -> None:
+    """The fork hook frees the slots, drops thread waiters, and accepts stale releases."""
+    from resilient.bulkhead import _Waiter
+
+    bulkhead = Bulkhead(max_concurrent=3, max_waiting=2)
+    assert bulkhead.try_acquire()
+    assert bulkhead.try_acquire()
+    # A thread of the parent, waiting: in a real child it does not exist.
+    stale = threading.Lock()
+    stale.acquire()
+    bulkhead._waiters[_Waiter(wakeup=stale)] = None
+    bulkhead._after_fork_in_child()
+    assert (bulkhead.available, bulkhead.waiting) == (3, 0)
+    assert stale.locked()  # not woken: nobody is there to wake
+    with bulkhead:
+        assert bulkhead.available == 2
+    # The two slots taken before the fork come back without complaint; a third does not.
+    bulkhead.release()
+    bulkhead.release()
+    with pytest.raises(RuntimeError, match="released more times"):
+        bulkhead.release()
+    assert bulkhead.available == 3
+
+
+async def test_after_fork_tasks_of_the_forking_threads_loop_keep_their_place() -> None:
+    """A task waiting on the loop that runs in the forking thread lives on: it gets a slot."""
+    bulkhead = Bulkhead(max_concurrent=1, max_waiting=1)
+    assert bulkhead.try_acquire()
+    task = asyncio.create_task(bulkhead.acquire_async())
+    await asyncio.sleep(0)
+    assert bulkhead.waiting == 1
+    bulkhead._after_fork_in_child()
+    await asyncio.wait_for(task, 1)
+    assert (bulkhead.available, bulkhead.waiting) == (0, 0)
+    bulkhead.release()
+    bulkhead.release()  # the slot taken before the "fork"
+    assert bulkhead.available == 1

@@ -6,6 +6,7 @@ import math
 import pickle
 import struct
 import threading
+import time
 from bisect import bisect_right
 from collections import Counter
 from collections.abc import Mapping
@@ -783,3 +784,79 @@ def test_introspection_reports_members_weights_and_mode() -> None:
     assert view.c == 1.5
     view.assign("k")
     assert repr(view) == "BoundedLoadRing(c=1.5, nodes=20, assigned=1, capacity=1)"
+
+
+# -- bounds on the number of points ------------------------------------------------------
+
+
+def test_absurd_weight_is_refused_at_once_naming_the_node_and_weight() -> None:
+    """A weight needing millions of points raises ValueError at once, everywhere it can enter."""
+    started = time.monotonic()
+    with pytest.raises(ValueError, match=r"node 'big' with weight 1000000.0 .*160,000,000 points"):
+        HashRing(["big", "small"], weights={"big": 1e6})
+    ring = HashRing(["a", "b"])
+    before = mapping(ring)
+    with pytest.raises(ValueError, match="MAX_NODE_POINTS=1,048,576; weights are relative"):
+        ring.add("big", 1e6)
+    with pytest.raises(ValueError, match=r"node 'a' with weight 1e\+300 would need 1.6e\+302 "):
+        ring.set_weight("a", 1e300)
+    assert time.monotonic() - started < 1
+    assert ring.nodes == ("a", "b")
+    assert mapping(ring) == before  # a refused change leaves the ring as it was
+
+
+def test_vnodes_beyond_the_node_bound_are_refused() -> None:
+    """vnodes alone may not exceed what one node may have."""
+    with pytest.raises(ValueError, match="vnodes must be at most MAX_NODE_POINTS"):
+        HashRing(vnodes=hashring_module.MAX_NODE_POINTS + 1)
+
+
+def test_point_bounds_are_exact(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A node may have exactly MAX_NODE_POINTS points and a ring MAX_RING_POINTS, not one more."""
+    monkeypatch.setattr(hashring_module, "MAX_NODE_POINTS", 100)
+    monkeypatch.setattr(hashring_module, "MAX_RING_POINTS", 250)
+    ring = HashRing(["a"], vnodes=10, weights={"a": 10})  # 100 points: the bound itself
+    ring.add("b", 10.04)  # 100.4 points round to 100: allowed
+    with pytest.raises(ValueError, match=r"node 'c' with weight 10\.06 would need 101 points"):
+        ring.add("c", 10.06)
+    with pytest.raises(ValueError, match="the ring would have 260 points over 3 nodes"):
+        ring.add("c", 6)
+    ring.add("c", 5)  # 250 points in all: allowed
+    assert len(ring) == 3
+    # Ketama shares vnodes x nodes out by weight: x's share is 120 points.
+    with pytest.raises(ValueError, match="node 'x' with weight 3 would need 120 points"):
+        HashRing(["x", "y"], vnodes=80, weights={"x": 3}, compat="ketama")
+
+
+# -- pickling and forking ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("compat", [None, "ketama"])
+def test_pickled_ring_routes_every_key_as_the_original(compat: str | None) -> None:
+    """A ring pickles as its nodes, weights, vnodes and mode; the copy routes identically."""
+    ring = HashRing(["a", "b", "c"], vnodes=40, weights={"b": 2.5}, compat=compat)  # type: ignore[arg-type]
+    ring.add("d", 3)
+    ring.set_weight("a", 0.5)
+    ring.remove("c")
+    copy = pickle.loads(pickle.dumps(ring))
+    assert type(copy) is HashRing
+    assert (copy.nodes, dict(copy.weights)) == (("a", "b", "d"), {"a": 0.5, "b": 2.5, "d": 3})
+    assert (copy.vnodes, copy.compat, repr(copy)) == (40, compat, repr(ring))
+    assert mapping(copy) == mapping(ring)
+    assert [copy.get_n(key, 3) for key in KEYS] == [ring.get_n(key, 3) for key in KEYS]
+    copy.add("e")  # the copy is a ring of its own, with its own lock
+    assert "e" not in ring
+
+
+def test_pickled_bounded_view_keeps_its_ring_c_and_assignments() -> None:
+    """A bounded view pickles with its ring, c and the keys it holds; the copy carries on."""
+    view = HashRing(["a", "b", "c"], compat="ketama").bounded(c=1.1)
+    for index in range(30):
+        view.assign(f"key-{index}")
+    copy = pickle.loads(pickle.dumps(view))
+    assert type(copy) is BoundedLoadRing
+    assert (copy.c, copy.nodes, len(copy), copy.capacity) == (1.1, view.nodes, 30, view.capacity)
+    assert [copy.load(node) for node in copy.nodes] == [view.load(node) for node in view.nodes]
+    assert [copy.assign(f"key-{i}") for i in range(40)] == [
+        view.assign(f"key-{i}") for i in range(40)
+    ]

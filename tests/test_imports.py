@@ -17,6 +17,8 @@ PACKAGE = pathlib.Path(resilient.__file__).parent
 STAGES = {
     "resilient.bulkhead": {
         "resilient._config",
+        "resilient._driver",
+        "resilient._fork",
         "resilient.deadline",
         "resilient.errors",
         "resilient.stages",
@@ -24,22 +26,26 @@ STAGES = {
     "resilient.retry": {
         "resilient._config",
         "resilient._driver",
+        "resilient._fork",
         "resilient.errors",
         "resilient.stages",
     },
     "resilient.breaker": {
         "resilient._config",
         "resilient._driver",
+        "resilient._fork",
         "resilient.breaker.store",
         "resilient.errors",
         "resilient.stages",
     },
-    "resilient.breaker.store": set(),
+    "resilient.breaker.store": {"resilient._fork"},
     "resilient.deadline": {"resilient._config", "resilient.errors"},
     "resilient.errors": set(),
     "resilient._config": set(),
     "resilient.stages": set(),
+    "resilient._fork": set(),
     "resilient._driver": {
+        "resilient._fork",
         "resilient.deadline",
         "resilient.errors",
         "resilient.stages",

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import functools
+import pickle
 import random
 import re
 import sys
@@ -602,3 +604,40 @@ def test_configuration_is_keyword_only() -> None:
     """ShardedMap(8) is rejected, so a positional number cannot be mistaken for max_items."""
     with pytest.raises(TypeError):
         ShardedMap(8)  # type: ignore[call-arg]
+
+
+# -- pickling and forking ------------------------------------------------------------------
+
+
+def test_does_not_pickle_or_copy_and_says_what_to_do_instead() -> None:
+    """Pickling or copying raises TypeError saying why and pointing to snapshot()."""
+    mapping: ShardedMap[str, int] = ShardedMap(shards=2)
+    mapping["a"] = 1
+    for attempt in (pickle.dumps, copy.copy, copy.deepcopy):
+        with pytest.raises(TypeError, match=r"cannot be pickled or copied: .*m\.snapshot\(\)"):
+            attempt(mapping)
+    rebuilt: ShardedMap[str, int] = ShardedMap(shards=2)
+    rebuilt.update(pickle.loads(pickle.dumps(mapping.snapshot())))
+    assert rebuilt.snapshot() == {"a": 1}
+
+
+def test_after_fork_shard_locks_are_new_and_other_threads_creations_are_forgotten() -> None:
+    """The fork hook frees every shard lock and keeps only the forking thread's creations."""
+    from resilient.shardmap import _Creation
+
+    mapping: ShardedMap[str, str] = ShardedMap(shards=1, max_items=10)
+    (shard,) = mapping._shards
+    mine: _Creation[str] = _Creation()
+    theirs: _Creation[str] = _Creation()
+    theirs.creator = -1  # another thread of the parent: it does not exist in a child
+    shard.pending.update({"mine": mine, "theirs": theirs})
+    shard.lock.acquire()  # as if a parent thread held it
+    mapping._after_fork_in_child()
+    assert not shard.lock.locked()
+    assert shard.pending == {"mine": mine}
+    assert not mine.done.is_set()
+    assert mapping.get_or_create("theirs", lambda: "made in the child") == "made in the child"
+    del shard.pending["mine"]  # what the forking thread's own get_or_create does when done
+    mine.done.set()
+    mapping["k"] = "v"
+    assert mapping.snapshot() == {"theirs": "made in the child", "k": "v"}
