@@ -1,6 +1,8 @@
 """A real HTTP/1.1 server on 127.0.0.1 for the integration tests, started and stopped per test.
 
 It answers each path from a script of planned replies and keeps every request it saw.
+A reply can stream a long body: its first part at once, the rest only once the test
+sets an event, or a piece at a time.
 """
 
 from __future__ import annotations
@@ -17,12 +19,22 @@ from typing import Any
 
 @dataclass
 class Reply:
-    """One planned answer: status, headers, body, and an optional delay before answering."""
+    """One planned answer: status, headers, body, and an optional delay before answering.
+
+    ``more`` bytes of body follow ``body`` (announced in ``Content-Length``, or sent
+    ``chunked``): once ``hold`` is set (at once without one), ``piece`` bytes at a
+    time, ``interval`` seconds apart. The server stops sending when the client hangs up.
+    """
 
     status: int = 200
     headers: dict[str, str] = field(default_factory=dict)
     body: bytes = b"ok"
     delay: float = 0.0
+    more: int = 0
+    hold: threading.Event | None = None
+    piece: int = 64 * 1024
+    interval: float = 0.0
+    chunked: bool = False
 
 
 @dataclass
@@ -86,10 +98,40 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(reply.status)
         for key, value in reply.headers.items():
             self.send_header(key, value)
-        self.send_header("Content-Length", str(len(reply.body)))
+        if reply.chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        else:
+            self.send_header("Content-Length", str(len(reply.body) + reply.more))
         self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(reply.body)
+        if self.command == "HEAD":
+            return
+        try:
+            self._send_body(reply)
+        except OSError:
+            self.close_connection = True  # the client hung up mid-body: expected here
+
+    def _send_body(self, reply: Reply) -> None:
+        self._write(reply.body, reply.chunked)
+        self.wfile.flush()
+        live = self.server.live
+        while reply.hold is not None and not reply.hold.is_set() and not live.release.is_set():
+            reply.hold.wait(0.05)  # until the test lets the rest go, or the server stops
+        left = reply.more
+        filler = b"z" * reply.piece
+        while left > 0:
+            if reply.interval:
+                live.release.wait(reply.interval)
+            self._write(filler[:left], reply.chunked)
+            self.wfile.flush()
+            left -= len(filler)
+        if reply.chunked:
+            self.wfile.write(b"0\r\n\r\n")
+
+    def _write(self, data: bytes, chunked: bool) -> None:
+        if not chunked:
+            self.wfile.write(data)
+        elif data:
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = _answer
 

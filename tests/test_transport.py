@@ -32,6 +32,7 @@ import resilient
 from resilient import (
     AsyncResilientTransport,
     Backoff,
+    BreakerState,
     Bulkhead,
     CircuitBreaker,
     ResilientTransport,
@@ -43,7 +44,7 @@ from resilient import (
     TransportDeadlineExceeded,
 )
 from resilient.testing import FakeClock
-from resilient.transport import ResponseFailure, parse_retry_after
+from resilient.transport import DRAIN_LIMIT, ResponseFailure, parse_retry_after
 
 BASE = "http://api.test"
 IDEMPOTENT = ["GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"]
@@ -247,6 +248,58 @@ async def test_a_factory_returning_the_wrong_type_fails_the_first_request(
     assert script.calls == 0
 
 
+class OwnGate:
+    """A gate of one's own that admits every attempt; ``reset()`` is counted."""
+
+    def __init__(self, origin: str = "") -> None:
+        self.origin = origin
+        self.resets = 0
+
+    def before_call(self) -> object:
+        return None
+
+    def on_success(self, ticket: object) -> None: ...
+    def on_failure(self, ticket: object, error: Exception) -> None: ...
+    def on_abort(self, ticket: object) -> None: ...
+
+    def reset(self) -> None:
+        self.resets += 1
+
+
+def stage_instances() -> list[Any]:
+    import pybreaker
+
+    return [
+        pytest.param("breaker", CircuitBreaker(name="shared"), id="CircuitBreaker"),
+        pytest.param("breaker", OwnGate(), id="own-gate"),
+        pytest.param("breaker", pybreaker.CircuitBreaker(), id="pybreaker"),
+        pytest.param("bulkhead", Bulkhead(max_concurrent=2), id="Bulkhead"),
+    ]
+
+
+@pytest.mark.parametrize("cls", [ResilientTransport, AsyncResilientTransport])
+@pytest.mark.parametrize(("option", "instance"), stage_instances())
+def test_a_stage_instance_given_for_a_factory_is_refused_at_construction(
+    cls: type[Any], option: str, instance: Any
+) -> None:
+    """``breaker=CircuitBreaker()`` fails where it is written, saying a factory is expected,
+    instead of on the first request with a message about decorating a string."""
+    with pytest.raises(
+        TypeError, match=rf"^{option} expects a factory .* not a {option}"
+    ) as raised:
+        cls(httpx.MockTransport(Script()), **{option: instance})
+    assert "lambda origin" in str(raised.value)
+
+
+async def test_a_stage_class_is_a_factory(make: MakeHarness) -> None:
+    """A gate class whose constructor takes the origin is a factory like any other."""
+    harness = make(Script(200), breaker=OwnGate)
+    assert (await harness.send()).status_code == 200
+    gate = harness.transport.breaker_for(BASE)
+    assert isinstance(gate, OwnGate)
+    assert gate.origin == "http://api.test:80"
+
+
 def test_close_closes_the_inner_transport() -> None:
     """Closing the client closes the transport it wraps (and its connection pool)."""
     closed: list[str] = []
@@ -397,8 +450,15 @@ async def test_when_retries_run_out_the_caller_gets_the_last_response(
 
 
 async def test_the_last_failed_response_is_a_complete_httpx_response(make: MakeHarness) -> None:
-    """The response the retries end with behaves like any other: body, stream and elapsed."""
-    script = Script(httpx.Response(503, text="busy"), httpx.Response(503, text="still busy"))
+    """The response the retries end with behaves like any other: body, stream and elapsed.
+
+    The bodies are streams, unread as a real transport's are (a response built from
+    ``text=`` is read at once, and then httpx never sets ``elapsed``, with or without
+    this transport)."""
+    script = Script(
+        httpx.Response(503, stream=httpx.ByteStream(b"busy")),
+        httpx.Response(503, stream=httpx.ByteStream(b"still busy")),
+    )
     response = await make(script, retry=retry(attempts=2)).send("GET")
     assert response.text == "still busy"
     assert b"".join(response.iter_bytes()) == b"still busy"
@@ -519,6 +579,25 @@ async def test_retry_hooks_see_the_failed_response(make: MakeHarness) -> None:
     assert event.exception.response.status_code == 503
     assert event.exception.request.url.path == "/orders"
     assert event.delay == 0.25
+
+
+async def test_a_failing_response_is_closed_when_an_error_ends_the_request(
+    make: MakeHarness,
+) -> None:
+    """A retry hook that raises ends the request with its error: the 503 it was shown, which
+    the caller never gets, is closed rather than left holding its connection."""
+    unread = httpx.Response(503, stream=httpx.ByteStream(b"busy"))
+
+    def broken_hook(event: RetryEvent) -> None:
+        assert isinstance(event.exception, ResponseFailure)
+        assert event.exception.response is unread
+        assert not unread.is_closed  # the hook sees it as it came, unread
+        raise RuntimeError("the hook failed")
+
+    harness = make(Script(unread), retry=retry(on_retry=broken_hook))
+    with pytest.raises(RuntimeError, match="the hook failed"):
+        await harness.send()
+    assert unread.is_closed
 
 
 async def test_each_origin_has_its_own_retry_budget(make: MakeHarness) -> None:
@@ -865,25 +944,57 @@ async def test_the_callers_own_mistakes_do_not_trip_the_default_breaker(
     make: MakeHarness,
 ) -> None:
     """A malformed request says nothing about the host: the default breaker stays closed."""
-    script = Script(*[httpx.LocalProtocolError("bad header")] * 6)
+    script = Script(*[httpx.LocalProtocolError("bad header")] * 20)
     harness = make(script, retry=None)
-    for _ in range(6):
+    for _ in range(20):  # more than the default breaker's threshold
         with pytest.raises(httpx.LocalProtocolError):
             await harness.send()
     assert report(await harness.send())["breaker"] == "closed"
 
 
-async def test_the_default_breaker_opens_after_five_failures(make: MakeHarness) -> None:
-    """Without a breaker option each origin still gets one: 5 failures in a row open it."""
-    script = Script(*[httpx.ConnectError] * 5)
-    harness = make(script, retry=None)
-    for _ in range(5):
-        with pytest.raises(httpx.ConnectError):
-            await harness.send()
+async def test_two_requests_failing_every_attempt_leave_the_default_breaker_closed(
+    make: MakeHarness,
+) -> None:
+    """Two requests that each failed three attempts (six failures in a row) do not lock the
+    host out: the next request is sent, and its success is the caller's."""
+    script = Script(*[503] * 6)
+    harness = make(script, retry=retry(attempts=3))
+    for _ in range(2):
+        response = await harness.send()
+        assert response.status_code == 503
+        assert report(response)["attempts"] == 3
+        assert report(response)["breaker"] == "closed"
+    assert (await harness.send()).status_code == 200
+    assert script.calls == 7
+
+
+async def test_the_default_breaker_opens_after_five_requests_failing_every_attempt(
+    make: MakeHarness,
+) -> None:
+    """Five requests in a row that each fail all three attempts open it, for 10 s."""
+    script = Script(*[503] * 15)
+    harness = make(script, retry=retry(attempts=3))
+    for _ in range(4):
+        assert report(await harness.send())["breaker"] == "closed"
+    fifth = await harness.send()
+    assert fifth.status_code == 503
+    assert report(fifth) == {"attempts": 3, "waited": 0.75, "breaker": "open"}
     with pytest.raises(TransportCircuitOpen) as raised:
         await harness.send()
-    assert raised.value.retry_after == pytest.approx(30.0, abs=1.0)
-    assert script.calls == 5
+    assert raised.value.retry_after == pytest.approx(10.0, abs=1.0)
+    assert script.calls == 15
+
+
+async def test_the_default_breaker_counts_requests_sent_once_one_each(make: MakeHarness) -> None:
+    """Without retries every request is one attempt: fifteen failures in a row open it."""
+    script = Script(*[httpx.ConnectError] * 15)
+    harness = make(script, retry=None)
+    for _ in range(15):
+        with pytest.raises(httpx.ConnectError):
+            await harness.send()
+    with pytest.raises(TransportCircuitOpen):
+        await harness.send()
+    assert script.calls == 15
 
 
 async def test_a_breaker_opening_during_retries_returns_the_last_response(
@@ -919,6 +1030,148 @@ async def test_host_state_is_bounded_by_max_hosts(make: MakeHarness) -> None:
         assert (await harness.send("GET", f"http://host{n}.test/")).status_code == 200
         assert len(harness.hosts) <= 2
         assert ("http", f"host{n}.test", None) in harness.hosts  # the newest origin is kept
+
+
+# Per-origin state, read and reset through the public API ------------------------------------
+
+
+async def test_origins_maps_every_origin_kept_to_its_breaker_state(
+    make: MakeHarness, clock: FakeClock
+) -> None:
+    """One sick and one healthy host: each is listed by its full origin, with its state."""
+    harness = make(Script(503, 503), retry=None, breaker=breakers(clock))
+    for _ in range(2):
+        await harness.send("GET", "http://sick.test/")
+    await harness.send("GET", "https://well.test/orders")
+    assert harness.transport.origins() == {
+        "http://sick.test:80": BreakerState.OPEN,
+        "https://well.test:443": BreakerState.CLOSED,
+    }
+    clock.advance(31)  # read as the breaker itself reads it: due for a probe
+    assert harness.transport.origins()["http://sick.test:80"] is BreakerState.HALF_OPEN
+
+
+async def test_breaker_for_takes_an_origin_string_or_an_httpx_url(make: MakeHarness) -> None:
+    """Default port or not, a path or not, a string or a request's URL: one origin, one breaker."""
+    harness = make(Script())
+    response = await harness.send("GET", "https://api.test/orders?page=2")
+    transport = harness.transport
+    breaker = transport.breaker_for("https://api.test:443")
+    assert isinstance(breaker, CircuitBreaker)
+    assert breaker.name == "https://api.test:443"
+    for same in ("https://api.test", "https://API.test/other", response.request.url):
+        assert transport.breaker_for(same) is breaker
+    assert transport.breaker_for(httpx.URL("https://api.test/")) is breaker
+
+
+async def test_an_ipv6_origin_is_named_so_that_it_reads_back(make: MakeHarness) -> None:
+    """An IPv6 host is bracketed in the origin's name, which breaker_for accepts as is."""
+    harness = make(Script())
+    await harness.send("GET", "http://[::1]:8080/")
+    [origin] = harness.transport.origins()
+    assert origin == "http://[::1]:8080"
+    assert harness.transport.breaker_for(origin) is not None
+
+
+@pytest.mark.parametrize(
+    ("origin", "error", "message"),
+    [
+        ("https://never.test", KeyError, r"no state for https://never\.test:443.*max_hosts=1024"),
+        ("http://api.test:8080", KeyError, r"no state for http://api\.test:8080"),
+        ("api.test", ValueError, "absolute URL"),
+        ("http://[::1", ValueError, "must be a URL"),
+        (5, TypeError, "URL string or an httpx.URL"),
+    ],
+)
+async def test_an_origin_without_state_or_not_a_url_is_a_clear_error(
+    make: MakeHarness, origin: Any, error: type[Exception], message: str
+) -> None:
+    """breaker_for and reset refuse an origin never seen (or evicted), naming it."""
+    harness = make(Script())
+    await harness.send("GET", "http://api.test/")
+    with pytest.raises(error, match=message):
+        harness.transport.breaker_for(origin)
+    with pytest.raises(error, match=message):
+        harness.transport.reset(origin)
+
+
+async def test_an_evicted_origin_has_no_state_to_read(make: MakeHarness) -> None:
+    """With max_hosts=1, the second host evicts the first: its breaker is gone."""
+    harness = make(Script(), max_hosts=1)
+    await harness.send("GET", "http://first.test/")
+    await harness.send("GET", "http://second.test/")
+    assert list(harness.transport.origins()) == ["http://second.test:80"]
+    with pytest.raises(KeyError, match="evicted"):
+        harness.transport.breaker_for("http://first.test")
+
+
+async def test_reset_closes_one_origins_breaker_and_leaves_the_others(
+    make: MakeHarness, clock: FakeClock
+) -> None:
+    """Resetting the sick host lets its requests through at once; the other stays open."""
+    harness = make(Script(*[503] * 4), retry=None, breaker=breakers(clock))
+    for url in ("http://a.test/", "http://a.test/", "http://b.test/", "http://b.test/"):
+        await harness.send("GET", url)
+    assert set(harness.transport.origins().values()) == {BreakerState.OPEN}
+    harness.transport.reset(httpx.URL("http://a.test/"))
+    assert harness.transport.origins() == {
+        "http://a.test:80": BreakerState.CLOSED,
+        "http://b.test:80": BreakerState.OPEN,
+    }
+    assert (await harness.send("GET", "http://a.test/")).status_code == 200
+    with pytest.raises(TransportCircuitOpen):
+        await harness.send("GET", "http://b.test/")
+
+
+async def test_reset_gives_the_origin_a_fresh_retry_budget(make: MakeHarness) -> None:
+    """A budget spent on a host is full again after reset(): its next failure is retried."""
+    budget = RetryBudget(ratio=0.0, min_retries_per_second=0.1, window=10)  # one retry
+    script = Script(503, 503, 503, 200, 503, 200)
+    harness = make(script, retry=Retry(attempts=2, backoff=BACKOFF, budget=budget))
+    assert report(await harness.send())["attempts"] == 2  # the one retry
+    assert report(await harness.send())["attempts"] == 1  # spent
+    breaker = harness.transport.breaker_for(BASE)
+    harness.transport.reset(BASE)
+    assert harness.transport.breaker_for(BASE) is breaker  # the same breaker, reset
+    assert report(await harness.send())["attempts"] == 1  # a 200
+    assert report(await harness.send())["attempts"] == 2  # retried again
+    assert script.calls == 6
+
+
+async def test_reset_without_an_origin_resets_every_origin(
+    make: MakeHarness, clock: FakeClock
+) -> None:
+    """transport.reset() closes every origin's breaker."""
+    harness = make(Script(*[503] * 4), retry=None, breaker=breakers(clock))
+    for url in ("http://a.test/", "http://a.test/", "http://b.test/", "http://b.test/"):
+        await harness.send("GET", url)
+    harness.transport.reset()
+    assert set(harness.transport.origins().values()) == {BreakerState.CLOSED}
+
+
+async def test_without_built_in_breakers_the_state_reads_none(make: MakeHarness) -> None:
+    """breaker=None: no state to read; a gate of one's own: its own, reset if it can be."""
+    plain = make(Script(), breaker=None)
+    await plain.send()
+    assert plain.transport.origins() == {"http://api.test:80": None}
+    assert plain.transport.breaker_for(BASE) is None
+    plain.transport.reset(BASE)  # only the budget: nothing else to reset
+
+    own = make(Script(), breaker=OwnGate, retry=None)
+    await own.send()
+    assert own.transport.origins() == {"http://api.test:80": None}
+    gate = own.transport.breaker_for(BASE)
+    assert isinstance(gate, OwnGate)
+    own.transport.reset()
+    assert gate.resets == 1
+    assert own.transport.breaker_for(BASE) is gate
+
+    class Unresettable(OwnGate):
+        reset = None  # type: ignore[assignment]
+
+    bare = make(Script(), breaker=Unresettable, retry=None)
+    await bare.send()
+    bare.transport.reset()  # nothing to reset, and no error for it
 
 
 def test_a_full_bulkhead_rejects_with_an_httpx_error() -> None:
@@ -1234,6 +1487,254 @@ async def test_a_slow_server_is_cut_off_at_the_deadline_async(server: LiveServer
                 await client.get(server.url("/slow"))
         assert time.monotonic() - started < 0.3
     assert len(server.seen) == 1
+
+
+async def test_a_deadline_cancelling_an_async_request_is_an_httpx_timeout(
+    server: LiveServer,
+) -> None:
+    """``async with resilient.deadline()`` cancels the request at the deadline; its caller
+    catches that as an ``httpx.TimeoutException``, as on the sync path. Five rounds: the
+    scope's cancellation and the driver's race, and either may land first."""
+    server.plan("/slow", *[Reply(delay=0.5)] * 5)
+    async with httpx.AsyncClient(transport=AsyncResilientTransport(), timeout=5.0) as client:
+        for _ in range(5):
+            started = time.monotonic()
+            with pytest.raises(httpx.TimeoutException) as raised:
+                async with resilient.deadline(0.1):
+                    await client.get(server.url("/slow"))
+            assert time.monotonic() - started < 0.4
+            assert isinstance(raised.value, TransportDeadlineExceeded)
+            assert isinstance(raised.value, resilient.DeadlineExceeded)
+            assert raised.value.request.url.path == "/slow"
+            assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
+
+
+def hanging(started: asyncio.Event, also_cancel: bool = False) -> Callable[..., Any]:
+    """An async MockTransport handler that never answers; it may add a cancellation of its own."""
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        started.set()
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            if also_cancel:  # a cancellation from elsewhere lands with the deadline's
+                asyncio.current_task().cancel()  # type: ignore[union-attr]
+            raise
+        raise AssertionError("not reached")  # pragma: no cover
+
+    return handler
+
+
+async def test_a_cancellation_from_outside_stays_a_cancellation_under_a_deadline() -> None:
+    """Cancelling the task before the deadline is the canceller's: CancelledError, unchanged."""
+    started = asyncio.Event()
+    transport = AsyncResilientTransport(httpx.MockTransport(hanging(started)))
+    async with httpx.AsyncClient(transport=transport) as client:
+
+        async def call() -> None:
+            async with resilient.deadline(5.0):
+                await client.get(BASE)
+
+        task = asyncio.create_task(call())
+        await started.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+async def test_a_cancellation_landing_with_the_deadlines_stays_a_cancellation() -> None:
+    """Another cancellation pending beside the deadline's: the task is being cancelled, and
+    that must not be swallowed into a timeout."""
+    started = asyncio.Event()
+    transport = AsyncResilientTransport(httpx.MockTransport(hanging(started, also_cancel=True)))
+    async with httpx.AsyncClient(transport=transport) as client:
+
+        async def call() -> None:
+            async with resilient.deadline(0.05):
+                await client.get(BASE)
+
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.create_task(call())
+
+
+MiB = 1024 * 1024
+
+
+def huge(hold: threading.Event) -> Reply:
+    """A 503 whose first KiB comes at once and whose other 300 MiB wait for ``hold``."""
+    return Reply(503, body=b"x" * 1024, more=300 * MiB, hold=hold)
+
+
+RUNS_OUT = [
+    pytest.param(1, {"resilient": {"retry": False}}, id="retry-off"),
+    pytest.param(2, {}, id="retries-run-out"),
+]
+
+
+@pytest.mark.parametrize(("attempts", "extensions"), RUNS_OUT)
+def test_a_huge_failing_response_streams_to_the_caller_unread(
+    server: LiveServer, attempts: int, extensions: dict[str, Any]
+) -> None:
+    """The last 503 comes back as plain httpx returns it: at once, its body unread, while the
+    server still holds back the rest. The earlier one, too long to drain, was closed, so the
+    retry went out on a new connection."""
+    hold = threading.Event()
+    server.plan("/big", *[huge(hold)] * attempts)
+    transport = ResilientTransport(retry=retry(attempts=attempts))
+    try:
+        with httpx.Client(transport=transport, timeout=2.0) as client:
+            started = time.monotonic()
+            with client.stream("GET", server.url("/big"), extensions=extensions) as response:
+                assert time.monotonic() - started < 1.0
+                assert not hold.is_set()  # so the body cannot have been read in full
+                assert response.status_code == 503
+                assert report(response)["attempts"] == attempts
+                assert next(response.iter_raw()).startswith(b"x")
+    finally:
+        hold.set()
+    assert len({seen.peer for seen in server.seen}) == attempts
+
+
+@pytest.mark.parametrize(("attempts", "extensions"), RUNS_OUT)
+async def test_a_huge_failing_response_streams_to_the_async_caller_unread(
+    server: LiveServer, attempts: int, extensions: dict[str, Any]
+) -> None:
+    """The async transport returns the last 503 unread too."""
+    hold = threading.Event()
+    server.plan("/big", *[huge(hold)] * attempts)
+    transport = AsyncResilientTransport(retry=retry(attempts=attempts))
+    try:
+        async with httpx.AsyncClient(transport=transport, timeout=2.0) as client:
+            started = time.monotonic()
+            request = client.build_request("GET", server.url("/big"), extensions=extensions)
+            response = await client.send(request, stream=True)
+            try:
+                assert time.monotonic() - started < 1.0
+                assert not hold.is_set()
+                assert response.status_code == 503
+                assert report(response)["attempts"] == attempts
+                assert (await anext(response.aiter_raw())).startswith(b"x")
+            finally:
+                await response.aclose()
+    finally:
+        hold.set()
+    assert len({seen.peer for seen in server.seen}) == attempts
+
+
+def long_chunked(hold: threading.Event) -> Reply:
+    """A 503 with no length: twice the drain limit at once, then more held back."""
+    return Reply(503, body=b"x" * (2 * DRAIN_LIMIT), more=MiB, hold=hold, chunked=True)
+
+
+def test_before_a_retry_a_long_failing_body_is_read_no_further_than_the_limit(
+    server: LiveServer,
+) -> None:
+    """Draining stops past DRAIN_LIMIT and drops the connection: it does not wait for the
+    rest of the body (which would only come after the read timeout)."""
+    hold = threading.Event()
+    server.plan("/", long_chunked(hold))
+    try:
+        with httpx.Client(transport=ResilientTransport(retry=retry()), timeout=2.0) as client:
+            started = time.monotonic()
+            response = client.get(server.url("/"))
+            elapsed = time.monotonic() - started
+    finally:
+        hold.set()
+    assert response.status_code == 200
+    assert elapsed < 1.0
+    assert len({seen.peer for seen in server.seen}) == 2
+
+
+async def test_before_an_async_retry_a_long_failing_body_is_read_no_further_than_the_limit(
+    server: LiveServer,
+) -> None:
+    """The async transport stops draining at the limit too."""
+    hold = threading.Event()
+    server.plan("/", long_chunked(hold))
+    try:
+        transport = AsyncResilientTransport(retry=retry())
+        async with httpx.AsyncClient(transport=transport, timeout=2.0) as client:
+            started = time.monotonic()
+            response = await client.get(server.url("/"))
+            elapsed = time.monotonic() - started
+    finally:
+        hold.set()
+    assert response.status_code == 200
+    assert elapsed < 1.0
+    assert len({seen.peer for seen in server.seen}) == 2
+
+
+def trickling() -> Reply:
+    """A 503 whose body comes 100 bytes every 0.1 s, for 4 s."""
+    return Reply(503, body=b"x" * 100, more=4000, piece=100, interval=0.1, chunked=True)
+
+
+def test_a_failing_body_is_never_read_past_the_deadline(server: LiveServer) -> None:
+    """A body trickling in is drained only until the deadline; then the request ends with
+    the deadline's error, not 4 s later."""
+    server.plan("/", trickling())
+    with httpx.Client(transport=ResilientTransport(retry=retry()), timeout=5.0) as client:
+        started = time.monotonic()
+        with pytest.raises(httpx.TimeoutException), resilient.deadline(0.5):
+            client.get(server.url("/"))
+        assert time.monotonic() - started < 1.0
+
+
+async def test_a_failing_body_is_never_read_past_the_deadline_async(server: LiveServer) -> None:
+    """The async drain is cancelled at the deadline."""
+    server.plan("/", trickling())
+    async with httpx.AsyncClient(transport=AsyncResilientTransport(retry=retry())) as client:
+        started = time.monotonic()
+        with pytest.raises(httpx.TimeoutException):
+            async with resilient.deadline(0.5):
+                await client.get(server.url("/"))
+        assert time.monotonic() - started < 1.0
+
+
+def stalled(hold: threading.Event) -> Reply:
+    """A 503 whose body stops after its first KiB until ``hold`` is set."""
+    return Reply(503, body=b"x" * 1024, more=1024, hold=hold, chunked=True)
+
+
+def test_a_stalled_failing_body_is_given_up_at_the_read_timeout(server: LiveServer) -> None:
+    """The drain's read times out: the connection is dropped and the retry goes ahead."""
+    hold = threading.Event()
+    server.plan("/", stalled(hold))
+    timeout = httpx.Timeout(5.0, read=0.3)
+    try:
+        with httpx.Client(transport=ResilientTransport(retry=retry()), timeout=timeout) as client:
+            response = client.get(server.url("/"))
+    finally:
+        hold.set()
+    assert response.status_code == 200
+    assert len({seen.peer for seen in server.seen}) == 2
+
+
+async def test_a_stalled_failing_body_is_given_up_at_the_read_timeout_async(
+    server: LiveServer,
+) -> None:
+    """The async drain gives up at the read timeout too."""
+    hold = threading.Event()
+    server.plan("/", stalled(hold))
+    timeout = httpx.Timeout(5.0, read=0.3)
+    try:
+        transport = AsyncResilientTransport(retry=retry())
+        async with httpx.AsyncClient(transport=transport, timeout=timeout) as client:
+            response = await client.get(server.url("/"))
+    finally:
+        hold.set()
+    assert response.status_code == 200
+    assert len({seen.peer for seen in server.seen}) == 2
+
+
+def test_a_head_answer_announcing_a_huge_body_keeps_its_connection(server: LiveServer) -> None:
+    """A HEAD response has no body whatever its Content-Length says: nothing to drop."""
+    server.plan("/", Reply(503, body=b"", more=300 * MiB))
+    inner = httpx.HTTPTransport(limits=httpx.Limits(max_connections=1))
+    with httpx.Client(transport=ResilientTransport(inner, retry=retry())) as client:
+        response = client.head(server.url("/"))
+    assert response.status_code == 200
+    assert len({seen.peer for seen in server.seen}) == 1
 
 
 def test_the_deadline_header_reaches_the_server(server: LiveServer) -> None:

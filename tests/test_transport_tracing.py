@@ -10,6 +10,7 @@ have exactly one span.
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -34,6 +35,7 @@ from resilient import (
     Retry,
     TransportCircuitOpen,
 )
+from resilient.tracing.metrics import MAX_POLICIES, PolicyAttributes, instruments_for
 
 BASE = "http://api.test"
 # Retry waits are recorded, not slept.
@@ -376,6 +378,61 @@ async def test_metrics_per_origin_after_successes_retries_failures_and_a_trip(
     opened = frozenset({("resilient.breaker", name), ("resilient.breaker.state", "open")})
     assert found["resilient.breaker.transitions"] == {opened: 1}
     assert found["resilient.breaker.state"][opened] == 1
+
+
+def live_attribute_sets(prefix: str) -> list[PolicyAttributes]:
+    """The metric attribute sets alive in this process for policies named ``prefix...``."""
+    gc.collect()
+    return [
+        found
+        for found in gc.get_objects()
+        if isinstance(found, PolicyAttributes) and found.name.startswith(prefix)
+    ]
+
+
+async def test_metric_attribute_sets_are_bounded_by_max_hosts(
+    make: MakeClient, meter_provider: MeterProvider, reader: InMemoryMetricReader
+) -> None:
+    """Requests to 3 x max_hosts hosts, each retried once: the attribute sets the metrics
+    are recorded with go with each evicted origin, so no more than max_hosts stay."""
+    max_hosts = 4
+    failed: set[str] = set()
+
+    def first_fails(request: httpx.Request) -> httpx.Response:
+        host = request.url.host
+        if host in failed:
+            return httpx.Response(200)
+        failed.add(host)
+        return httpx.Response(503)
+
+    client = make(first_fails, retry=RETRY, max_hosts=max_hosts, meter_provider=meter_provider)
+    for n in range(3 * max_hosts):
+        assert (await client.get(f"http://bounded-{n}.test/")).status_code == 200
+    assert len(live_attribute_sets("http://bounded-")) <= max_hosts
+    instruments = instruments_for(meter_provider)
+    assert instruments is not None
+    assert not instruments._policies  # the transport keeps its own, per origin
+    calls = points(reader)["resilient.calls"]
+    assert len(calls) == 3 * max_hosts  # every origin was still recorded
+    assert set(calls.values()) == {1}
+
+
+def test_instruments_keep_the_attribute_sets_of_a_bounded_number_of_names(
+    meter_provider: MeterProvider, reader: InMemoryMetricReader
+) -> None:
+    """Policies named by the thousand (a name per tenant, say) do not grow the cache for good."""
+    instruments = instruments_for(meter_provider)
+    assert instruments is not None
+    for n in range(2 * MAX_POLICIES + 1):
+        instruments.record_call(f"policy-{n}", "success", 0.01, 1)
+        instruments.record_retry(f"policy-{n}", "TimeoutError")
+        assert len(instruments._policies) <= MAX_POLICIES
+    instruments.record_call("policy-0", "success", 0.01, 1)  # made again as needed
+    calls = points(reader)["resilient.calls"]
+    assert (
+        calls[frozenset({("resilient.policy", "policy-0"), ("resilient.outcome", "success")})] == 2
+    )
+    assert len(points(reader)["resilient.retries"]) == 2 * MAX_POLICIES + 1
 
 
 # Against a real server -------------------------------------------------------------------

@@ -6,6 +6,13 @@ Names, units and attributes are in the README's "Tracing and metrics" table:
 ``resilient.breaker.state`` (one series per live breaker and state). Instruments
 are made once per provider (:func:`instruments_for`) and reused; OpenTelemetry is
 imported on first use.
+
+The attribute dicts a call is recorded with are made once per policy and outcome,
+not per call: :class:`PolicyAttributes` holds one policy's. :class:`Instruments`
+keeps those of at most :data:`MAX_POLICIES` policy names; a caller with many
+short-lived names (the httpx transport: one per origin) keeps its own
+:class:`PolicyAttributes` with each name's state and passes it instead of the name,
+so they go when that state goes.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import weakref
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Final
 
+from resilient import _fork
 from resilient._compat.otel import provider_globals, proxy_meter_provider
 from resilient.breaker import BreakerState, live_breakers
 
@@ -27,8 +35,10 @@ __all__ = [
     "ATTEMPT_BUCKETS",
     "DURATION_BUCKETS",
     "DURATION_BUCKETS_LONG",
+    "MAX_POLICIES",
     "SCOPE",
     "Instruments",
+    "PolicyAttributes",
     "instruments_for",
     "library_version",
     "live_instruments",
@@ -40,6 +50,9 @@ SCOPE: Final = "resilient"
 DURATION_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0)
 DURATION_BUCKETS_LONG: Final = (*DURATION_BUCKETS, 7.5, 10.0, 30.0, 60.0)
 ATTEMPT_BUCKETS: Final = (0, 1, 2, 3, 4, 5, 7, 10)
+#: How many policy names' attribute sets one :class:`Instruments` keeps; past it, they
+#: are dropped and made again as calls come (so memory does not grow with the names).
+MAX_POLICIES: Final = 256
 
 
 @functools.cache
@@ -57,15 +70,52 @@ def library_version() -> str | None:
 _instruments: weakref.WeakKeyDictionary[Any, Instruments | None] = weakref.WeakKeyDictionary()
 _pinned: dict[int, tuple[object, Instruments | None]] = {}  # providers without weakrefs
 _instruments_lock = threading.Lock()
+_fork.register_lock(_instruments_lock)
+
+
+class PolicyAttributes:
+    """The attribute dicts one policy's metrics are recorded with, each made once.
+
+    ``resilient.policy`` alone (``per_policy``), with each ``resilient.outcome``
+    (:meth:`for_call`), and with each ``error.type`` of a retry (:meth:`for_retry`).
+    Reused call after call: building a dict per call would cost more than the add.
+    """
+
+    __slots__ = ("_calls", "_retries", "name", "per_policy")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.per_policy = {"resilient.policy": name}
+        self._calls: dict[str, dict[str, str]] = {}
+        self._retries: dict[str, dict[str, str]] = {}
+
+    def for_call(self, outcome: str) -> dict[str, str]:
+        """The attributes of a call that ended with ``outcome``."""
+        attributes = self._calls.get(outcome)
+        if attributes is None:
+            attributes = {"resilient.policy": self.name, "resilient.outcome": outcome}
+            self._calls[outcome] = attributes
+        return attributes
+
+    def for_retry(self, error: str) -> dict[str, str]:
+        """The attributes of a retry caused by ``error`` (an ``error.type``)."""
+        attributes = self._retries.get(error)
+        if attributes is None:
+            attributes = {"resilient.policy": self.name, "error.type": error}
+            self._retries[error] = attributes
+        return attributes
 
 
 class Instruments:
-    """The metric instruments of one meter provider (names in the README's table)."""
+    """The metric instruments of one meter provider (names in the README's table).
+
+    ``policy`` is a policy's name, whose :class:`PolicyAttributes` are kept here
+    (for at most :data:`MAX_POLICIES` names), or a :class:`PolicyAttributes` the
+    caller keeps itself.
+    """
 
     __slots__ = (
-        "_call_attributes",
-        "_policy_attributes",
-        "_retry_attributes",
+        "_policies",
         "attempts",
         "calls",
         "duration",
@@ -110,31 +160,34 @@ class Instruments:
             unit="1",
             description="1 for the state each circuit breaker is in, 0 for the others.",
         )
-        # Attribute dicts are reused: building one per call would cost more than the add.
-        self._call_attributes: dict[tuple[str, str], dict[str, str]] = {}
-        self._policy_attributes: dict[str, dict[str, str]] = {}
-        self._retry_attributes: dict[tuple[str, str], dict[str, str]] = {}
+        self._policies: dict[str, PolicyAttributes] = {}
 
-    def record_call(self, policy: str, outcome: str, seconds: float, attempts: int) -> None:
+    def attributes_for(self, policy: str) -> PolicyAttributes:
+        """The attribute sets of the policy named ``policy``, kept for the next calls."""
+        policies = self._policies
+        found = policies.get(policy)
+        if found is None:
+            if len(policies) >= MAX_POLICIES:
+                # Rare (many names at once): start over rather than pay for LRU bookkeeping
+                # on every call. A racing thread may lose an entry; it is made again.
+                policies.clear()
+            found = policies[policy] = PolicyAttributes(policy)
+        return found
+
+    def record_call(
+        self, policy: str | PolicyAttributes, outcome: str, seconds: float, attempts: int
+    ) -> None:
         """Count one finished call and record its duration and attempts."""
-        attributes = self._call_attributes.get((policy, outcome))
-        if attributes is None:
-            attributes = {"resilient.policy": policy, "resilient.outcome": outcome}
-            self._call_attributes[policy, outcome] = attributes
+        sets = policy if isinstance(policy, PolicyAttributes) else self.attributes_for(policy)
+        attributes = sets.for_call(outcome)
         self.calls.add(1, attributes)
         self.duration.record(seconds, attributes)
-        per_policy = self._policy_attributes.get(policy)
-        if per_policy is None:
-            per_policy = self._policy_attributes[policy] = {"resilient.policy": policy}
-        self.attempts.record(attempts, per_policy)
+        self.attempts.record(attempts, sets.per_policy)
 
-    def record_retry(self, policy: str, error: str) -> None:
+    def record_retry(self, policy: str | PolicyAttributes, error: str) -> None:
         """Count one retry of ``policy`` caused by ``error`` (an :func:`error_type`)."""
-        attributes = self._retry_attributes.get((policy, error))
-        if attributes is None:
-            attributes = {"resilient.policy": policy, "error.type": error}
-            self._retry_attributes[policy, error] = attributes
-        self.retries.add(1, attributes)
+        sets = policy if isinstance(policy, PolicyAttributes) else self.attributes_for(policy)
+        self.retries.add(1, sets.for_retry(error))
 
     def record_transition(self, breaker: str, state: str) -> None:
         """Count one state change of ``breaker`` into ``state``."""

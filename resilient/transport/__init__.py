@@ -24,8 +24,14 @@ What is retried follows RFC 9110's idempotency rules, as gRPC and the browsers d
 
 A ``Retry-After`` on 429 and 503 (seconds or an HTTP date) replaces the
 backoff's wait; when it asks for more than the deadline leaves, or more than
-``max_retry_after``, the response is returned at once. Before a retry the
-previous response is read and closed, so its connection goes back to the pool.
+``max_retry_after``, the response is returned at once.
+
+A failing response's body is never read whole, and never past the deadline. The
+response the caller gets (retries ran out, or were off) comes as plain httpx would
+return it, its body not yet read: ``client.stream()`` streams it, ``client.get()``
+reads it. Before a retry, the previous response's body is drained, at most
+:data:`DRAIN_LIMIT` bytes within the deadline, so its connection goes back to the
+pool; a longer (or stalled) body is closed instead, and its connection dropped.
 
 Breakers count connection errors, timeouts, 5xx responses (501 aside), 429
 and any status listed in ``retry_statuses`` as failures; other 4xx responses
@@ -34,8 +40,9 @@ clamped to the deadline in force (:func:`resilient.deadline`), and the
 remaining budget can be sent downstream in the ``resilient-timeout-ms`` header.
 
 Errors the transport raises are both ``httpx.TransportError`` subclasses and
-the matching `resilient` error: :class:`TransportDeadlineExceeded`,
-:class:`TransportCircuitOpen`, :class:`TransportBulkheadFull`. Every response
+the matching `resilient` error: :class:`TransportDeadlineExceeded` (an
+``httpx.TimeoutException``, also when ``async with resilient.deadline()`` cancels
+the request), :class:`TransportCircuitOpen`, :class:`TransportBulkheadFull`. Every response
 carries what happened in ``response.extensions["resilient"]``, a read-only
 mapping: ``attempts``, ``waited`` (seconds) and ``breaker`` (the origin's breaker
 state).
@@ -55,6 +62,11 @@ failure alone: the request's own facts pick one of the origin's three drivers
 Per request, ``extensions={"resilient": {"retry": False}}`` turns retries off
 and ``{"idempotent": True}`` marks a POST or PATCH safe to retry (both booleans).
 
+Per-origin state is public: :meth:`~ResilientTransport.origins` maps each origin
+kept to its breaker's state, :meth:`~ResilientTransport.breaker_for` returns one
+origin's breaker, and :meth:`~ResilientTransport.reset` closes one origin's breaker
+(or every origin's) and gives it a fresh retry budget.
+
 With an OpenTelemetry provider configured (globally or as ``tracer_provider=``
 / ``meter_provider=``), each attempt is a CLIENT span per the HTTP client
 semantic conventions, carrying its ``traceparent`` to the server, and each
@@ -65,9 +77,11 @@ configured, the test costs a few attribute reads.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import inspect
 import math
+import sys
 import time
 from collections.abc import Callable, Collection, Mapping
 from types import MappingProxyType
@@ -92,7 +106,7 @@ from resilient.policy import Policy
 from resilient.retry import Retry, RetryBudget
 from resilient.shardmap import ShardedMap
 from resilient.stages import Admission, Gate
-from resilient.tracing.metrics import Instruments
+from resilient.tracing.metrics import Instruments, PolicyAttributes
 from resilient.transport._spans import HttpSpan
 from resilient.transport.rules import (
     CALLER_FAULTS,
@@ -110,6 +124,7 @@ if TYPE_CHECKING:
     from opentelemetry.trace import Tracer, TracerProvider
 
 __all__ = [
+    "DRAIN_LIMIT",
     "IDEMPOTENT_METHODS",
     "RETRY_STATUSES",
     "AsyncResilientTransport",
@@ -123,6 +138,10 @@ __all__ = [
 ]
 
 _DEFAULT_RETRY: Final = Retry(attempts=3)
+#: The most of a failing response's body read before a retry (plus at most one network
+#: read), so its connection can be reused; a longer body is closed, and the connection
+#: dropped, rather than read at length.
+DRAIN_LIMIT: Final = 64 * 1024
 _OPTIONS: Final = frozenset({"retry", "idempotent"})
 _TIMEOUT_KEYS: Final = ("connect", "read", "write", "pool")
 _NO_TIMEOUTS: Final[Mapping[str, float | None]] = MappingProxyType({})
@@ -233,11 +252,14 @@ class _Call:
     error: BaseException | None = None
     # The caller's own timeouts, kept by the first attempt that clamps them.
     timeouts: Mapping[str, float | None] | None = None
+    # The last attempt's failing response, its body unread: the caller gets it if no
+    # retry follows; a retry drains or closes it first (see _release).
+    pending: httpx.Response | None = None
     # Telemetry, when somebody listens (see _Core.begin): attempt spans, call metrics.
     tracer: Tracer | None = None
     root: HttpSpan | None = None  # the logical request's span, when nothing was current
     instruments: Instruments | None = None
-    origin = ""
+    attributes: PolicyAttributes | None = None  # the origin's, for the metrics
     began = 0.0
 
     def retrying(self, attempt: int, error: BaseException | None, wait: float) -> None:
@@ -247,7 +269,8 @@ class _Call:
                 kind = str(error.response.status_code)
             else:
                 kind = _tracing.error_type(error)
-            self.instruments.record_retry(self.origin, kind)
+            assert self.attributes is not None
+            self.instruments.record_retry(self.attributes, kind)
 
     def rejected(self, error: Exception) -> None:
         """Recorded when the request ends (see _Core.end), like every other outcome."""
@@ -287,14 +310,17 @@ _TOUCH_EVERY: Final = 64
 
 @dataclasses.dataclass(slots=True)
 class _Host:
-    """One origin's state: its two prebuilt drivers and its breaker's store.
+    """One origin's state: its prebuilt drivers, its stages and its breaker's store.
 
-    The drivers (with and without retries) hold the origin's breaker, bulkhead
-    and retry budget.
+    The drivers hold the origin's breaker, bulkhead and retry budget; the breaker and
+    bulkhead are kept here too, so the origin can be read and reset (and its drivers
+    rebuilt around them, with a fresh budget).
     """
 
     # The origin, "scheme://host:port": it names the breaker and the call metrics.
     origin: str
+    breaker: Gate | None
+    bulkhead: Admission | None
     # The breaker's store, whose state is a plain read: reporting it on every response
     # must not run the breaker's lazy open -> half-open transition (and its listeners).
     store: BreakerStore | None
@@ -311,6 +337,8 @@ class _Host:
     # The retry's clock and how it counts a call in its budget (None without retries).
     clock: Callable[[], float] | None
     count_call: Callable[[float], None] | None
+    # The metric attribute sets named after the origin: they go when the origin goes.
+    attributes: PolicyAttributes
 
 
 class _Core:
@@ -341,16 +369,8 @@ class _Core:
                 "the transport decides which responses are retried (retry_statuses); "
                 f"give a Retry without on_result, got on_result={retry.on_result!r}"
             )
-        if breaker is not None and not callable(breaker):
-            raise TypeError(
-                "breaker must be a callable taking the origin and returning a "
-                f"resilient.CircuitBreaker, or None, got {breaker!r}"
-            )
-        if bulkhead is not None and not callable(bulkhead):
-            raise TypeError(
-                "bulkhead must be a callable taking the origin and returning a "
-                f"resilient.Bulkhead, or None, got {bulkhead!r}"
-            )
+        _check_factory("breaker", breaker, "resilient.CircuitBreaker")
+        _check_factory("bulkhead", bulkhead, "resilient.Bulkhead")
         statuses = frozenset(retry_statuses)
         for status in statuses:
             if not isinstance(status, int) or isinstance(status, bool) or not 100 <= status <= 599:
@@ -408,10 +428,7 @@ class _Core:
         host = self.hosts.get(key)
         if host is None:
             # The origin string names the breaker; built only when an origin is first seen.
-            scheme, name, port = key
-            if port is None:
-                port = 443 if scheme == "https" else 80
-            origin = f"{scheme}://{name}:{port}"
+            origin = _origin_name(key)
             host = self.hosts.get_or_create(key, lambda: self._new_host(origin, attempt))
         index = self.index
         index[key] = host
@@ -419,6 +436,32 @@ class _Core:
             # An eviction racing this lookup can strand an entry; rebuild from the map.
             self.index = self.hosts.snapshot()
         return host
+
+    def known(self, key: OriginKey) -> _Host:
+        """The state kept for the origin ``key``, read without touching the LRU order."""
+        host = self.index.get(key)
+        if host is None or key not in self.hosts:
+            raise KeyError(
+                f"the transport keeps no state for {_origin_name(key)}: no request has gone "
+                f"there yet, or it was evicted since (max_hosts={self.max_hosts}); "
+                "origins() lists the origins it keeps"
+            )
+        return host
+
+    def reset(self, key: OriginKey | None, attempt: Callable[[httpx.Request], Any]) -> None:
+        """Reset the breaker of origin ``key`` (every origin's for ``None``); renew its budget."""
+        hosts = self.hosts.snapshot() if key is None else {key: self.known(key)}
+        renew = self.retry is not None and self.retry.budget is not None
+        for each, host in hosts.items():
+            reset = getattr(host.breaker, "reset", None)
+            if callable(reset):
+                reset()
+            if renew:
+                # A budget cannot be emptied in place: new drivers around a new budget, with
+                # the same breaker and bulkhead. Requests in flight finish on the old ones.
+                fresh = self._build_host(host.origin, attempt, host.breaker, host.bulkhead)
+                self.hosts[each] = fresh
+                self.index[each] = fresh
 
     def _forget(self, key: OriginKey, host: _Host) -> None:
         """The map evicted an origin: drop it from the index too (unless replaced since)."""
@@ -438,6 +481,16 @@ class _Core:
                 "the bulkhead factory must return a resilient.Bulkhead or an Admission stage "
                 f"(try_acquire, acquire, acquire_async, release), got {bulkhead!r}"
             )
+        return self._build_host(origin, attempt, breaker, bulkhead)
+
+    def _build_host(
+        self,
+        origin: str,
+        attempt: Callable[[httpx.Request], Any],
+        breaker: Gate | None,
+        bulkhead: Admission | None,
+    ) -> _Host:
+        """The origin's drivers around its breaker and bulkhead, with a new retry budget."""
         # Only a built-in breaker can be read without asking it: a gate of one's own is
         # asked by the driver on every request, so its origin takes no fast path.
         builtin = breaker if isinstance(breaker, CircuitBreaker) else None
@@ -467,6 +520,8 @@ class _Core:
         )
         return _Host(
             origin=origin,
+            breaker=breaker,
+            bulkhead=bulkhead,
             store=None if builtin is None else builtin.store,
             drivers=tuple(
                 policy.driver(attempt, asynchronous, observer=_OWN_RECORD) for policy in policies
@@ -483,6 +538,7 @@ class _Core:
             untraced=self.telemetry is None,
             clock=None if retry is None else retry.clock,
             count_call=None if retry is None else retry.count_call,
+            attributes=PolicyAttributes(origin),
         )
 
     def _host_retry(
@@ -578,6 +634,8 @@ class _Core:
         """What takes a failed fast first attempt over (see :meth:`Policy.resume`)."""
         call = _Call()
         call.request = request  # Policy.resume counts the fast attempt in its record
+        if isinstance(failure, ResponseFailure):
+            call.pending = failure.response
         assert host.resumes is not None
         resume = host.resumes[self.kind(request, None)]
         return call, host, resume, (started, failure, request, call)
@@ -645,7 +703,7 @@ class _Core:
         call.tracer = tracer = telemetry.tracer()
         call.instruments = instruments = telemetry.instruments()
         if instruments is not None:
-            call.origin = host.origin
+            call.attributes = host.attributes
             call.began = _perf_counter()
         if tracer is not None:
             from opentelemetry import trace
@@ -671,7 +729,8 @@ class _Core:
                 failed = response.status_code in self.failing_statuses
                 outcome = "failure" if failed else "success"
             seconds = _perf_counter() - call.began
-            instruments.record_call(call.origin, outcome, seconds, call.attempts)
+            assert call.attributes is not None
+            instruments.record_call(call.attributes, outcome, seconds, call.attempts)
         if call.tracer is not None and isinstance(error, CircuitOpenError):
             from opentelemetry import trace
 
@@ -682,17 +741,31 @@ class _Core:
             call.root.end(response, error, call.attempts)
 
 
-def _replayable(
-    response: httpx.Response, stream: httpx.ByteStream, request: httpx.Request
-) -> httpx.Response:
-    """A fresh response over the (undecoded) body already read, for the client to bind."""
-    return httpx.Response(
-        response.status_code,
-        headers=response.headers,
-        stream=stream,
-        extensions=response.extensions,
-        request=request,
+def _cancelling() -> int:
+    """How many cancellations of the current task are pending (``Task.cancelling()``)."""
+    task = asyncio.current_task()
+    assert task is not None  # an async request runs in a task
+    return task.cancelling()
+
+
+def _deadline_cancelled(error: asyncio.CancelledError, before: int) -> BaseException:
+    """``error`` as the request's caller should see it: DeadlineExceeded when the deadline did it.
+
+    ``async with resilient.deadline()`` cancels the task at the deadline and turns
+    that cancellation into a plain DeadlineExceeded as it leaves the scope: no
+    ``httpx.TimeoutException``. When the deadline in force has passed and that is
+    the one cancellation pending beyond the ``before`` the request started with, it
+    is the deadline's: the transport raises it as a deadline error of its own, which
+    the scope lets through, having balanced its cancellation. Any other cancellation
+    (from outside, or along with the deadline's) stays ``CancelledError``.
+    """
+    if remaining() > 0.0 or _cancelling() != before + 1:
+        return error
+    exceeded = DeadlineExceeded(
+        "the deadline passed while the request was in flight, and it was cancelled"
     )
+    exceeded.__cause__ = error
+    return exceeded
 
 
 def _not_sent(failure: Exception) -> bool:
@@ -700,35 +773,150 @@ def _not_sent(failure: Exception) -> bool:
     return isinstance(failure, NOT_SENT) or isinstance(failure.__cause__, NOT_SENT)
 
 
-def _read_failure(response: httpx.Response, request: httpx.Request) -> ResponseFailure:
-    """A failing response, read and closed so a retry finds its connection back in the pool."""
+def _drains(response: httpx.Response, request: httpx.Request) -> bool:
+    """Whether a failing response's body is worth reading before a retry, to keep its connection.
+
+    Not when it is in memory already (nothing to read) or announces more than
+    :data:`DRAIN_LIMIT` bytes (it would be closed anyway).
+    """
+    if response.is_closed:
+        return False
+    length = response.headers.get("content-length")
+    return not (
+        length is not None
+        and length.isdigit()
+        and int(length) > DRAIN_LIMIT
+        and request.method != "HEAD"  # a HEAD response announces a body it has not
+    )
+
+
+def _release(response: httpx.Response, request: httpx.Request) -> None:
+    """Before a retry: drain a failing response's body (see :data:`DRAIN_LIMIT`) and close it.
+
+    A body read to its end gives the connection back to the pool; one closed before
+    (too long, the deadline passed, or the read failed) drops the connection. In sync
+    code a read cannot be interrupted: each is bounded by its read timeout, clamped to
+    the deadline, and the deadline is checked between reads.
+    """
     try:
-        stream = response.stream
-        if not isinstance(stream, httpx.ByteStream):
-            stream = httpx.ByteStream(b"".join(response.iter_raw()))
+        if _drains(response, request):
+            read = 0
+            for chunk in response.iter_raw():
+                read += len(chunk)
+                if read > DRAIN_LIMIT or remaining() <= 0.0:
+                    break
+    except httpx.HTTPError:
+        pass  # the connection goes; nothing the caller must hear of
     finally:
         response.close()
-    return ResponseFailure(_replayable(response, stream, request), request)
 
 
-async def _read_failure_async(response: httpx.Response, request: httpx.Request) -> ResponseFailure:
+async def _release_async(response: httpx.Response, request: httpx.Request) -> None:
+    """The async twin of :func:`_release`; the driver cancels it at the attempt's deadline."""
     try:
-        stream = response.stream
-        if not isinstance(stream, httpx.ByteStream):
-            stream = httpx.ByteStream(b"".join([chunk async for chunk in response.aiter_raw()]))
+        if _drains(response, request):
+            read = 0
+            async for chunk in response.aiter_raw():
+                read += len(chunk)
+                if read > DRAIN_LIMIT:
+                    break
+    except httpx.HTTPError:
+        pass
     finally:
         await response.aclose()
-    return ResponseFailure(_replayable(response, stream, request), request)
 
 
 def default_breaker(origin: str) -> CircuitBreaker:
-    """The breaker each origin gets by default: 5 consecutive failures open it for 30 s."""
+    """The breaker each origin gets by default: 15 failed attempts in a row open it for 10 s.
+
+    The breaker sits inside the retries, so it counts attempts: with the default
+    ``Retry(attempts=3)``, five requests in a row that each fail all three attempts
+    open it (or fifteen requests sent once, such as POSTs or 500s, which are not
+    retried). Two failing requests, or a burst of them shorter than five, leave it
+    closed. It stays open 10 s, then lets one probe through; the probe's success
+    closes it, its failure opens it for another 10 s. The caller's own mistakes
+    (``httpx.LocalProtocolError``, ``UnsupportedProtocol``, ``InvalidURL``, programming
+    errors) are not counted.
+
+    Compared with Envoy's outlier detection, the model for per-host ejection: Envoy
+    ejects a host after ``consecutive_5xx: 5`` responses (each retry is a response
+    of its own, usually from another host: retries go elsewhere), for a
+    ``base_ejection_time`` of 30 s multiplied by the times it was ejected (up to
+    ``max_ejection_time``, 300 s), and never ejects more than
+    ``max_ejection_percent`` (10 %, at least one host) of a cluster, so traffic
+    always has somewhere to go. Here an origin is one host with nowhere else to go:
+    all three attempts of a request count against it, and an open breaker refuses
+    every request to it. So the default asks for five requests' worth of failures,
+    as Envoy asks for five responses, and opens for a shorter 10 s without growing:
+    a host that was wrongly cut off is back within 10 s, and one that is really down
+    gets one probe per 10 s instead of the full load. Give ``breaker=`` a factory of
+    your own for other numbers, or a failure-rate window (``failure_rate=``), which is
+    closer to Envoy's success-rate detection.
+    """
     return CircuitBreaker(
         name=origin,
-        failure_threshold=5,
-        reset_timeout=30.0,
+        failure_threshold=15,  # five requests' worth of the default three attempts
+        reset_timeout=10.0,
         exclude=(*CALLER_FAULTS, *PROGRAMMING_ERRORS),
     )
+
+
+def _check_factory(parameter: str, factory: object, makes: str) -> None:
+    """``factory`` must be ``origin -> stage``; a stage itself (callable too, as a decorator)
+    is refused here rather than called with the origin on the first request."""
+    if factory is None:
+        return
+    stage = Gate if parameter == "breaker" else Admission
+    pybreaker = sys.modules.get("pybreaker")
+    if not isinstance(factory, type) and (
+        isinstance(factory, stage)
+        or (pybreaker is not None and isinstance(factory, pybreaker.CircuitBreaker))
+    ):
+        raise TypeError(
+            f"{parameter} expects a factory (a callable taking the origin, such as "
+            f"'https://api.example.com:443', and returning a {makes}), not a {parameter} "
+            f"instance: got {factory!r}. Pass {parameter}=lambda origin: ... so that each "
+            f"origin gets its own {parameter} (or lambda origin: shared, to share one on "
+            "purpose)"
+        )
+    if not callable(factory):
+        raise TypeError(
+            f"{parameter} must be a callable taking the origin and returning a "
+            f"{makes}, or None, got {factory!r}"
+        )
+
+
+def _origin_name(key: OriginKey) -> str:
+    """The origin as the transport names it: "scheme://host:port", default port included."""
+    scheme, host, port = key
+    if port is None:
+        port = 443 if scheme == "https" else 80
+    if ":" in host:  # an IPv6 address
+        host = f"[{host}]"
+    return f"{scheme}://{host}:{port}"
+
+
+def _origin_key(origin: object) -> OriginKey:
+    """The key of ``origin``, a URL string or an ``httpx.URL`` (only its origin counts)."""
+    if isinstance(origin, str):
+        try:
+            url = httpx.URL(origin)
+        except httpx.InvalidURL as exc:
+            raise ValueError(
+                f"origin must be a URL such as 'https://api.example.com', got {origin!r}: {exc}"
+            ) from None
+    elif isinstance(origin, httpx.URL):
+        url = origin
+    else:
+        raise TypeError(
+            f"origin must be a URL string or an httpx.URL, got {type(origin).__name__}: {origin!r}"
+        )
+    if not url.scheme or not url.host:
+        raise ValueError(
+            "origin must be an absolute URL with a scheme and a host, such as "
+            f"'https://api.example.com:443', got {origin!r}"
+        )
+    return origin_key(url)
 
 
 Inner = TypeVar("Inner", httpx.BaseTransport, httpx.AsyncBaseTransport)
@@ -785,6 +973,57 @@ class _Configured(Generic[Inner]):
     def _default_inner(self) -> Inner:
         raise NotImplementedError  # pragma: no cover
 
+    # Per-origin state -------------------------------------------------------------------
+
+    def origins(self) -> dict[str, BreakerState | None]:
+        """Every origin whose state the transport keeps, mapped to its breaker's state.
+
+        Origins are named as their breakers and metrics are: ``"scheme://host:port"``,
+        the default port included (``"https://api.example.com:443"``). The state is a
+        :class:`~resilient.BreakerState` (an open breaker whose ``reset_timeout`` has
+        passed reads ``HALF_OPEN``, as :attr:`CircuitBreaker.state` does), or ``None``
+        for an origin without a built-in breaker (``breaker=None``, or a gate of your
+        own). A snapshot of at most ``max_hosts`` origins; reading it does not count as
+        use of an origin, so it does not keep one from being evicted.
+
+        >>> transport.origins()
+        {'https://api.example.com:443': <BreakerState.CLOSED: 'closed'>}
+        """
+        return {
+            host.origin: host.breaker.state if isinstance(host.breaker, CircuitBreaker) else None
+            for host in self._core.hosts.snapshot().values()
+        }
+
+    def breaker_for(self, origin: str | httpx.URL) -> Gate | None:
+        """The breaker of ``origin``: the :class:`~resilient.CircuitBreaker` (or gate) its
+        factory made; ``None`` when the transport has no breakers (``breaker=None``).
+
+        ``origin`` is a URL string or an ``httpx.URL``; only its scheme, host and port
+        count, so ``"https://api.example.com"``, ``"https://api.example.com:443/orders"``
+        and a request's ``request.url`` all name the same origin. An origin whose state
+        the transport does not keep (no request has gone there yet, or it was evicted
+        since, see ``max_hosts``) raises ``KeyError`` naming it: its breaker does not
+        exist (yet), so there is nothing to read or change.
+
+        >>> breaker = transport.breaker_for("https://api.example.com")
+        >>> breaker.metrics().consecutive_failures
+        0
+        """
+        return self._core.known(_origin_key(origin)).breaker
+
+    def reset(self, origin: str | httpx.URL | None = None) -> None:
+        """Reset ``origin``'s breaker and retry budget; with no argument, every origin's.
+
+        The breaker's ``reset()`` is called (a :class:`~resilient.CircuitBreaker` closes
+        and clears its counters, and tells its listeners; a gate of your own is reset
+        if it has a ``reset()`` method), and the origin gets a fresh retry budget.
+        Requests already in flight finish under the old budget. ``origin`` is read as
+        for :meth:`breaker_for`, with the same ``KeyError`` for an origin the
+        transport keeps no state for.
+        """
+        key = None if origin is None else _origin_key(origin)
+        self._core.reset(key, self._bound_attempt)
+
 
 # The transports ----------------------------------------------------------------------------
 
@@ -800,10 +1039,12 @@ class ResilientTransport(_Configured[httpx.BaseTransport], httpx.BaseTransport):
       hooks (default ``Retry(attempts=3)``; ``None`` disables retries). The
       transport decides what is safe to retry; an ``on`` of your own can only
       narrow that. Each origin gets its own retry budget shaped like the Retry's.
-    * ``breaker``: ``origin -> CircuitBreaker`` (default :func:`default_breaker`), or
-      any :class:`~resilient.stages.Gate` of your own; ``None`` disables breakers.
-    * ``bulkhead``: ``origin -> Bulkhead`` (or any :class:`~resilient.stages.Admission`),
-      or ``None`` (default).
+    * ``breaker``: a factory, ``origin -> CircuitBreaker`` (default
+      :func:`default_breaker`: 15 failed attempts in a row open it for 10 s), or
+      ``origin ->`` any :class:`~resilient.stages.Gate` of your own; ``None`` disables
+      breakers. A breaker itself, not a factory, is refused with ``TypeError``.
+    * ``bulkhead``: a factory, ``origin -> Bulkhead`` (or any
+      :class:`~resilient.stages.Admission`), or ``None`` (default).
     * ``timeout`` / ``attempt_timeout``: total and per-attempt budgets in seconds.
     * ``retry_statuses``: statuses retried for idempotent requests.
     * ``retry_non_idempotent``: also retry POST and PATCH (default ``False``).
@@ -812,7 +1053,8 @@ class ResilientTransport(_Configured[httpx.BaseTransport], httpx.BaseTransport):
     * ``propagate_deadline``: send the remaining budget in the
       ``resilient-timeout-ms`` header to every host; ``internal_hosts`` sends it
       only to these host names.
-    * ``max_hosts``: how many origins' state to keep (least recently used go).
+    * ``max_hosts``: how many origins' state to keep (least recently used go); read
+      and reset it with :meth:`origins`, :meth:`breaker_for` and :meth:`reset`.
     * ``tracing``, ``tracer_provider``, ``meter_provider``: OpenTelemetry spans per
       attempt and metrics per origin, as for :class:`~resilient.Policy`.
     """
@@ -850,11 +1092,8 @@ class ResilientTransport(_Configured[httpx.BaseTransport], httpx.BaseTransport):
             except Exception as exc:
                 return self._finish(*self._core.resumed(request, host, started, exc))
             if response.status_code in core.failing_statuses:
-                try:
-                    failure: Exception = _read_failure(response, request)
-                except Exception as exc:
-                    failure = exc
-                return self._finish(*self._core.resumed(request, host, started, failure))
+                failure = ResponseFailure(response, request)
+                return self._finish(*core.resumed(request, host, started, failure))
             count_call = host.count_call
             if count_call is not None:
                 count_call(started)
@@ -870,12 +1109,23 @@ class ResilientTransport(_Configured[httpx.BaseTransport], httpx.BaseTransport):
         try:
             response = send(*args)
         except BaseException as error:
-            response = core.settle(call, error)
+            try:
+                response = core.settle(call, error)
+            except BaseException:
+                # The caller gets an error, not the failing response still open: close it.
+                if call.pending is not None:
+                    call.pending.close()
+                raise
         finally:
             args = ()  # they may hold the failure, and this frame is on its traceback
+            call.pending = None
         return core.finish(response, host, call)
 
     def _attempt(self, request: httpx.Request, call: _Call) -> httpx.Response:
+        pending = call.pending
+        if pending is not None:  # a retry: the previous failing response goes first
+            call.pending = None
+            _release(pending, request)
         span = self._core.start_attempt(request, call)
         try:
             response = self._transport.handle_request(request)
@@ -890,7 +1140,8 @@ class ResilientTransport(_Configured[httpx.BaseTransport], httpx.BaseTransport):
         if span is not None:
             span.end(response, None)
         if response.status_code in self._core.failing_statuses:
-            raise _read_failure(response, request)
+            call.pending = response
+            raise ResponseFailure(response, request)
         return response
 
     def close(self) -> None:
@@ -936,11 +1187,8 @@ class AsyncResilientTransport(_Configured[httpx.AsyncBaseTransport], httpx.Async
             except Exception as exc:
                 return await self._finish(*self._core.resumed(request, host, started, exc))
             if response.status_code in core.failing_statuses:
-                try:
-                    failure: Exception = await _read_failure_async(response, request)
-                except Exception as exc:
-                    failure = exc
-                return await self._finish(*self._core.resumed(request, host, started, failure))
+                failure = ResponseFailure(response, request)
+                return await self._finish(*core.resumed(request, host, started, failure))
             count_call = host.count_call
             if count_call is not None:
                 count_call(started)
@@ -953,15 +1201,29 @@ class AsyncResilientTransport(_Configured[httpx.AsyncBaseTransport], httpx.Async
     ) -> httpx.Response:
         core = self._core
         core.begin(call, host)
+        # Under a deadline, how many cancellations the task had pending before this request.
+        cancelling = -1 if _current_deadline() == _INF else _cancelling()
         try:
             response = await send(*args)
         except BaseException as error:
-            response = core.settle(call, error)
+            try:
+                if cancelling >= 0 and isinstance(error, asyncio.CancelledError):
+                    error = _deadline_cancelled(error, cancelling)
+                response = core.settle(call, error)
+            except BaseException:
+                if call.pending is not None:
+                    await call.pending.aclose()
+                raise
         finally:
             args = ()  # they may hold the failure, and this frame is on its traceback
+            call.pending = None
         return core.finish(response, host, call)
 
     async def _attempt(self, request: httpx.Request, call: _Call) -> httpx.Response:
+        pending = call.pending
+        if pending is not None:  # a retry: the previous failing response goes first
+            call.pending = None
+            await _release_async(pending, request)
         span = self._core.start_attempt(request, call)
         try:
             response = await self._transport.handle_async_request(request)
@@ -976,7 +1238,8 @@ class AsyncResilientTransport(_Configured[httpx.AsyncBaseTransport], httpx.Async
         if span is not None:
             span.end(response, None)
         if response.status_code in self._core.failing_statuses:
-            raise await _read_failure_async(response, request)
+            call.pending = response
+            raise ResponseFailure(response, request)
         return response
 
     async def aclose(self) -> None:

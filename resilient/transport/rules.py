@@ -58,9 +58,11 @@ class ResponseFailure(Exception):
     """A response the breaker counts as a failure (5xx but 501, 429, ``retry_statuses``).
 
     The transport never lets it out: when retries end, the caller gets the
-    response itself. ``on_retry`` hooks see it as ``event.exception``, with the
-    (already read and closed) response in ``.response`` and its request in ``.request``.
-    ``.asked_wait`` is the seconds its ``Retry-After`` asks for (429 and 503), else ``None``.
+    response itself, its body unread (as plain httpx returns it). ``on_retry`` hooks
+    see it as ``event.exception``, with the response in ``.response`` (status and
+    headers; its body is still unread, and is drained or closed before the retry is
+    sent) and its request in ``.request``. ``.asked_wait`` is the seconds its
+    ``Retry-After`` asks for (429 and 503), else ``None``.
     """
 
     def __init__(self, response: httpx.Response, request: httpx.Request) -> None:
