@@ -14,6 +14,11 @@ is the model). A source region and its twin look like this::
         ...
     # unasync: end generated
 
+A named region (``# unasync: begin NAME``) writes its twin where the line
+``# unasync: twin NAME`` stands instead (in another class, say), between that
+line and the next ``# unasync: end generated`` (write both; the script fills
+what is between them).
+
 Inside a source region, ``async``/``await`` are dropped, the names in
 ``RENAMES`` are replaced whole-word, and two directives cover what is not a
 mechanical rewrite::
@@ -39,7 +44,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 #: The files holding source regions.
-FILES = ("resilient/_driver.py",)
+FILES = ("resilient/_driver.py", "resilient/transport/__init__.py")
 
 #: Async names and their sync twins, replaced as whole words.
 RENAMES = {
@@ -52,6 +57,8 @@ RENAMES = {
     "handle_async_request": "handle_request",
     "aclose": "close",
     "aread": "read",
+    "_release_async": "_release",
+    "aiter_raw": "iter_raw",
     "__aenter__": "__enter__",
     "__aexit__": "__exit__",
     "AsyncIterator": "Iterator",
@@ -63,6 +70,7 @@ BEGIN = "# unasync: begin"
 END = "# unasync: end"
 GENERATED = "# unasync: generated from the async code above by scripts/unasync.py; do not edit"
 END_GENERATED = "# unasync: end generated"
+TWIN = "# unasync: twin"
 ASYNC_ONLY = "# unasync: async-only {"
 SYNC_ONLY = "# unasync: sync-only {"
 CLOSE = "# unasync: }"
@@ -116,13 +124,15 @@ def unasync_text(text: str, name: str) -> str:
     """``text`` with every generated twin rewritten from its source region."""
     lines = text.splitlines(keepends=True)
     out: list[str] = []
+    named: dict[str, list[str]] = {}  # a named region's twin, for its twin line
     index = 0
     while index < len(lines):
         line = lines[index]
         out.append(line)
         index += 1
-        if line.strip() != BEGIN:
+        if line.strip() != BEGIN and not line.strip().startswith(BEGIN + " "):
             continue
+        label = line.strip()[len(BEGIN) :].strip()
         start = index
         while index < len(lines) and lines[index].strip() != END:
             index += 1
@@ -133,16 +143,64 @@ def unasync_text(text: str, name: str) -> str:
         out.extend(region)
         out.append(lines[index])  # END
         index += 1
+        twin = unasync_lines(region, f"{name}:{start}")
+        if label:
+            if label in named:
+                raise UnasyncError(f"{name}:{start}: two regions are named {label!r}")
+            named[label] = twin
+            continue
         # Replace the old twin, if there is one, with the new.
-        if index < len(lines) and lines[index].strip() == GENERATED:
-            while index < len(lines) and lines[index].strip() != END_GENERATED:
-                index += 1
-            if index == len(lines):
-                raise UnasyncError(f"{name}:{start}: a generated twin has no '{END_GENERATED}'")
-            index += 1
+        index = _skip_twin(lines, index, GENERATED, name, start)
         out.append(f"{indent}{GENERATED}\n")
-        out.extend(unasync_lines(region, f"{name}:{start}"))
+        out.extend(twin)
         out.append(f"{indent}{END_GENERATED}\n")
+    return _place_named(out, named, name)
+
+
+def _skip_twin(lines: list[str], index: int, opener: str, name: str, start: int) -> int:
+    """Past the twin that starts at ``lines[index]`` with ``opener``, if one does."""
+    if index < len(lines) and lines[index].strip() == opener:
+        while index < len(lines) and lines[index].strip() != END_GENERATED:
+            index += 1
+        if index == len(lines):
+            raise UnasyncError(f"{name}:{start}: a generated twin has no '{END_GENERATED}'")
+        index += 1
+    return index
+
+
+def _place_named(lines: list[str], named: dict[str, list[str]], name: str) -> str:
+    """``lines`` with each named twin written after its twin line (the old one dropped)."""
+    out: list[str] = []
+    index = 0
+    placed = set()
+    while index < len(lines):
+        line = lines[index]
+        index += 1
+        stripped = line.strip()
+        if not stripped.startswith(TWIN + " "):
+            out.append(line)
+            continue
+        label = stripped[len(TWIN) :].strip()
+        if label not in named:
+            raise UnasyncError(f"{name}:{index}: no region is named {label!r}")
+        if label in placed:
+            raise UnasyncError(f"{name}:{index}: the twin of {label!r} stands twice")
+        placed.add(label)
+        indent = line[: len(line) - len(line.lstrip())]
+        out.append(line)
+        out.extend(named[label])
+        out.append(f"{indent}{END_GENERATED}\n")
+        # Drop the old twin (empty the first time), up to its end line.
+        while index < len(lines) and lines[index].strip() != END_GENERATED:
+            if lines[index].strip().startswith((TWIN + " ", BEGIN)):
+                break
+            index += 1
+        if index == len(lines) or lines[index].strip() != END_GENERATED:
+            raise UnasyncError(f"{name}: the twin line of {label!r} has no '{END_GENERATED}'")
+        index += 1
+    missing = set(named) - placed
+    if missing:
+        raise UnasyncError(f"{name}: no '{TWIN} NAME' line for {sorted(missing)}")
     return "".join(out)
 
 

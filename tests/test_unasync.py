@@ -91,3 +91,39 @@ def test_the_trees_sync_twins_are_generated_from_their_async_sources() -> None:
         assert unasync.formatted(unasync.unasync_text(text, name), name) == text, (
             f"{name}: its sync twins are stale; run `make unasync`"
         )
+
+
+NAMED = """\
+class Sync:
+    # unasync: twin io
+    # unasync: end generated
+
+
+class Async:
+    # unasync: begin io
+    async def send_async(self):
+        await self._inner.aclose()
+    # unasync: end
+"""
+
+
+def test_a_named_regions_twin_is_written_at_its_twin_line() -> None:
+    text = unasync.unasync_text(NAMED, "example.py")
+    sync_class = text.split("class Async:")[0]
+    assert "    def send_async(self):\n        self._inner.close()\n" in sync_class
+    # Rewriting replaces the twin in place rather than adding a second one.
+    assert unasync.unasync_text(text, "example.py") == text
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (NAMED.replace("    # unasync: twin io\n", ""), "no '# unasync: twin NAME' line"),
+        (NAMED.replace("twin io", "twin other"), "no region is named 'other'"),
+        (NAMED.replace("    # unasync: end generated\n", "", 1), "has no '# unasync: end"),
+        (NAMED + NAMED.split("\n\n\n")[1], "two regions are named 'io'"),
+    ],
+)
+def test_named_regions_and_twin_lines_must_match(text: str, message: str) -> None:
+    with pytest.raises(unasync.UnasyncError, match=message):
+        unasync.unasync_text(text, "bad.py")

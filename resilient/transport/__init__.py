@@ -790,13 +790,39 @@ def _drains(response: httpx.Response, request: httpx.Request) -> bool:
     )
 
 
+# unasync: begin
+async def _release_async(response: httpx.Response, request: httpx.Request) -> None:
+    """Before a retry: drain a failing response's body (see :data:`DRAIN_LIMIT`) and close it.
+
+    A body read to its end gives the connection back to the pool; one closed before
+    (too long, the deadline passed, or the read failed) drops the connection. In sync
+    code a read cannot be interrupted: each is bounded by its read timeout, clamped to
+    the deadline, and the deadline is checked between reads; in async code the driver
+    also cancels the drain at the attempt's deadline.
+    """
+    try:
+        if _drains(response, request):
+            read = 0
+            async for chunk in response.aiter_raw():
+                read += len(chunk)
+                if read > DRAIN_LIMIT or remaining() <= 0.0:
+                    break
+    except httpx.HTTPError:
+        pass  # the connection goes; nothing the caller must hear of
+    finally:
+        await response.aclose()
+
+
+# unasync: end
+# unasync: generated from the async code above by scripts/unasync.py; do not edit
 def _release(response: httpx.Response, request: httpx.Request) -> None:
     """Before a retry: drain a failing response's body (see :data:`DRAIN_LIMIT`) and close it.
 
     A body read to its end gives the connection back to the pool; one closed before
     (too long, the deadline passed, or the read failed) drops the connection. In sync
     code a read cannot be interrupted: each is bounded by its read timeout, clamped to
-    the deadline, and the deadline is checked between reads.
+    the deadline, and the deadline is checked between reads; in async code the driver
+    also cancels the drain at the attempt's deadline.
     """
     try:
         if _drains(response, request):
@@ -811,19 +837,7 @@ def _release(response: httpx.Response, request: httpx.Request) -> None:
         response.close()
 
 
-async def _release_async(response: httpx.Response, request: httpx.Request) -> None:
-    """The async twin of :func:`_release`; the driver cancels it at the attempt's deadline."""
-    try:
-        if _drains(response, request):
-            read = 0
-            async for chunk in response.aiter_raw():
-                read += len(chunk)
-                if read > DRAIN_LIMIT:
-                    break
-    except httpx.HTTPError:
-        pass
-    finally:
-        await response.aclose()
+# unasync: end generated
 
 
 def default_breaker(origin: str) -> CircuitBreaker:
@@ -1064,6 +1078,7 @@ class ResilientTransport(_Configured[httpx.BaseTransport], httpx.BaseTransport):
     def _default_inner(self) -> httpx.BaseTransport:
         return httpx.HTTPTransport()
 
+    # unasync: twin transport
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         core = self._core
         key = origin_key(request.url)
@@ -1147,6 +1162,8 @@ class ResilientTransport(_Configured[httpx.BaseTransport], httpx.BaseTransport):
     def close(self) -> None:
         self._transport.close()
 
+    # unasync: end generated
+
 
 class AsyncResilientTransport(_Configured[httpx.AsyncBaseTransport], httpx.AsyncBaseTransport):
     """The async twin of :class:`ResilientTransport`, for ``httpx.AsyncClient``.
@@ -1161,6 +1178,7 @@ class AsyncResilientTransport(_Configured[httpx.AsyncBaseTransport], httpx.Async
     def _default_inner(self) -> httpx.AsyncBaseTransport:
         return httpx.AsyncHTTPTransport()
 
+    # unasync: begin transport
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         core = self._core
         key = origin_key(request.url)
@@ -1179,7 +1197,9 @@ class AsyncResilientTransport(_Configured[httpx.AsyncBaseTransport], httpx.Async
                 or (_traces._TRACER_PROVIDER is None and _meters._METER_PROVIDER is None)
             )
         ):
-            # The fast path, as in ResilientTransport.handle_request.
+            # The fast path: what the driver would do for a healthy first attempt, with
+            # nothing to clamp or count, inline (a Python call here would cost ~10% of
+            # a request's overhead). A failure goes to Policy.resume, which takes over.
             clock = host.clock
             started = 0.0 if clock is None else clock()
             try:
@@ -1201,16 +1221,21 @@ class AsyncResilientTransport(_Configured[httpx.AsyncBaseTransport], httpx.Async
     ) -> httpx.Response:
         core = self._core
         core.begin(call, host)
+        # unasync: async-only {
         # Under a deadline, how many cancellations the task had pending before this request.
         cancelling = -1 if _current_deadline() == _INF else _cancelling()
+        # unasync: }
         try:
             response = await send(*args)
         except BaseException as error:
             try:
+                # unasync: async-only {
                 if cancelling >= 0 and isinstance(error, asyncio.CancelledError):
                     error = _deadline_cancelled(error, cancelling)
+                # unasync: }
                 response = core.settle(call, error)
             except BaseException:
+                # The caller gets an error, not the failing response still open: close it.
                 if call.pending is not None:
                     await call.pending.aclose()
                 raise
@@ -1244,3 +1269,5 @@ class AsyncResilientTransport(_Configured[httpx.AsyncBaseTransport], httpx.Async
 
     async def aclose(self) -> None:
         await self._transport.aclose()
+
+    # unasync: end
