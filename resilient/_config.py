@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Final
+from typing import Any, Final, TypeVar
 
-__all__ = ["DEFAULT", "Default", "Duration", "check_int", "check_number", "to_seconds"]
+__all__ = ["DEFAULT", "Default", "Duration", "check_int", "check_number", "rebuild", "to_seconds"]
 
 
 class Default(enum.Enum):
@@ -89,3 +90,15 @@ def check_number(
     if not ok:
         raise ValueError(f"{name} must be {bounds}, got {value!r}")
     return number
+
+
+_C = TypeVar("_C")
+
+
+def rebuild(cls: Callable[..., _C], config: dict[str, Any]) -> _C:
+    """Unpickle an object that pickles as its configuration: ``cls(**config)``, fresh state.
+
+    The stages' ``__reduce__`` returns ``(rebuild, (type(self), config))``, so a copy
+    sent to another process starts with none of this process's live state.
+    """
+    return cls(**config)

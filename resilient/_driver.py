@@ -27,7 +27,7 @@ import time
 import types
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Generator
-from typing import TYPE_CHECKING, Any, Final, Self
+from typing import TYPE_CHECKING, Any, ClassVar, Final, ParamSpec, Self, TypeVar, cast
 
 from resilient import _fork
 from resilient.deadline import current as _current
@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Configured",
+    "Decorating",
     "DriverCache",
     "NotAwaitable",
     "Recovery",
@@ -181,6 +182,49 @@ class Configured:
         return object.__new__(cls)
 
     __signature__ = _ConstructorSignature()
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class Decorating(Configured):
+    """Base of a stage that also decorates on its own: the driver with this one stage.
+
+    ``@stage`` over a function, ``stage.call(fn, ...)`` and ``await stage.acall(fn,
+    ...)`` behave exactly like a :class:`~resilient.Policy` holding only this stage.
+    A subclass names the :func:`build` keyword it fills (``_fills``) and keeps a
+    :data:`DriverCache` in ``_drivers``.
+    """
+
+    __slots__ = ()
+
+    _fills: ClassVar[str]
+    _drivers: DriverCache
+
+    def __call__(self, fn: Callable[P, R]) -> Callable[P, R]:
+        """Decorate sync or async ``fn`` so that every call goes through this stage.
+
+        Generator functions are refused; over a ``staticmethod`` or ``classmethod`` it
+        returns one of the same kind.
+        """
+        stage = {self._fills: self}
+        return cast("Callable[P, R]", decorate(fn, type(self).__name__, **stage))
+
+    def call(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
+        """Call sync ``fn(*args, **kwargs)`` through this stage, without decorating it."""
+        return cast(R, self._driver(fn, asynchronous=False)(*args, **kwargs))
+
+    async def acall(self, fn: Callable[P, Awaitable[R]], /, *args: P.args, **kwargs: P.kwargs) -> R:
+        """Await async ``fn(*args, **kwargs)`` through this stage, without decorating it."""
+        return cast(R, await self._driver(fn, asynchronous=True)(*args, **kwargs))
+
+    def _driver(self, fn: Callable[..., Any], *, asynchronous: bool) -> Callable[..., Any]:
+        return cached(self._drivers, fn, asynchronous, type(self).__name__, self._build)
+
+    def _build(self, fn: Callable[..., Any], asynchronous: bool) -> Callable[..., Any]:
+        stage: dict[str, Any] = {self._fills: self}
+        return build(fn, asynchronous=asynchronous, **stage)
 
 
 def _positional(what: str, args: tuple[object, ...]) -> TypeError:

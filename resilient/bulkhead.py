@@ -89,20 +89,17 @@ import math
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import Any, Final, ParamSpec, Self, TypeVar, cast
+from typing import Any, Final, Self
 
 from resilient import _driver, _fork
-from resilient._config import Duration, check_int, to_seconds
+from resilient._config import Duration, check_int, rebuild, to_seconds
 from resilient.deadline import remaining
 from resilient.errors import BulkheadFull, DeadlineExceeded
 from resilient.stages import SlotPool
 
 __all__ = ["Bulkhead"]
 
-P = ParamSpec("P")
-R = TypeVar("R")
 
 # A waiter's life: WAITING in the queue, then GRANTED a token (which it then
 # owns, even before it has woken up) or GONE (gave up, or could not be handed
@@ -139,12 +136,7 @@ def _resolve(future: asyncio.Future[bool], granted: bool) -> None:
         future.set_result(granted)
 
 
-def _rebuild(cls: type[Bulkhead], config: dict[str, Any]) -> Bulkhead:
-    """Unpickle a :class:`Bulkhead`: the same limits, every slot free."""
-    return cls(**config)
-
-
-class Bulkhead(_driver.Configured):
+class Bulkhead(_driver.Decorating):
     """Lets at most ``max_concurrent`` callers run at once; see the module docstring.
 
     ``max_waiting`` callers beyond those may wait for a slot, first come first
@@ -157,6 +149,8 @@ class Bulkhead(_driver.Configured):
     Used as a decorator (``@Bulkhead(max_concurrent=...)``) or through :meth:`call`
     and :meth:`acall`, it runs each call in a slot.
     """
+
+    _fills = "admission"  # @bulkhead, bulkhead.call(): the driver with this one stage
 
     __slots__ = (
         "__weakref__",
@@ -215,7 +209,7 @@ class Bulkhead(_driver.Configured):
             "max_wait": self._max_wait,
             "name": self._name,
         }
-        return (_rebuild, (type(self), config))
+        return (rebuild, (type(self), config))
 
     def _after_fork_in_child(self) -> None:
         # Only the forking thread lives on in a forked child: the other threads, and the
@@ -365,26 +359,6 @@ class Bulkhead(_driver.Configured):
         traceback: TracebackType | None,
     ) -> None:
         self.release()
-
-    # -- as a decorator: the driver with this one stage ---------------------
-
-    def __call__(self, fn: Callable[P, R]) -> Callable[P, R]:
-        """Decorate sync or async ``fn`` so that every call runs in a slot."""
-        return cast("Callable[P, R]", _driver.decorate(fn, "Bulkhead", admission=self))
-
-    def call(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
-        """Call sync ``fn(*args, **kwargs)`` in a slot, waiting for one as ``acquire`` does."""
-        return cast(R, self._driver(fn, asynchronous=False)(*args, **kwargs))
-
-    async def acall(self, fn: Callable[P, Awaitable[R]], /, *args: P.args, **kwargs: P.kwargs) -> R:
-        """Await async ``fn(*args, **kwargs)`` in a slot, waiting as ``acquire_async`` does."""
-        return cast(R, await self._driver(fn, asynchronous=True)(*args, **kwargs))
-
-    def _driver(self, fn: Callable[..., Any], *, asynchronous: bool) -> Callable[..., Any]:
-        return _driver.cached(self._drivers, fn, asynchronous, "Bulkhead", self._build)
-
-    def _build(self, fn: Callable[..., Any], asynchronous: bool) -> Callable[..., Any]:
-        return _driver.build(fn, asynchronous=asynchronous, admission=self)
 
     # -- the slow path: waiting -------------------------------------------
 

@@ -75,7 +75,7 @@ from typing import Any, Final, Literal, Protocol
 from xxhash import xxh3_64_intdigest
 
 from resilient import _fork
-from resilient._config import check_int, check_number
+from resilient._config import check_int, check_number, rebuild
 from resilient.errors import ResilientError
 
 __all__ = ["MAX_NODE_POINTS", "MAX_RING_POINTS", "BoundedLoadRing", "EmptyRingError", "HashRing"]
@@ -289,11 +289,6 @@ def _ring_config(snapshot: _Snapshot, vnodes: int) -> dict[str, Any]:
     }
 
 
-def _rebuild_ring(cls: type[HashRing], config: dict[str, Any]) -> HashRing:
-    """Unpickle a :class:`HashRing`: the same nodes, weights and placement."""
-    return cls(**config)
-
-
 def _rebuild_bounded(
     cls: type[BoundedLoadRing], ring: dict[str, Any], c: float, assigned: dict[Key, str]
 ) -> BoundedLoadRing:
@@ -369,7 +364,7 @@ class HashRing:
 
     def __reduce__(self) -> tuple[Any, ...]:
         # As its configuration: placement depends on nothing else, so the copy routes alike.
-        return (_rebuild_ring, (type(self), self._config()))
+        return (rebuild, (type(self), self._config()))
 
     def _config(self) -> dict[str, Any]:
         return _ring_config(self._snapshot, self._vnodes)

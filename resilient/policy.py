@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, ParamSpec, TypeVar, cast
 
 from resilient import _driver
 from resilient import tracing as _tracing
-from resilient._config import Duration, to_seconds
+from resilient._config import Duration, rebuild, to_seconds
 from resilient.stages import Admission, CallObserver, Gate, Retrier
 
 if TYPE_CHECKING:
@@ -202,7 +202,7 @@ class Policy(_driver.Configured):
                         "the global provider in the process that unpickles the Policy"
                     ) from exc
                 config[parameter] = provider
-        return (_rebuild, (type(self), config))
+        return (rebuild, (type(self), config))
 
     # Decorating ---------------------------------------------------------------------
 
@@ -297,11 +297,6 @@ def _time_limit(name: str, value: Duration | None, bounded: str) -> float | None
             "could never succeed; pass None for no limit"
         )
     return None if seconds == _INF else seconds
-
-
-def _rebuild(cls: type[Policy], config: dict[str, Any]) -> Policy:
-    """Unpickle a :class:`Policy`: the same stages, as they unpickle."""
-    return cls(**config)
 
 
 def _as_gate(breaker: object) -> Gate | None:

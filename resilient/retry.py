@@ -38,13 +38,31 @@ import random as _random
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final, Literal, ParamSpec, Protocol, TypeAlias, TypeVar, cast
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    ClassVar,
+    Final,
+    Literal,
+    Protocol,
+    TypeAlias,
+    TypeVar,
+    cast,
+)
 
 from resilient import _driver, _fork
-from resilient._config import DEFAULT, Default, Duration, check_int, check_number, to_seconds
+from resilient._config import (
+    DEFAULT,
+    Default,
+    Duration,
+    check_int,
+    check_number,
+    rebuild,
+    to_seconds,
+)
 from resilient.errors import PROGRAMMING_ERRORS, BulkheadFull, CircuitOpenError
 from resilient.stages import CallTally
 
@@ -69,8 +87,6 @@ __all__ = [
     "instant_retries",
 ]
 
-P = ParamSpec("P")
-R = TypeVar("R")
 _T = TypeVar("_T")
 
 Jitter: TypeAlias = Literal["full", "equal", "decorrelated", "none"]
@@ -383,7 +399,7 @@ class RetryBudget:
             "window": self._window,
             "clock": self._clock,
         }
-        return (_rebuild, (type(self), config))
+        return (rebuild, (type(self), config))
 
     def deposit(self, now: float) -> None:
         """Count one call made at ``now``. O(1) and lock-free (see the class docstring)."""
@@ -456,11 +472,6 @@ class _Slices:
 
 def _count_nothing(now: float) -> None:
     """``Retry.count_call`` when there is no budget to deposit into."""
-
-
-def _rebuild(cls: type[_T], config: dict[str, Any]) -> _T:
-    """Unpickle a :class:`Retry` or :class:`RetryBudget`: same configuration, fresh state."""
-    return cls(**config)
 
 
 # Events and per-call state ------------------------------------------------------------
@@ -573,7 +584,7 @@ def _describe(value: object) -> str:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True, init=False, eq=False, repr=False)
-class Retry(_driver.Configured):
+class Retry(_driver.Decorating):
     """Retry a failing call, with backoff, a retry budget and respect for the deadline.
 
     >>> retry = Retry(attempts=4, on=(ConnectionError, TimeoutError))
@@ -651,6 +662,7 @@ class Retry(_driver.Configured):
     # Set when any strategy is tenacity's: the retry_object their call state carries.
     _tenacity_retrying: BaseRetrying | None = field(init=False)
     # The drivers behind call() and acall(), per function, built on first use.
+    _fills: ClassVar[str] = "retrier"  # @retry, retry.call(): the driver with this stage
     _drivers: _driver.DriverCache = field(init=False)
 
     def __init__(
@@ -832,30 +844,7 @@ class Retry(_driver.Configured):
             # The module's generator would be pickled with its state, and every copy
             # would then draw the same jitter: leave each process its own.
             config["random"] = self.random
-        return (_rebuild, (type(self), config))
-
-    # Using it alone: the driver with this one stage ------------------------------------
-
-    def __call__(self, fn: Callable[P, R]) -> Callable[P, R]:
-        """Decorate ``fn`` (sync or async) to retry it; generators are refused.
-
-        Over a ``staticmethod`` or ``classmethod`` it returns one of the same kind.
-        """
-        return cast("Callable[P, R]", _driver.decorate(fn, "Retry", retrier=self))
-
-    def call(self, fn: Callable[..., R], /, *args: Any, **kwargs: Any) -> R:
-        """Call sync ``fn(*args, **kwargs)`` with retries, without decorating it."""
-        return cast(R, self._driver(fn, asynchronous=False)(*args, **kwargs))
-
-    async def acall(self, fn: Callable[..., Awaitable[R]], /, *args: Any, **kwargs: Any) -> R:
-        """Await async ``fn(*args, **kwargs)`` with retries, without decorating it."""
-        return cast(R, await self._driver(fn, asynchronous=True)(*args, **kwargs))
-
-    def _driver(self, fn: Callable[..., Any], *, asynchronous: bool) -> Callable[..., Any]:
-        return _driver.cached(self._drivers, fn, asynchronous, "Retry", self._build)
-
-    def _build(self, fn: Callable[..., Any], asynchronous: bool) -> Callable[..., Any]:
-        return _driver.build(fn, asynchronous=asynchronous, retrier=self)
+        return (rebuild, (type(self), config))
 
     # The Retrier protocol (resilient.stages) ----------------------------------------------
 

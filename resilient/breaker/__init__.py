@@ -67,12 +67,20 @@ import pickle
 import threading
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Final, ParamSpec, TypeAlias, TypeVar, cast
+from typing import Any, Final, TypeAlias
 
 from resilient import _driver, _fork
-from resilient._config import DEFAULT, Default, Duration, check_int, check_number, to_seconds
+from resilient._config import (
+    DEFAULT,
+    Default,
+    Duration,
+    check_int,
+    check_number,
+    rebuild,
+    to_seconds,
+)
 
 # The states as module globals (cheaper to read than class attributes), shared with the store.
 from resilient.breaker.store import (
@@ -106,8 +114,6 @@ __all__ = [
     "unsubscribe",
 ]
 
-P = ParamSpec("P")
-R = TypeVar("R")
 
 _logger = logging.getLogger("resilient.breaker")
 
@@ -181,12 +187,7 @@ _UNTIMED: Final = _Ticket(None, None)
 _names = itertools.count(1)
 
 
-def _restore_breaker(cls: type[CircuitBreaker], config: dict[str, Any]) -> CircuitBreaker:
-    """Unpickle a breaker: the same configuration, fresh closed state."""
-    return cls(**config)
-
-
-class CircuitBreaker(_driver.Configured):
+class CircuitBreaker(_driver.Decorating):
     """Stops calls to a failing dependency and lets probes find out when it recovers.
 
     >>> payments = CircuitBreaker(name="payments", failure_threshold=5, reset_timeout=30)
@@ -229,6 +230,8 @@ class CircuitBreaker(_driver.Configured):
     counters. ``clock``, ``listeners``, ``exclude`` and ``store`` must then be
     picklable (module-level functions, not lambdas or closures).
     """
+
+    _fills = "gate"  # @breaker, breaker.call(): the driver with this one stage
 
     __slots__ = (
         "__weakref__",
@@ -430,7 +433,7 @@ class CircuitBreaker(_driver.Configured):
                     f"{value!r} is not picklable; use a module-level function or class "
                     "instead of a lambda or closure"
                 ) from exc
-        return (_restore_breaker, (type(self), dict(self._config)))
+        return (rebuild, (type(self), dict(self._config)))
 
     # Manual control -----------------------------------------------------------------------
 
@@ -453,29 +456,6 @@ class CircuitBreaker(_driver.Configured):
                 if snapshot.state is not new_state:
                     self._emit(snapshot.state, new_state, reason, now)
                 return
-
-    # Sugar: the driver with this one stage ----------------------------------------------
-
-    def __call__(self, fn: Callable[P, R]) -> Callable[P, R]:
-        """Decorate sync or async ``fn`` so that every call goes through this breaker.
-
-        Over a ``staticmethod`` or ``classmethod`` it returns one of the same kind.
-        """
-        return cast("Callable[P, R]", _driver.decorate(fn, "CircuitBreaker", gate=self))
-
-    def call(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
-        """Call sync ``fn(*args, **kwargs)`` through this breaker."""
-        return cast(R, self._driver(fn, asynchronous=False)(*args, **kwargs))
-
-    async def acall(self, fn: Callable[P, Awaitable[R]], /, *args: P.args, **kwargs: P.kwargs) -> R:
-        """Await async ``fn(*args, **kwargs)`` through this breaker."""
-        return cast(R, await self._driver(fn, asynchronous=True)(*args, **kwargs))
-
-    def _driver(self, fn: Callable[..., Any], *, asynchronous: bool) -> Callable[..., Any]:
-        return _driver.cached(self._drivers, fn, asynchronous, "CircuitBreaker", self._build)
-
-    def _build(self, fn: Callable[..., Any], asynchronous: bool) -> Callable[..., Any]:
-        return _driver.build(fn, asynchronous=asynchronous, gate=self)
 
     # The Gate protocol (resilient.stages) -------------------------------------------------
 
