@@ -60,6 +60,8 @@ _CoroutineType = types.CoroutineType
 _ATTEMPT: Final = object()
 # What build_resume's gate check holds when the gate refused.
 _REFUSED: Final = object()
+# A gate's ticket still to be asked for, inside the handlers that report a refusal.
+_LATE: Final = object()
 # Read at call time, so resilient.testing.record_sleeps() can stand in for them.
 _sleep: Callable[[float], object] = time.sleep
 _async_sleep: Callable[[float], Awaitable[object]] = asyncio.sleep
@@ -329,6 +331,10 @@ def build(
     # A healthy call reads the clock once when the retrier's clock is the deadline's.
     shared_clock = clock is _monotonic
     bounded = timeout is not None or attempt_timeout is not None
+    # Whether a call may ask the gate before anything needs undoing on refusal: no slot
+    # to give back, no deadline to restore (a record or a deadline in force may still
+    # make it ask later).
+    early = admission is None and not bounded
 
     def recovery(started: float, total: float, outer: float) -> Recovery:
         assert retrier is not None
@@ -391,6 +397,16 @@ def build(
             if bounded or outer != _INF:
                 now = _monotonic()
                 limit = _attempt_limit(now, total, attempt_timeout)
+        if holder is not None and holder.state is closed:
+            ticket = None  # the gate's quiet path: before_call() would return None
+        elif before_call is None:
+            ticket = None
+        elif early and record is None and outer == _INF:
+            # Nothing to undo yet (no slot, deadline or record): a refusal raises from
+            # here, through none of the handlers below, which would cost more than it.
+            ticket = before_call()
+        else:
+            ticket = _LATE
         try:
             started = now
             if count_call is not None:
@@ -407,12 +423,9 @@ def build(
                 raise _expired(timeout)
             token = None if limit >= outer else _narrow(limit)
             try:
-                ticket = None
-                if holder is not None and holder.state is closed:
-                    pass  # the gate's quiet path: before_call() would return None
-                elif before_call is not None:
+                if ticket is _LATE:
                     try:
-                        ticket = before_call()
+                        ticket = before_call()  # type: ignore[misc]
                     except Exception as refused:
                         if record is not None:
                             record.rejected(refused)
@@ -526,6 +539,16 @@ def build(
             if bounded or outer != _INF:
                 now = _monotonic()
                 limit = _attempt_limit(now, total, attempt_timeout)
+        if holder is not None and holder.state is closed:
+            ticket = None  # the gate's quiet path: before_call() would return None
+        elif before_call is None:
+            ticket = None
+        elif early and record is None and outer == _INF:
+            # Nothing to undo yet (no slot, deadline or record): a refusal raises from
+            # here, through none of the handlers below, which would cost more than it.
+            ticket = before_call()
+        else:
+            ticket = _LATE
         try:
             started = now
             if count_call is not None:
@@ -542,12 +565,9 @@ def build(
                 raise _expired(timeout)
             token = None if limit >= outer else _narrow(limit)
             try:
-                ticket = None
-                if holder is not None and holder.state is closed:
-                    pass  # the gate's quiet path: before_call() would return None
-                elif before_call is not None:
+                if ticket is _LATE:
                     try:
-                        ticket = before_call()
+                        ticket = before_call()  # type: ignore[misc]
                     except Exception as refused:
                         if record is not None:
                             record.rejected(refused)

@@ -473,11 +473,22 @@ class CircuitBreaker(_driver.Decorating):
         The ticket is ``None`` for a closed-state call with nothing to time or
         record on success, else an object only this breaker reads.
         """
-        if self._store.state is _CLOSED:
+        store = self._store
+        state = store.state
+        if state is _CLOSED:
             if self._plain:
                 return None
             if self._slow_call_duration is None:
                 return _UNTIMED  # a failure-rate window: the outcome is recorded, not timed
+        elif state is _OPEN:
+            # Rejections are the common case while open: decided here, in this frame, and
+            # without the lock (frames are most of a rejection's cost).
+            opened_at = store.opened_at
+            if opened_at is not None:
+                retry_after = opened_at + self._reset_timeout - self._clock()
+                if retry_after > 0.0:
+                    self._total_rejections += 1
+                    raise CircuitOpenError(self._name, retry_after)
         return self._admit()
 
     def on_success(self, ticket: object) -> None:

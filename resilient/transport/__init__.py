@@ -337,6 +337,10 @@ class _Host:
     # The retry's clock and how it counts a call in its budget (None without retries).
     clock: Callable[[], float] | None
     count_call: Callable[[float], None] | None
+    # The budget's current slice (see CallTally): counted inline while it lasts.
+    slices: Any
+    # The report of a fast first try, built once: the state is closed or there is none.
+    first_try: Mapping[str, object]
     # The metric attribute sets named after the origin: they go when the origin goes.
     attributes: PolicyAttributes
 
@@ -518,6 +522,8 @@ class _Core:
             and (breaker is None or (builtin is not None and not builtin.counts_successes))
             and not (self.telemetry is not None and self.telemetry.explicit)
         )
+        count_call = None if retry is None else retry.count_call
+        tally = None if retry is None else retry.tally()
         return _Host(
             origin=origin,
             breaker=breaker,
@@ -537,7 +543,9 @@ class _Core:
             fast=fast,
             untraced=self.telemetry is None,
             clock=None if retry is None else retry.clock,
-            count_call=None if retry is None else retry.count_call,
+            count_call=None if tally is not None and tally.holder is None else count_call,
+            slices=None if tally is None else tally.holder,
+            first_try=_FIRST_TRY[None if builtin is None else BreakerState.CLOSED],
             attributes=PolicyAttributes(origin),
         )
 
@@ -1111,8 +1119,12 @@ class ResilientTransport(_Configured[httpx.BaseTransport], httpx.BaseTransport):
                 return self._finish(*core.resumed(request, host, started, failure))
             count_call = host.count_call
             if count_call is not None:
-                count_call(started)
-            response.extensions["resilient"] = _FIRST_TRY[None if store is None else store.state]
+                slices = host.slices
+                if slices is not None and started < slices.end:
+                    slices.calls[slices.current] += 1
+                else:
+                    count_call(started)
+            response.extensions["resilient"] = host.first_try
             return response
         return self._finish(*self._core.routed(request, host))
 
@@ -1211,8 +1223,12 @@ class AsyncResilientTransport(_Configured[httpx.AsyncBaseTransport], httpx.Async
                 return await self._finish(*core.resumed(request, host, started, failure))
             count_call = host.count_call
             if count_call is not None:
-                count_call(started)
-            response.extensions["resilient"] = _FIRST_TRY[None if store is None else store.state]
+                slices = host.slices
+                if slices is not None and started < slices.end:
+                    slices.calls[slices.current] += 1
+                else:
+                    count_call(started)
+            response.extensions["resilient"] = host.first_try
             return response
         return await self._finish(*self._core.routed(request, host))
 
