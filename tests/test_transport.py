@@ -1348,7 +1348,8 @@ async def test_a_deadline_passing_just_before_the_send_stops_it(
     """If the budget runs out between the policy's check and the send, nothing is sent."""
     script = Script()
     harness = make(script, retry=None)
-    monkeypatch.setattr("resilient.transport.remaining", lambda: 0.0)
+    # The transport's own reading of the clock, just before it sends, is past the deadline.
+    monkeypatch.setattr("resilient.transport._monotonic", lambda: math.inf)
     with (
         resilient.deadline(60),
         pytest.raises(TransportDeadlineExceeded, match="before the request could be sent"),

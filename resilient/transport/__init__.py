@@ -143,7 +143,6 @@ _DEFAULT_RETRY: Final = Retry(attempts=3)
 #: dropped, rather than read at length.
 DRAIN_LIMIT: Final = 64 * 1024
 _OPTIONS: Final = frozenset({"retry", "idempotent"})
-_TIMEOUT_KEYS: Final = ("connect", "read", "write", "pool")
 _NO_TIMEOUTS: Final[Mapping[str, float | None]] = MappingProxyType({})
 
 
@@ -162,6 +161,7 @@ _INF: Final = math.inf
 # resilient.tracing.provider_globals), bound by the first transport with tracing on.
 _traces: Any = None
 _meters: Any = None
+_monotonic = time.monotonic
 _perf_counter = time.perf_counter
 
 
@@ -609,18 +609,23 @@ class _Core:
 
     # Around every attempt -------------------------------------------------------------------
 
-    def clamp(self, request: httpx.Request, call: _Call) -> None:
-        """Under a deadline, before an attempt: clamp its timeouts, announce the budget."""
-        left = remaining()
+    def clamp(self, request: httpx.Request, call: _Call, when: float) -> None:
+        """Under the deadline ``when``, before an attempt: clamp its timeouts, send the budget."""
+        left = when - _monotonic()
         if left <= 0.0:
             raise DeadlineExceeded("the deadline passed before the request could be sent")
         if call.attempts == 1:
             call.timeouts = request.extensions.get("timeout") or _NO_TIMEOUTS
         given = call.timeouts
         assert given is not None
+        # Each of httpx's four timeouts, written out: a comprehension costs a frame.
+        get = given.get
+        connect, read, write, pool = get("connect"), get("read"), get("write"), get("pool")
         timeouts = {
-            key: left if (value := given.get(key)) is None or value > left else value
-            for key in _TIMEOUT_KEYS
+            "connect": left if connect is None or connect > left else connect,
+            "read": left if read is None or read > left else read,
+            "write": left if write is None or write > left else write,
+            "pool": left if pool is None or pool > left else pool,
         }
         extensions = dict(request.extensions)
         extensions["timeout"] = timeouts
@@ -667,13 +672,6 @@ class _Core:
         finally:
             error = None  # type: ignore[assignment]  # this frame is on its traceback
 
-    def start_attempt(self, request: httpx.Request, call: _Call) -> HttpSpan | None:
-        """Before an attempt is sent: clamp it to the deadline; its span, if traced."""
-        if _current_deadline() != _INF:
-            self.clamp(request, call)
-        tracer = call.tracer
-        return None if tracer is None else HttpSpan(tracer, request, call.attempts)
-
     def attempt_failed(self, span: HttpSpan | None, exc: BaseException) -> BaseException:
         """The attempt raised ``exc``: end its span; what to raise instead, if anything."""
         if span is not None:
@@ -694,7 +692,10 @@ class _Core:
         # Each response owns its extensions dict: add to it rather than copying it.
         state = None if host.store is None else host.store.state
         if call.attempts == 1 and not call.waited:
-            response.extensions["resilient"] = _FIRST_TRY[state]  # built once, read-only
+            # Built once, read-only; the origin holds the common one (a BreakerState key
+            # hashes through a Python call).
+            first = host.first_try if state is None or state is _CLOSED else _FIRST_TRY[state]
+            response.extensions["resilient"] = first
         else:
             response.extensions["resilient"] = _report(call.attempts, call.waited, state)
         if call.instruments is not None or call.root is not None:
@@ -706,7 +707,12 @@ class _Core:
     def begin(self, call: _Call, host: _Host) -> None:
         """Before a request goes to the driver: record it, if somebody listens."""
         telemetry = self.telemetry
-        if telemetry is None or not telemetry.wanted():
+        # Telemetry.wanted(), inline: this runs for every request off the fast path.
+        if telemetry is None or not (
+            telemetry.explicit
+            or _traces._TRACER_PROVIDER is not None
+            or _meters._METER_PROVIDER is not None
+        ):
             return
         call.tracer = tracer = telemetry.tracer()
         call.instruments = instruments = telemetry.instruments()
@@ -1153,7 +1159,12 @@ class ResilientTransport(_Configured[httpx.BaseTransport], httpx.BaseTransport):
         if pending is not None:  # a retry: the previous failing response goes first
             call.pending = None
             _release(pending, request)
-        span = self._core.start_attempt(request, call)
+        # Clamp the attempt to the deadline; its span, if traced (inline: a frame costs).
+        when = _current_deadline()
+        if when != _INF:
+            self._core.clamp(request, call, when)
+        tracer = call.tracer
+        span = None if tracer is None else HttpSpan(tracer, request, call.attempts)
         try:
             response = self._transport.handle_request(request)
         except BaseException as exc:
@@ -1265,7 +1276,12 @@ class AsyncResilientTransport(_Configured[httpx.AsyncBaseTransport], httpx.Async
         if pending is not None:  # a retry: the previous failing response goes first
             call.pending = None
             await _release_async(pending, request)
-        span = self._core.start_attempt(request, call)
+        # Clamp the attempt to the deadline; its span, if traced (inline: a frame costs).
+        when = _current_deadline()
+        if when != _INF:
+            self._core.clamp(request, call, when)
+        tracer = call.tracer
+        span = None if tracer is None else HttpSpan(tracer, request, call.attempts)
         try:
             response = await self._transport.handle_async_request(request)
         except BaseException as exc:
