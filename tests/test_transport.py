@@ -620,6 +620,24 @@ async def test_each_origin_has_its_own_retry_budget(make: MakeHarness) -> None:
 # without the policy's driver; a failure hands that first attempt over to the driver.
 
 
+async def test_a_success_between_failures_restarts_the_consecutive_count(
+    make: MakeHarness, clock: FakeClock
+) -> None:
+    """Fail, fail, succeed, fail leaves a threshold-3 breaker closed: the success counts."""
+    harness = make(Script(503, 503, 200, 503, 503), retry=None, breaker=breakers(clock, 3))
+    statuses = [(await harness.send()).status_code for _ in range(5)]
+    assert statuses == [503, 503, 200, 503, 503]
+    breaker = harness.transport.breaker_for(BASE)
+    assert breaker is not None
+    assert breaker.state is BreakerState.CLOSED
+    assert breaker.metrics().consecutive_failures == 2
+    # Three failures in a row, and only then, open it.
+    tripped = make(Script(503, 503, 503), retry=None, breaker=breakers(clock, 3))
+    for _ in range(3):
+        await tripped.send()
+    assert tripped.transport.origins() == {"http://api.test:80": BreakerState.OPEN}
+
+
 async def test_the_retry_budget_counts_each_request_once(
     make: MakeHarness, clock: FakeClock
 ) -> None:
