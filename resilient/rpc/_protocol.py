@@ -1,0 +1,430 @@
+"""JSON-RPC 2.0 without I/O: parse a body, bind params to a signature, encode answers.
+
+The server (:mod:`resilient.rpc.server`) does the ASGI part and calls in here with
+bytes; everything here is plain functions over bytes and msgspec types, decided once
+per method at registration where it can be:
+
+* :func:`parse` turns a body into one :class:`Request`, a list of them (a batch),
+  or the bytes of the single error answer (parse error, empty or oversized batch).
+  A request object is decoded by one typed msgspec decoder whose ``params`` and
+  ``id`` stay :class:`msgspec.Raw`: params are decoded later by the method's own
+  decoder, and the id is echoed byte for byte. Only a request that fails that
+  decoder takes the slow path that says which member is wrong.
+* :class:`Signature` is a handler's parameters, built at registration: two msgspec
+  Structs (by position, by name) whose decoders validate the params against the
+  annotations; a mismatch becomes :class:`~resilient.rpc.errors.InvalidParams`
+  naming the parameter and why.
+* :func:`result_body` and :func:`error_body` encode answers; constant errors are
+  encoded once, at import.
+* :func:`deadline_from_headers` reads ``resilient-timeout-ms``, ``grpc-timeout`` and
+  ``connect-timeout-ms``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import re
+from collections.abc import Callable
+from itertools import accumulate
+from typing import Any, Final
+
+import msgspec
+
+from resilient.deadline import parse_deadline_header
+from resilient.rpc.errors import (
+    InvalidParams,
+    InvalidRequest,
+    ParseError,
+    RemoteError,
+)
+
+__all__ = [
+    "ABSENT",
+    "Request",
+    "Signature",
+    "content_type_ok",
+    "deadline_from_headers",
+    "depth_over",
+    "error_body",
+    "error_object",
+    "parse",
+    "parse_grpc_timeout",
+    "parse_one",
+    "result_body",
+]
+
+#: The default of a member the request left out (``params``, ``id``): an empty Raw.
+ABSENT: Final = msgspec.Raw(b"")
+#: The id of an answer whose request's id could not be read.
+NULL: Final = b"null"
+
+
+class Request(msgspec.Struct, gc=False):
+    """One request object as the wire has it; ``params`` and ``id`` are not decoded yet."""
+
+    jsonrpc: str
+    method: str
+    params: msgspec.Raw = ABSENT
+    id: msgspec.Raw = ABSENT
+
+
+_decode_request = msgspec.json.Decoder(Request).decode
+_decode_batch = msgspec.json.Decoder(list[msgspec.Raw]).decode
+_decode_any = msgspec.json.decode
+_encode = msgspec.json.encode
+
+# Encoding answers ----------------------------------------------------------------------
+
+
+def error_object(error: RemoteError) -> bytes:
+    """The JSON of an error object: ``{"code", "message"}`` and ``data`` when there is some."""
+    if error.data is None:
+        return _encode({"code": error.code, "message": error.message})
+    return _encode({"code": error.code, "message": error.message, "data": error.data})
+
+
+def error_body(id: bytes, error: RemoteError | bytes) -> bytes:
+    """The answer carrying ``error`` (an error or its encoded object) for the request ``id``."""
+    encoded = error if isinstance(error, bytes) else error_object(error)
+    return b'{"jsonrpc":"2.0","error":' + encoded + b',"id":' + id + b"}"
+
+
+def result_body(id: bytes, result: bytes) -> bytes:
+    """The answer carrying ``result`` (already encoded) for the request ``id``."""
+    return b'{"jsonrpc":"2.0","result":' + result + b',"id":' + id + b"}"
+
+
+PARSE_ERROR: Final = error_body(NULL, ParseError())
+EMPTY_BATCH: Final = error_body(NULL, InvalidRequest(data="an empty batch is not a request"))
+
+
+# Parsing ----------------------------------------------------------------------------
+
+_WHITESPACE: Final = b" \t\r\n"
+# A JSON string, to blank out before counting brackets (linear: no nested repetition).
+_STRING: Final = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+# Every byte but the four brackets, deleted before the depth walk.
+_NOT_BRACKETS: Final = bytes(b for b in range(256) if b not in b"[]{}")
+_STEP: Final = {ord("["): 1, ord("{"): 1, ord("]"): -1, ord("}"): -1}
+
+
+def depth_over(body: bytes, max_depth: int) -> bool:
+    """Whether the JSON in ``body`` nests arrays and objects deeper than ``max_depth``.
+
+    msgspec has no depth limit of its own (it stops at the interpreter's recursion
+    limit). Counting every opening bracket is two scans in C and settles nearly every
+    request; only a body with more brackets than ``max_depth`` is walked: strings
+    blanked out, then the running depth of the brackets left.
+    """
+    if body.count(b"[") + body.count(b"{") <= max_depth:
+        return False
+    brackets = _STRING.sub(b"", body).translate(None, _NOT_BRACKETS)
+    return max(accumulate(_STEP[byte] for byte in brackets), default=0) > max_depth
+
+
+Parsed = Request | bytes
+"""A request ready to dispatch, or the encoded answer to a request that is not one."""
+
+
+def _explain(entry: bytes) -> bytes:
+    """The invalid-request answer for an entry that failed the typed decoder: say why.
+
+    The slow path, taken only for bad requests: decode the entry as any JSON and
+    look at each member in turn. Raises :class:`msgspec.DecodeError` if it is not JSON.
+    """
+    value = _decode_any(entry)
+    if not isinstance(value, dict):
+        return error_body(NULL, InvalidRequest(data="a request must be a JSON object"))
+    id_value = value.get("id")
+    id = NULL
+    if _valid_id(id_value):
+        id = _encode(id_value)
+    if value.get("jsonrpc") != "2.0":
+        why = 'the "jsonrpc" member must be exactly "2.0"'
+    elif "method" not in value:
+        why = 'the "method" member is missing'
+    else:
+        # Only these two members can fail the typed decoder once "jsonrpc" is right.
+        why = 'the "method" member must be a string'
+    return error_body(id, InvalidRequest(data=why))
+
+
+def _valid_id(value: object) -> bool:
+    return value is None or (isinstance(value, str | int | float) and not isinstance(value, bool))
+
+
+# First byte of each JSON value an id may be: a string, a number or null.
+_ID_STARTS: Final = frozenset(b'"-0123456789n')
+_PARAMS_STARTS: Final = frozenset(b"[{")
+
+
+def _check(request: Request, entry: bytes) -> Parsed:
+    """The request if its ``id`` and ``params`` have allowed types, else its error answer."""
+    id = request.id
+    if id is not ABSENT and bytes(id)[0] not in _ID_STARTS:
+        return error_body(
+            NULL, InvalidRequest(data='the "id" member must be a string, a number or null')
+        )
+    params = request.params
+    if params is not ABSENT and bytes(params)[0] not in _PARAMS_STARTS:
+        return error_body(
+            NULL if id is ABSENT else bytes(id),
+            InvalidRequest(data='the "params" member must be an array or an object'),
+        )
+    if request.jsonrpc != "2.0":
+        return _explain(entry)
+    return request
+
+
+def parse_one(entry: bytes) -> Parsed:
+    """One request object (a whole body, or one entry of a batch)."""
+    try:
+        request = _decode_request(entry)
+    except msgspec.ValidationError:
+        return _explain(entry)
+    return _check(request, entry)
+
+
+def parse(body: bytes, *, max_depth: int, max_batch: int) -> Parsed | list[Parsed]:
+    """Parse a whole body: one request, a batch of them, or the single error answer.
+
+    Never raises for bad input: everything that is not a request becomes its answer.
+    """
+    if not body.isascii():
+        try:
+            body.decode("utf-8")
+        except UnicodeDecodeError as error:
+            return error_body(
+                NULL, ParseError(data=f"the body is not UTF-8: bad byte at {error.start}")
+            )
+    if depth_over(body, max_depth):
+        return error_body(
+            NULL,
+            InvalidRequest(data=f"the JSON nests deeper than max_depth={max_depth} levels"),
+        )
+    first = body[:1]
+    if first in _WHITESPACE and first:
+        first = body.lstrip(_WHITESPACE)[:1]
+    try:
+        if first != b"[":
+            return parse_one(body)
+        entries = _decode_batch(body)
+    except (msgspec.DecodeError, RecursionError):
+        return PARSE_ERROR
+    if not entries:
+        return EMPTY_BATCH
+    if len(entries) > max_batch:
+        return error_body(
+            NULL,
+            InvalidRequest(
+                data=f"a batch of {len(entries)} requests is over max_batch={max_batch}"
+            ),
+        )
+    return [parse_one(bytes(entry)) for entry in entries]
+
+
+# Headers ---------------------------------------------------------------------------
+
+_GRPC_UNITS: Final = {
+    "H": 3600.0,
+    "M": 60.0,
+    "S": 1.0,
+    "m": 1e-3,
+    "u": 1e-6,
+    "n": 1e-9,
+}
+_GRPC_TIMEOUT: Final = re.compile(r"([0-9]{1,8})([HMSmun])")
+
+
+def parse_grpc_timeout(value: str) -> float:
+    """Seconds in a ``grpc-timeout`` value: at most 8 ASCII digits and a unit (H M S m u n)."""
+    match = _GRPC_TIMEOUT.fullmatch(value)
+    if match is None:
+        raise ValueError(
+            f"grpc-timeout must be 1 to 8 digits and a unit (H, M, S, m, u, n), got {value!r}"
+        )
+    return int(match[1]) * _GRPC_UNITS[match[2]]
+
+
+def deadline_from_headers(
+    resilient: bytes | None, grpc: bytes | None, connect: bytes | None, *, maximum: float
+) -> float:
+    """Seconds the caller gave the request, clamped to ``maximum`` (``inf``: no limit).
+
+    The first header present wins, in the order ``resilient-timeout-ms``,
+    ``grpc-timeout``, ``connect-timeout-ms``. Raises ``ValueError`` for a malformed one.
+    """
+    limit = 1e12 if math.isinf(maximum) else maximum
+    if resilient is not None:
+        seconds = parse_deadline_header(resilient, maximum=limit)
+    elif grpc is not None:
+        seconds = parse_grpc_timeout(grpc.decode("latin-1"))
+    else:
+        assert connect is not None
+        text = connect.decode("latin-1")
+        try:
+            seconds = parse_deadline_header(text, maximum=limit)
+        except ValueError:
+            raise ValueError(
+                f"connect-timeout-ms must be ASCII digits (milliseconds), got {text!r}"
+            ) from None
+    return seconds if seconds < maximum else maximum
+
+
+def content_type_ok(value: bytes | None) -> bool:
+    """Whether a ``Content-Type`` names JSON: ``application/json``, charset UTF-8 if any.
+
+    No header at all is accepted: many callers leave it out, and the body is parsed
+    strictly anyway.
+    """
+    if value is None or value == b"application/json":
+        return True
+    kind, _, parameters = value.partition(b";")
+    if kind.strip().lower() != b"application/json":
+        return False
+    for parameter in parameters.split(b";"):
+        key, _, setting = parameter.partition(b"=")
+        if key.strip().lower() == b"charset" and setting.strip().strip(b'"').lower() not in (
+            b"utf-8",
+            b"utf8",
+        ):
+            return False
+    return True
+
+
+# Signatures ------------------------------------------------------------------------
+
+_POSITIONAL: Final = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+_FIELD: Final = re.compile(r"field `([^`]*)`")
+_AT: Final = re.compile(r" - at `\$(?:\.([^.\[`]+)|\[(\d+)\])")
+_AT_MOST: Final = re.compile(r"at most length (\d+)")
+_GOT: Final = re.compile(r"length \d+, got (\d+)")
+
+
+class Signature:
+    """A handler's parameters, turned into msgspec decoders once, at registration.
+
+    :meth:`bind` decodes the raw params (an array binds by position, an object by
+    name) into ``(args, kwargs)`` for the handler, raising :class:`InvalidParams`
+    whose ``data`` is ``{"param": name, "reason": why}``.
+    """
+
+    __slots__ = (
+        "_by_name",
+        "_by_position",
+        "_keyword_names",
+        "_positional_count",
+        "names",
+        "parameters",
+        "positional_names",
+        "required",
+    )
+
+    def __init__(self, fn: Callable[..., Any], method: str) -> None:
+        try:
+            signature = inspect.signature(fn, eval_str=True)
+        except NameError as error:
+            raise TypeError(
+                f"the annotations of the handler for {method!r} do not resolve: {error}"
+            ) from None
+        positional: list[tuple[Any, ...]] = []
+        keyword: list[tuple[Any, ...]] = []
+        self.parameters: dict[str, inspect.Parameter] = {}
+        for parameter in signature.parameters.values():
+            if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+                raise TypeError(
+                    f"the handler for {method!r} takes *{parameter.name} or **{parameter.name}:"
+                    " JSON-RPC params bind to named parameters only; list them"
+                )
+            annotation = Any if parameter.annotation is parameter.empty else parameter.annotation
+            field: tuple[Any, ...] = (parameter.name, annotation)
+            if parameter.default is not parameter.empty:
+                field = (*field, parameter.default)
+            (positional if parameter.kind in _POSITIONAL else keyword).append(field)
+            self.parameters[parameter.name] = parameter
+        self.names = [field[0] for field in (*positional, *keyword)]
+        self.positional_names = [field[0] for field in positional]
+        self.required = frozenset(
+            name for name, p in self.parameters.items() if p.default is p.empty
+        )
+        self._positional_count = len(positional)
+        self._keyword_names = tuple(field[0] for field in keyword)
+        try:
+            by_name = msgspec.defstruct(
+                f"{method}:by_name",
+                [*positional, *keyword],
+                kw_only=True,
+                forbid_unknown_fields=True,
+            )
+            self._by_name = msgspec.json.Decoder(by_name).decode
+            # Keyword-only parameters cannot be given by position; without defaults
+            # they rule out a positional call.
+            self._by_position: Callable[[bytes], Any] | None = None
+            if not any(len(field) == 2 for field in keyword):
+                by_position = msgspec.defstruct(
+                    f"{method}:by_position",
+                    positional,
+                    array_like=True,
+                    forbid_unknown_fields=True,
+                )
+                self._by_position = msgspec.json.Decoder(by_position).decode
+        except TypeError as error:
+            raise TypeError(
+                f"the handler for {method!r} has a parameter type msgspec cannot decode: {error}"
+            ) from None
+
+    @property
+    def by_position(self) -> bool:
+        """Whether the params may be given by position (no required keyword-only ones)."""
+        return self._by_position is not None
+
+    def bind(self, params: msgspec.Raw) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """Decode ``params`` (``ABSENT``: none given) into the handler's arguments."""
+        by_position = params is not ABSENT and bytes(params)[0] == 0x5B  # "["
+        try:
+            if by_position:
+                if self._by_position is None:
+                    raise self._keyword_only()
+                values = msgspec.structs.astuple(self._by_position(params))
+            else:
+                values = msgspec.structs.astuple(
+                    self._by_name(b"{}" if params is ABSENT else params)
+                )
+        except msgspec.ValidationError as error:
+            raise self._invalid(str(error)) from None
+        count = self._positional_count
+        if len(values) == count:
+            return values, {}
+        return values[:count], dict(zip(self._keyword_names, values[count:], strict=True))
+
+    def _keyword_only(self) -> InvalidParams:
+        name = next(
+            name
+            for name in self._keyword_names
+            if name in self.required  # the ones that made the positional form impossible
+        )
+        return InvalidParams(
+            data={"param": name, "reason": "keyword-only: give the params by name (an object)"}
+        )
+
+    def _invalid(self, message: str) -> InvalidParams:
+        """Turn msgspec's message into ``{"param", "reason"}``: which parameter, and why."""
+        param: str | None = None
+        reason = message
+        if (at := _AT.search(message)) is not None:
+            param = at[1] if at[1] is not None else self.positional_names[int(at[2])]
+            reason = message[: at.start()]
+        elif (field := _FIELD.search(message)) is not None:
+            param = field[1]
+            reason = "missing" if "missing" in message else "unexpected: no such parameter"
+        elif (most := _AT_MOST.search(message)) is not None:
+            param = None
+            reason = f"unexpected: at most {most[1]} params by position"
+        elif (got := _GOT.search(message)) is not None:  # pragma: no branch - no other kind
+            param = self.positional_names[int(got[1])]
+            reason = "missing"
+        data: dict[str, Any] = {"param": param, "reason": reason}
+        if param is None:
+            del data["param"]
+        return InvalidParams(data=data)
