@@ -44,7 +44,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 #: The files holding source regions.
-FILES = ("resilient/_driver.py", "resilient/transport/__init__.py")
+FILES = ("resilient/_driver.py", "resilient/transport/__init__.py", "resilient/rpc/client.py")
 
 #: Async names and their sync twins, replaced as whole words.
 RENAMES = {
@@ -64,6 +64,9 @@ RENAMES = {
     "AsyncIterator": "Iterator",
     "AsyncByteStream": "SyncByteStream",
     "AsyncBaseTransport": "BaseTransport",
+    "AsyncResilientTransport": "ResilientTransport",
+    "AsyncClient": "Client",
+    "AsyncBatch": "Batch",
 }
 
 BEGIN = "# unasync: begin"

@@ -1,0 +1,60 @@
+"""JSON-RPC 2.0 over HTTP that carries one deadline across the wire.
+
+:class:`Server` is an ASGI app (served by uvicorn) that runs each handler inside
+its caller's deadline; :class:`Client` and :class:`AsyncClient` call it through
+the resilient httpx transport. Errors are one class per code on both sides of
+the wire (:mod:`resilient.rpc.errors`). Needs the ``rpc`` extra
+(``pip install resilient[rpc]``: msgspec and uvicorn).
+"""
+
+from __future__ import annotations
+
+from resilient.rpc.client import AsyncBatch, AsyncClient, Batch, Client, Method, Pending, Proxy
+from resilient.rpc.errors import (
+    RESERVED,
+    SERVER_ERRORS,
+    InternalError,
+    InvalidParams,
+    InvalidRequest,
+    MethodNotFound,
+    Overloaded,
+    ParseError,
+    ProtocolError,
+    RateLimited,
+    RemoteBulkheadFull,
+    RemoteCircuitOpen,
+    RemoteDeadlineExceeded,
+    RemoteError,
+    RPCError,
+    ServerError,
+    error_for,
+)
+from resilient.rpc.server import Server
+
+__all__ = [
+    "RESERVED",
+    "SERVER_ERRORS",
+    "AsyncBatch",
+    "AsyncClient",
+    "Batch",
+    "Client",
+    "InternalError",
+    "InvalidParams",
+    "InvalidRequest",
+    "Method",
+    "MethodNotFound",
+    "Overloaded",
+    "ParseError",
+    "Pending",
+    "ProtocolError",
+    "Proxy",
+    "RPCError",
+    "RateLimited",
+    "RemoteBulkheadFull",
+    "RemoteCircuitOpen",
+    "RemoteDeadlineExceeded",
+    "RemoteError",
+    "Server",
+    "ServerError",
+    "error_for",
+]
