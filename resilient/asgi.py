@@ -1,0 +1,300 @@
+"""Server-side deadlines for any ASGI app: answer 504 when the caller's budget runs out.
+
+:class:`DeadlineMiddleware` wraps an ASGI app (FastAPI, Starlette, or a bare one).
+For each HTTP request it reads the caller's remaining budget from a request header,
+runs the app with that deadline in force (so ``resilient`` calls made by the
+endpoint are clamped to it), and when the deadline passes before the response has
+started it cancels the endpoint and answers ``504`` itself, framed with
+``content-length`` so the keep-alive connection serves the client's next request::
+
+    app = DeadlineMiddleware(FastAPI(), max_deadline=30.0)
+
+The budget headers, all milliseconds or less, all meaning "time left now":
+
+- ``resilient-timeout-ms`` (:data:`resilient.deadline.DEADLINE_HEADER`, what
+  `resilient` clients send): ASCII digits.
+- ``grpc-timeout``: 1 to 8 ASCII digits then a unit, ``H`` ``M`` ``S`` ``m`` ``u``
+  ``n`` (hours down to nanoseconds): ``100m``, ``2S``.
+- ``connect-timeout-ms`` (the Connect protocol): 1 to 10 ASCII digits.
+
+When several are sent the shortest budget wins. Every budget is clamped to
+``max_deadline``. A request without any of them gets ``default`` (``None``: no
+deadline, and the request goes straight to the app: the cost is one scan of the
+header list). A malformed value is refused with ``400`` and a JSON body
+``{"detail": "<header>: <why>, got '<value>'"}`` without calling the app: a
+client whose budget cannot be read has a bug worth hearing about, and guessing a
+budget for it would hide that. A budget of ``0`` is already spent: the request is
+answered with ``status`` at once, without calling the app. WebSocket and lifespan
+scopes pass through untouched.
+
+What happens when the deadline passes:
+
+- **Before the response started**: the endpoint's task is cancelled, anything it
+  still sends is dropped, and the client gets ``status`` (504) with
+  ``{"detail": ...}`` at once, even while the endpoint is still unwinding; the
+  middleware then waits for that task to end (an exception other than
+  cancellation raised while unwinding goes to the event loop's exception handler,
+  since the answer is already out). A sync endpoint (a FastAPI ``def`` run in a
+  thread pool) cannot be interrupted: the 504 still goes out on time, the awaiting
+  task is abandoned, and the thread runs on in the background until the function
+  returns; the thread sees the deadline (Starlette copies the context into it), so
+  :func:`resilient.remaining` or :func:`resilient.check_deadline` there stop it early.
+- **After the response started**: its status and headers are gone, so it cannot
+  become a 504. The endpoint is cancelled, the rest of the body is not sent, and
+  the middleware raises :class:`~resilient.errors.DeadlineExceeded`: an ASGI
+  server takes an error after the start as an aborted response (uvicorn logs it
+  and closes that connection), so the client sees a truncated response (httpx:
+  ``RemoteProtocolError``), never a short body that looks complete.
+- **After the response completed** (Starlette background tasks run inside the
+  app call, after the answer): nothing is cancelled; the work finishes, with the
+  passed deadline still in force for any `resilient` call it makes.
+
+The endpoint runs in a task of its own while a deadline is in force (a task and a
+timer per such request, about 16 us in-process): the middleware must be free to answer while
+the endpoint is still unwinding, and must not cancel work that runs after a
+complete response. That task copies the request's context, deadline included,
+but contextvars it sets are not seen by middleware outside this one.
+
+Public names: :class:`DeadlineMiddleware`, :data:`GRPC_TIMEOUT_HEADER`,
+:data:`CONNECT_TIMEOUT_HEADER` (and :data:`~resilient.deadline.DEADLINE_HEADER`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from resilient._config import Duration, to_seconds
+from resilient.deadline import DEADLINE_HEADER, deadline, parse_deadline_header
+from resilient.errors import DeadlineExceeded
+
+__all__ = ["CONNECT_TIMEOUT_HEADER", "GRPC_TIMEOUT_HEADER", "DeadlineMiddleware"]
+
+# The ASGI interfaces as plain aliases (as starlette.types has them).
+_Scope = MutableMapping[str, Any]
+_Message = MutableMapping[str, Any]
+_Receive = Callable[[], Awaitable[_Message]]
+_Send = Callable[[_Message], Awaitable[None]]
+_App = Callable[[_Scope, _Receive, _Send], Awaitable[None]]
+
+#: gRPC's budget header: up to 8 digits and a unit, ``100m``, ``2S``.
+GRPC_TIMEOUT_HEADER = "grpc-timeout"
+#: The Connect protocol's budget header: up to 10 digits of milliseconds.
+CONNECT_TIMEOUT_HEADER = "connect-timeout-ms"
+
+_GRPC_UNITS = {
+    ord("H"): 3600.0,
+    ord("M"): 60.0,
+    ord("S"): 1.0,
+    ord("m"): 1e-3,
+    ord("u"): 1e-6,
+    ord("n"): 1e-9,
+}
+_SHOWN = 40  # how much of a malformed value the 400 echoes back
+
+
+class _Malformed(ValueError):
+    def __init__(self, header: str, why: str, value: bytes) -> None:
+        shown = value[:_SHOWN].decode("latin-1") + ("..." if len(value) > _SHOWN else "")
+        super().__init__(f"{header}: {why}, got {shown!r}")
+
+
+def _resilient_budget(value: bytes, limit: float) -> float:
+    try:
+        return parse_deadline_header(value, maximum=limit)
+    except ValueError:
+        raise _Malformed(DEADLINE_HEADER, "must be ASCII digits (milliseconds)", value) from None
+
+
+def _grpc_budget(value: bytes, limit: float) -> float:
+    digits = value[:-1]
+    unit = _GRPC_UNITS.get(value[-1]) if value else None
+    if unit is None or not (0 < len(digits) <= 8 and digits.isdigit()):
+        why = "must be 1 to 8 ASCII digits and a unit (H, M, S, m, u or n)"
+        raise _Malformed(GRPC_TIMEOUT_HEADER, why, value)
+    return min(int(digits) * unit, limit)
+
+
+def _connect_budget(value: bytes, limit: float) -> float:
+    # bytes.isdigit() is ASCII-only, so no other script's digits slip through.
+    if not (0 < len(value) <= 10 and value.isdigit()):
+        why = "must be 1 to 10 ASCII digits (milliseconds)"
+        raise _Malformed(CONNECT_TIMEOUT_HEADER, why, value)
+    return min(int(value) / 1000.0, limit)
+
+
+_PARSERS: dict[bytes, Callable[[bytes, float], float]] = {
+    DEADLINE_HEADER.encode(): _resilient_budget,
+    GRPC_TIMEOUT_HEADER.encode(): _grpc_budget,
+    CONNECT_TIMEOUT_HEADER.encode(): _connect_budget,
+}
+
+
+async def _answer(send: _Send, status: int, detail: str) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+class _Response:
+    """The app's ``send``, recording how far the response got; mute once the middleware answers."""
+
+    __slots__ = ("_send", "complete", "muted", "started")
+
+    def __init__(self, send: _Send) -> None:
+        self._send = send
+        self.started = False
+        self.complete = False
+        self.muted = False
+
+    async def send(self, message: _Message) -> None:
+        if self.muted:
+            return
+        kind = message["type"]
+        # Recorded before the await: a message half-sent when the deadline passes counts.
+        if kind == "http.response.start":
+            self.started = True
+        elif kind == "http.response.body" and not message.get("more_body", False):
+            self.complete = True
+        await self._send(message)
+
+
+class DeadlineMiddleware:
+    """Run each HTTP request within the caller's deadline; answer ``status`` when it passes.
+
+    ``max_deadline`` (seconds or a :class:`datetime.timedelta`, positive, finite)
+    caps every budget, so a caller cannot make the server hold work for long.
+    ``default`` is the budget of a request that sends no budget header (``None``:
+    no deadline); it may not exceed ``max_deadline``. ``status`` (400 to 599) is
+    the answer when the deadline passes before the response starts. See the
+    module docstring for what happens at the deadline::
+
+        from fastapi import FastAPI
+        from resilient.asgi import DeadlineMiddleware
+
+        api = FastAPI()
+        app = DeadlineMiddleware(api, max_deadline=30.0, default=10.0)
+
+    With FastAPI or Starlette, ``api.add_middleware(DeadlineMiddleware, ...)``
+    works too; wrapping outermost, as above, keeps the other middleware inside
+    the deadline.
+    """
+
+    __slots__ = ("app", "default", "max_deadline", "status")
+
+    def __init__(
+        self,
+        app: _App,
+        *,
+        max_deadline: Duration = 60.0,
+        default: Duration | None = None,
+        status: int = 504,
+    ) -> None:
+        if not callable(app):
+            raise TypeError(f"app must be an ASGI application, got {type(app).__name__}: {app!r}")
+        self.max_deadline = to_seconds("max_deadline", max_deadline, allow_zero=False)
+        self.default: float | None = None
+        if default is not None:
+            self.default = to_seconds("default", default, allow_zero=False)
+            if self.default > self.max_deadline:
+                raise ValueError(
+                    f"default must not exceed max_deadline ({self.max_deadline:g} s), "
+                    f"got {default!r}; raise max_deadline or lower default"
+                )
+        if not isinstance(status, int) or isinstance(status, bool):
+            raise TypeError(f"status must be an HTTP status code, got {type(status).__name__}")
+        if not 400 <= status <= 599:
+            raise ValueError(f"status must be an HTTP error status (400 to 599), got {status!r}")
+        self.app = app
+        self.status = status
+
+    def __repr__(self) -> str:
+        return (
+            f"DeadlineMiddleware({self.app!r}, max_deadline={self.max_deadline!r}, "
+            f"default={self.default!r}, status={self.status!r})"
+        )
+
+    async def __call__(self, scope: _Scope, receive: _Receive, send: _Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        seconds = math.inf
+        try:
+            for name, value in scope["headers"]:
+                parse = _PARSERS.get(name)
+                if parse is not None:
+                    budget = parse(value, self.max_deadline)
+                    if budget < seconds:
+                        seconds = budget
+        except _Malformed as malformed:
+            return await _answer(send, 400, str(malformed))
+        if seconds == math.inf:
+            if self.default is None:
+                return await self.app(scope, receive, send)
+            seconds = self.default
+        if seconds <= 0.0:
+            return await _answer(send, self.status, "the request arrived with no time left")
+        return await self._within(seconds, scope, receive, send)
+
+    async def _within(self, seconds: float, scope: _Scope, receive: _Receive, send: _Send) -> None:
+        response = _Response(send)
+        task: asyncio.Future[None] | None = None
+        try:
+            async with deadline(seconds):
+                # The task copies the context here, so the endpoint sees the deadline.
+                task = asyncio.ensure_future(self.app(scope, receive, response.send))
+                await asyncio.wait((task,))
+        except DeadlineExceeded:
+            assert task is not None
+            if not task.done():
+                return await self._expire(task, response, seconds, send)
+        except BaseException:
+            # Cancelled from outside (the server shutting down): take the endpoint along.
+            assert task is not None
+            task.cancel()
+            raise
+        assert task is not None
+        return task.result()
+
+    async def _expire(
+        self, task: asyncio.Future[None], response: _Response, seconds: float, send: _Send
+    ) -> None:
+        if response.complete:
+            # The answer is out; what runs now (background tasks) is no longer the caller's wait.
+            await asyncio.wait((task,))
+            return task.result()
+        task.cancel()
+        response.muted = True
+        if not response.started:
+            detail = f"the deadline of {seconds:g} s passed before the response was ready"
+            await _answer(send, self.status, detail)
+            await asyncio.wait((task,))
+            error = None if task.cancelled() else task.exception()
+            if error is not None and not isinstance(error, DeadlineExceeded):
+                # Raising now would make the server drop the connection the 504 kept alive.
+                asyncio.get_running_loop().call_exception_handler(
+                    {
+                        "message": "the endpoint raised while being cancelled at its deadline",
+                        "exception": error,
+                        "future": task,
+                    }
+                )
+            return None
+        await asyncio.wait((task,))
+        if not task.cancelled():
+            task.exception()  # retrieved: the DeadlineExceeded below says what happened
+        raise DeadlineExceeded(
+            f"the deadline of {seconds:g} s passed after the response had started; "
+            "its body was cut short, so the server closes the connection"
+        )
