@@ -13,7 +13,7 @@ import math
 import pathlib
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import httpx
@@ -390,13 +390,15 @@ async def test_deadline_crosses_a_real_socket_and_cancels_the_handler(
         ({"connect-timeout-ms": "1500"}, 1.4, 1.5),
         ({"resilient-timeout-ms": "99999999"}, 9.0, 10.0),  # clamped
         ({}, 9.0, 10.0),  # no header: max_deadline
-        ({"resilient-timeout-ms": "300", "grpc-timeout": "5S"}, 0.2, 0.3),  # ours first
+        ({"resilient-timeout-ms": "300", "grpc-timeout": "5S"}, 0.2, 0.3),  # the shortest
+        ({"resilient-timeout-ms": "5000", "grpc-timeout": "300m"}, 0.2, 0.3),
+        ({"resilient-timeout-ms": "5000", "connect-timeout-ms": "300"}, 0.2, 0.3),
     ],
 )
 async def test_deadline_headers_and_the_server_maximum(
     headers: dict[str, str], low: float, high: float
 ) -> None:
-    """Every header form is read, the first one wins, and the server maximum clamps it."""
+    """Every header form is read, the shortest budget wins, and the server maximum clamps it."""
     server = Server(max_deadline=10.0)
 
     @server.method
@@ -436,6 +438,8 @@ async def test_no_maximum_and_no_header_means_no_deadline() -> None:
         {"grpc-timeout": "100"},
         {"grpc-timeout": "123456789m"},
         {"connect-timeout-ms": "1.5"},
+        {"connect-timeout-ms": "12345678901"},  # more digits than the Connect protocol allows
+        {"grpc-timeout": "soon", "resilient-timeout-ms": "500"},  # refused beside a valid one
     ],
 )
 async def test_malformed_deadline_headers_are_refused(headers: dict[str, str]) -> None:
@@ -640,8 +644,9 @@ async def test_streamed_body_is_counted_while_reading() -> None:
     assert json.loads(sent[1]["body"])["result"]["openrpc"] == "1.2.6"
 
 
-async def test_bad_content_length_is_413() -> None:
-    """A Content-Length that is not digits is refused before reading."""
+@pytest.mark.parametrize("length", [b"x", b"abc", b"-1", b"1e3", b" 12"])
+async def test_bad_content_length_is_400_not_413(length: bytes) -> None:
+    """A Content-Length that is not digits is a malformed request (400), refused unread."""
     server = Server()
     sent: list[dict[str, Any]] = []
 
@@ -651,9 +656,17 @@ async def test_bad_content_length_is_413() -> None:
     async def receive() -> dict[str, Any]:  # pragma: no cover - never read
         raise AssertionError("the body must not be read")
 
-    scope = {"type": "http", "method": "POST", "path": "/", "headers": [(b"content-length", b"x")]}
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/",
+        "headers": [(b"content-length", length)],
+    }
     await server(scope, receive, send)
-    assert sent[0]["status"] == 413
+    assert sent[0]["status"] == 400
+    error = json.loads(sent[1]["body"])["error"]
+    assert error["code"] == -32600
+    assert error["data"] == "Content-Length must be ASCII digits"
 
 
 async def test_batch_limit_and_deep_batches() -> None:
@@ -1011,3 +1024,292 @@ async def test_an_object_with_async_call_is_an_async_handler() -> None:
     server.method(name="double")(Doubler())
     response = await call(server, req("double", [21]), {"resilient-timeout-ms": "1000"})
     assert response.json()["result"] == 42
+
+
+# Defects found in review -------------------------------------------------------------------
+
+MIB = 1 << 20
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"[" * 40 + b'"' + b'\\"' * ((MIB - 41) // 2),  # one unclosed string of escapes
+        b'["' * (MIB // 2),  # a quote after every bracket, the last unclosed
+        b'"\\' * (MIB // 2),  # alternating quotes and backslashes
+        b"[" * 40 + b'"' + b'\\"' * ((MIB - 42) // 2) + b"\\",  # ending in a lone backslash
+        b'["' + b"\\\\" * (MIB // 2),  # backslash pairs to the end
+    ],
+    ids=["escaped-quotes", "bracket-quote", "quote-backslash", "lone-backslash", "backslashes"],
+)
+def test_the_depth_check_is_linear_for_hostile_strings(body: bytes) -> None:
+    """1 MiB bodies built to make the string scan quadratic parse in well under a second."""
+    started = time.perf_counter()
+    answer = _protocol.parse(body, max_depth=32, max_batch=100)
+    assert time.perf_counter() - started < 2.0  # a generous guard: quadratic took minutes
+    assert answer == _protocol.PARSE_ERROR
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"[" * 200, b"[" * MIB, b'{"a":' * 1000, b"[" * 100 + b'"]]]', b"]" * 100 + b"[" * 99],
+)
+def test_unbalanced_deep_brackets_are_a_parse_error_not_too_deep(body: bytes) -> None:
+    """Brackets that never close (or close too often) are not JSON: -32700, not -32600."""
+    assert not _protocol.depth_over(body, 32)
+    assert _protocol.parse(body, max_depth=32, max_batch=100) == _protocol.PARSE_ERROR
+    assert _protocol.depth_over(b"[" * 40 + b"]" * 40, 32)  # closed, it is too deep
+
+
+async def test_an_id_out_of_float_range_in_a_bad_request_is_an_invalid_request() -> None:
+    """A bad request whose id msgspec cannot decode is -32600 (batch: that entry), not a 500."""
+    server = vector_server()
+    bad = b'{"jsonrpc":"1.0","method":"x","id":1e400}'
+    single = (await call(server, bad)).json()
+    batch = await call(server, b"[" + bad + b"," + json.dumps(req("get_data")).encode() + b"]")
+    assert batch.status_code == 200
+    first, second = batch.json()
+    for answer in (single, first):
+        assert answer["error"]["code"] == -32600
+        assert answer["error"]["data"].startswith("not a valid JSON-RPC 2.0 request object: ")
+        assert "out of range" in answer["error"]["data"]
+        assert answer["id"] is None
+    assert second["result"] == ["hello", 5]
+
+
+async def test_a_duplicate_member_is_reported_with_the_decoders_reason() -> None:
+    """{"jsonrpc":1,"jsonrpc":"2.0",...} says what the strict decoder refused, not a guess."""
+    body = b'{"jsonrpc":1,"jsonrpc":"2.0","method":"subtract","params":[42,23],"id":1}'
+    answer = (await call(vector_server(), body)).json()
+    assert answer["error"]["code"] == -32600
+    data = answer["error"]["data"]
+    assert data.startswith("not a valid JSON-RPC 2.0 request object: ")
+    assert "`$.jsonrpc`" in data
+    assert "method" not in data
+    assert answer["id"] == 1
+
+
+async def test_an_unknown_param_named_missing_is_unexpected() -> None:
+    """Classification goes by the signature's names, not by words in msgspec's message."""
+    server = Server()
+
+    @server.method(run_in_thread=False)
+    def pair(a: int, b: int = 0) -> int:
+        return a + b
+
+    unknown = (await call(server, req("pair", {"a": 1, "missing": 2}))).json()["error"]
+    assert unknown["data"] == {"param": "missing", "reason": "unexpected: no such parameter"}
+    absent = (await call(server, req("pair", {"b": 1}))).json()["error"]
+    assert absent["data"] == {"param": "a", "reason": "missing"}
+    too_few = (await call(server, req("pair", []))).json()["error"]
+    assert too_few["data"] == {"param": "a", "reason": "missing"}
+    wrong = (await call(server, req("pair", [1, "x"]))).json()["error"]
+    assert wrong["data"] == {"param": "b", "reason": "Expected `int`, got `str`"}
+
+
+class Opaque:
+    """A plain class: msgspec has no way to decode or describe it."""
+
+
+class Tree(msgspec.Struct):
+    """A recursive Struct: the registration check must not walk it forever."""
+
+    children: list[Tree] = []
+
+
+@pytest.mark.parametrize(
+    ("annotation", "shown"),
+    [
+        (Opaque, "x: Opaque"),
+        (Callable[[int], int], "x: collections.abc.Callable[[int], int]"),
+        (list[Opaque], "x: list[test_rpc_server.Opaque]"),
+        (dict[str, msgspec.msgpack.Ext], "x: dict[str, msgspec.msgpack.Ext]"),
+    ],
+)
+def test_parameter_types_msgspec_cannot_decode_are_refused_at_registration(
+    annotation: Any, shown: str
+) -> None:
+    """Not every call -32602 blaming the caller: a TypeError naming parameter and type."""
+    server = Server()
+
+    def handler(x: Any) -> int:
+        return 1
+
+    handler.__annotations__ = {"x": annotation, "return": int}
+    with pytest.raises(TypeError, match="msgspec cannot decode") as refused:
+        server.method(handler)
+    assert shown in str(refused.value)
+    assert "'handler'" in str(refused.value)
+
+
+async def test_types_without_a_schema_do_not_break_rpc_discover() -> None:
+    """``object`` params and returns msgspec cannot describe get ``{}``; discover answers.
+
+    Recursive Structs register and decode.
+    """
+    server = Server()
+
+    @server.method(run_in_thread=False)
+    def anything(x: object, items: list[object]) -> Opaque:
+        return Opaque()
+
+    @server.method(run_in_thread=False)
+    def loose() -> object:
+        return 1
+
+    @server.method(run_in_thread=False)
+    def size(tree: Tree) -> int:
+        return 1 + sum(size(child) for child in tree.children)
+
+    answer = await call(server, req("rpc.discover"))
+    methods = {method["name"]: method for method in answer.json()["result"]["methods"]}
+    assert [param["schema"] for param in methods["anything"]["params"]] == [{}, {}]
+    assert methods["anything"]["result"]["schema"] == {}
+    assert methods["loose"]["result"]["schema"] == {}
+    assert (await call(server, req("anything", [1, [2]]))).json()["error"]["code"] == -32603
+    assert (await call(server, req("loose"))).json()["result"] == 1
+    tree = {"children": [{"children": []}, {"children": [{}]}]}
+    assert (await call(server, req("size", [tree]))).json()["result"] == 4
+
+
+async def test_error_data_that_cannot_be_encoded_is_an_internal_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """RemoteError(data=object()) answers -32603 and is logged; in a batch, that entry only."""
+    server = Server()
+
+    @server.method
+    def bad() -> None:
+        raise RemoteError(5, "x", data=object())
+
+    with caplog.at_level(logging.ERROR, logger="resilient.rpc"):
+        single = await call(server, req("bad"))
+        batch = await call(server, [req("bad", id=1), req("rpc.discover", id=2)])
+        notification = await call(server, {"jsonrpc": "2.0", "method": "bad"})
+    assert single.json()["error"] == {"code": -32603, "message": "Internal error"}
+    first, second = batch.json()
+    assert first == {"jsonrpc": "2.0", "error": single.json()["error"], "id": 1}
+    assert second["result"]["openrpc"] == "1.2.6"
+    assert notification.status_code == 204
+    assert any("cannot be encoded" in record.getMessage() for record in caplog.records)
+
+
+async def test_error_data_that_cannot_be_encoded_is_an_internal_error_in_a_span(
+    tracer_provider: TracerProvider, exporter: InMemorySpanExporter
+) -> None:
+    """The traced path answers the same, and its span carries -32603, not the lost code."""
+    server = Server(tracer_provider=tracer_provider)
+
+    @server.method
+    async def bad() -> None:
+        raise RemoteError(5, "x", data=object())
+
+    answer = await call(server, req("bad"))
+    assert answer.json()["error"]["code"] == -32603
+    (span,) = exporter.get_finished_spans()
+    assert attributes(span)["rpc.jsonrpc.error_code"] == -32603
+
+
+async def test_a_handler_raising_cancelled_error_itself_is_an_internal_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Awaiting a future another task cancelled is the handler's failure, not the request's."""
+    server = Server()
+
+    @server.method
+    async def awaits_cancelled() -> int:
+        future = asyncio.get_running_loop().create_future()
+        future.cancel()
+        return await future  # type: ignore[no-any-return]
+
+    @server.method(run_in_thread=False)
+    def raises_cancelled() -> int:
+        raise asyncio.CancelledError
+
+    @server.method
+    async def ok() -> int:
+        await asyncio.sleep(0)
+        return 1
+
+    internal = {"code": -32603, "message": "Internal error"}
+    with caplog.at_level(logging.ERROR, logger="resilient.rpc"):
+        for headers in ({}, {"resilient-timeout-ms": "1000"}):
+            single = await call(server, req("awaits_cancelled"), headers)
+            assert single.json()["error"] == internal
+            batch = await call(
+                server,
+                [req("ok", id=1), req("awaits_cancelled", id=2), req("raises_cancelled", id=3)],
+                headers,
+            )
+            assert [entry.get("result", entry.get("error")) for entry in batch.json()] == [
+                1,
+                internal,
+                internal,
+            ]
+    assert any("CancelledError" in record.getMessage() for record in caplog.records)
+
+
+@pytest.mark.parametrize("stop", [SystemExit(3), KeyboardInterrupt()], ids=repr)
+async def test_sys_exit_in_a_threaded_handler_does_not_stop_the_server(
+    stop: BaseException, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SystemExit / KeyboardInterrupt raised in a worker thread answer -32603 and are logged."""
+    server = Server()
+
+    @server.method
+    def leave() -> None:
+        raise stop
+
+    @server.method
+    def fine() -> int:
+        return 1
+
+    with caplog.at_level(logging.ERROR, logger="resilient.rpc"):
+        for headers in ({}, {"resilient-timeout-ms": "1000"}):
+            answer = await call(server, req("leave"), headers)
+            assert answer.json()["error"] == {"code": -32603, "message": "Internal error"}
+    assert (await call(server, req("fine"))).json()["result"] == 1
+    assert any(f"raised {type(stop).__name__}" in str(record.exc_info) for record in caplog.records)
+    server.close()
+
+
+async def test_mounted_under_starlette_it_serves_under_the_mount() -> None:
+    """Starlette's Mount keeps the prefix in path and sets root_path; the server strips it."""
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    app = Starlette(routes=[Mount("/rpc", app=vector_server())])
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://rpc") as client:
+        mounted = await client.post("/rpc/", json=req("get_data"))
+        elsewhere = await client.post("/rpc/other", json=req("get_data"))
+    assert mounted.status_code == 200
+    assert mounted.json()["result"] == ["hello", 5]
+    assert elsewhere.status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("path", "root_path", "status"),
+    [
+        ("/", "/rpc", 200),  # a router that strips the prefix
+        ("/rpc", "/rpc", 200),  # the mount point itself
+        ("/rpc/", "/rpc", 200),
+        ("/api/v1/", "/api/v1", 200),
+        ("/rpcx", "/rpc", 404),
+        ("/other/", "/rpc", 404),
+        ("/rpc/", "", 404),
+    ],
+)
+async def test_the_path_is_compared_below_root_path(path: str, root_path: str, status: int) -> None:
+    """Both ASGI forms of a mounted app's path: with the root_path prefix and without."""
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": json.dumps(req("get_data")).encode()}
+
+    scope = {"type": "http", "method": "POST", "path": path, "root_path": root_path, "headers": []}
+    await vector_server()(scope, receive, send)
+    assert sent[0]["status"] == status

@@ -13,7 +13,8 @@ per method at registration where it can be:
 * :class:`Signature` is a handler's parameters, built at registration: two msgspec
   Structs (by position, by name) whose decoders validate the params against the
   annotations; a mismatch becomes :class:`~resilient.rpc.errors.InvalidParams`
-  naming the parameter and why.
+  naming the parameter and why. An annotation msgspec cannot decode from JSON is
+  refused there, with a ``TypeError``, rather than at every call.
 * :func:`result_body` and :func:`error_body` encode answers; constant errors are
   encoded once, at import.
 * :func:`deadline_from_headers` reads ``resilient-timeout-ms``, ``grpc-timeout`` and
@@ -102,8 +103,10 @@ EMPTY_BATCH: Final = error_body(NULL, InvalidRequest(data="an empty batch is not
 # Parsing ----------------------------------------------------------------------------
 
 _WHITESPACE: Final = b" \t\r\n"
-# A JSON string, to blank out before counting brackets (linear: no nested repetition).
-_STRING: Final = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+# A JSON string, to blank out before counting brackets. An unclosed one (or one ending
+# in a lone backslash) runs to the end of the input, so a match never fails: with
+# failures, every later quote would start a new scan to the end, quadratic in all.
+_STRING: Final = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*(?:"|\\?\Z)', re.DOTALL)
 # Every byte but the four brackets, deleted before the depth walk.
 _NOT_BRACKETS: Final = bytes(b for b in range(256) if b not in b"[]{}")
 _STEP: Final = {ord("["): 1, ord("{"): 1, ord("]"): -1, ord("}"): -1}
@@ -115,25 +118,34 @@ def depth_over(body: bytes, max_depth: int) -> bool:
     msgspec has no depth limit of its own (it stops at the interpreter's recursion
     limit). Counting every opening bracket is two scans in C and settles nearly every
     request; only a body with more brackets than ``max_depth`` is walked: strings
-    blanked out, then the running depth of the brackets left.
+    blanked out, then the running depth of the brackets left. Every step is linear in
+    the body. Brackets that do not balance are not JSON at all: ``False``, so that the
+    parser refuses the body as a parse error rather than as too deep.
     """
     if body.count(b"[") + body.count(b"{") <= max_depth:
         return False
     brackets = _STRING.sub(b"", body).translate(None, _NOT_BRACKETS)
-    return max(accumulate(_STEP[byte] for byte in brackets), default=0) > max_depth
+    if 2 * (brackets.count(b"[") + brackets.count(b"{")) != len(brackets):
+        return False
+    return max(accumulate(map(_STEP.__getitem__, brackets)), default=0) > max_depth
 
 
 Parsed = Request | bytes
 """A request ready to dispatch, or the encoded answer to a request that is not one."""
 
 
-def _explain(entry: bytes) -> bytes:
+def _explain(entry: bytes, rejected: str) -> bytes:
     """The invalid-request answer for an entry that failed the typed decoder: say why.
 
     The slow path, taken only for bad requests: decode the entry as any JSON and
-    look at each member in turn. Raises :class:`msgspec.DecodeError` if it is not JSON.
+    look at each member in turn; ``rejected`` is what the typed decoder said, for
+    what that look cannot tell (duplicate members: the last one wins here).
+    Raises :class:`msgspec.DecodeError` if it is not JSON.
     """
-    value = _decode_any(entry)
+    try:
+        value = _decode_any(entry)
+    except msgspec.ValidationError as error:  # JSON, but not Python: 1e400
+        return error_body(NULL, InvalidRequest(data=f"{_NOT_A_REQUEST}: {error}"))
     if not isinstance(value, dict):
         return error_body(NULL, InvalidRequest(data="a request must be a JSON object"))
     id_value = value.get("id")
@@ -144,10 +156,14 @@ def _explain(entry: bytes) -> bytes:
         why = 'the "jsonrpc" member must be exactly "2.0"'
     elif "method" not in value:
         why = 'the "method" member is missing'
-    else:
-        # Only these two members can fail the typed decoder once "jsonrpc" is right.
+    elif not isinstance(value["method"], str):
         why = 'the "method" member must be a string'
+    else:
+        why = f"{_NOT_A_REQUEST}: {rejected}"
     return error_body(id, InvalidRequest(data=why))
+
+
+_NOT_A_REQUEST: Final = "not a valid JSON-RPC 2.0 request object"
 
 
 def _valid_id(value: object) -> bool:
@@ -173,7 +189,7 @@ def _check(request: Request, entry: bytes) -> Parsed:
             InvalidRequest(data='the "params" member must be an array or an object'),
         )
     if request.jsonrpc != "2.0":
-        return _explain(entry)
+        return _explain(entry, 'the "jsonrpc" member must be exactly "2.0"')
     return request
 
 
@@ -181,8 +197,8 @@ def parse_one(entry: bytes) -> Parsed:
     """One request object (a whole body, or one entry of a batch)."""
     try:
         request = _decode_request(entry)
-    except msgspec.ValidationError:
-        return _explain(entry)
+    except msgspec.ValidationError as error:
+        return _explain(entry, str(error))
     return _check(request, entry)
 
 
@@ -252,24 +268,29 @@ def deadline_from_headers(
 ) -> float:
     """Seconds the caller gave the request, clamped to ``maximum`` (``inf``: no limit).
 
-    The first header present wins, in the order ``resilient-timeout-ms``,
-    ``grpc-timeout``, ``connect-timeout-ms``. Raises ``ValueError`` for a malformed one.
+    Every header present counts and the shortest budget wins (never extend a
+    deadline), as in :class:`resilient.asgi.DeadlineMiddleware`. Raises ``ValueError``
+    for a malformed one, even beside a valid one.
     """
     limit = 1e12 if math.isinf(maximum) else maximum
+    seconds = math.inf
     if resilient is not None:
         seconds = parse_deadline_header(resilient, maximum=limit)
-    elif grpc is not None:
-        seconds = parse_grpc_timeout(grpc.decode("latin-1"))
-    else:
-        assert connect is not None
+    if grpc is not None:
+        seconds = min(seconds, parse_grpc_timeout(grpc.decode("latin-1")))
+    if connect is not None:
         text = connect.decode("latin-1")
-        try:
-            seconds = parse_deadline_header(text, maximum=limit)
-        except ValueError:
+        if not (0 < len(text) <= _CONNECT_DIGITS and text.isascii() and text.isdigit()):
             raise ValueError(
-                f"connect-timeout-ms must be ASCII digits (milliseconds), got {text!r}"
-            ) from None
+                f"connect-timeout-ms must be 1 to {_CONNECT_DIGITS} ASCII digits "
+                f"(milliseconds), got {text[:40]!r}"
+            )
+        seconds = min(seconds, int(text) / 1000.0)
     return seconds if seconds < maximum else maximum
+
+
+#: The Connect protocol's limit on ``connect-timeout-ms``.
+_CONNECT_DIGITS = 10
 
 
 def content_type_ok(value: bytes | None) -> bool:
@@ -296,10 +317,43 @@ def content_type_ok(value: bytes | None) -> bool:
 # Signatures ------------------------------------------------------------------------
 
 _POSITIONAL: Final = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-_FIELD: Final = re.compile(r"field `([^`]*)`")
 _AT: Final = re.compile(r" - at `\$(?:\.([^.\[`]+)|\[(\d+)\])")
-_AT_MOST: Final = re.compile(r"at most length (\d+)")
-_GOT: Final = re.compile(r"length \d+, got (\d+)")
+_decode_array = msgspec.json.Decoder(list[msgspec.Raw]).decode
+_decode_object = msgspec.json.Decoder(dict[str, msgspec.Raw]).decode
+_NO_PARAMS: Final = msgspec.Raw(b"{}")
+
+
+def _undecodable(info: msgspec.inspect.Type, seen: set[int]) -> type | None:
+    """The first class in ``info`` msgspec would need a ``dec_hook`` for, if any.
+
+    msgspec builds a decoder for any class (it takes one it does not know for a custom
+    type), so a parameter annotated with one would refuse every call; this finds it
+    at registration. ``object`` is the exception: msgspec decodes it as ``Any``.
+    """
+    if isinstance(info, msgspec.inspect.CustomType):
+        return None if info.cls is object else info.cls
+    if isinstance(info, msgspec.inspect.ExtType):  # MessagePack only
+        return msgspec.msgpack.Ext
+    if id(info) in seen:  # a recursive Struct
+        return None
+    seen.add(id(info))
+    for value in msgspec.structs.astuple(info):
+        for item in value if isinstance(value, tuple) else (value,):
+            inner = item.type if isinstance(item, msgspec.inspect.Field) else item
+            if isinstance(inner, msgspec.inspect.Type):
+                found = _undecodable(inner, seen)
+                if found is not None:
+                    return found
+    return None
+
+
+def _described(annotation: Any) -> Any:
+    """``annotation`` if msgspec can write its JSON Schema (for ``rpc.discover``), else Any."""
+    try:
+        msgspec.json.schema(annotation)
+    except (TypeError, ValueError):
+        return Any
+    return annotation
 
 
 class Signature:
@@ -307,7 +361,9 @@ class Signature:
 
     :meth:`bind` decodes the raw params (an array binds by position, an object by
     name) into ``(args, kwargs)`` for the handler, raising :class:`InvalidParams`
-    whose ``data`` is ``{"param": name, "reason": why}``.
+    whose ``data`` is ``{"param": name, "reason": why}``. ``described`` holds a type
+    per parameter, then one for the result, that msgspec can write a JSON Schema
+    for (``Any`` where the annotation has none, such as ``object``).
     """
 
     __slots__ = (
@@ -315,6 +371,8 @@ class Signature:
         "_by_position",
         "_keyword_names",
         "_positional_count",
+        "_positional_required",
+        "described",
         "names",
         "parameters",
         "positional_names",
@@ -338,41 +396,43 @@ class Signature:
                     " JSON-RPC params bind to named parameters only; list them"
                 )
             annotation = Any if parameter.annotation is parameter.empty else parameter.annotation
+            _check_decodable(method, parameter.name, annotation)
             field: tuple[Any, ...] = (parameter.name, annotation)
             if parameter.default is not parameter.empty:
                 field = (*field, parameter.default)
             (positional if parameter.kind in _POSITIONAL else keyword).append(field)
             self.parameters[parameter.name] = parameter
+        returns = signature.return_annotation
+        self.described = [
+            *(_described(field[1]) for field in (*positional, *keyword)),
+            Any if returns is signature.empty else _described(returns),
+        ]
         self.names = [field[0] for field in (*positional, *keyword)]
         self.positional_names = [field[0] for field in positional]
         self.required = frozenset(
             name for name, p in self.parameters.items() if p.default is p.empty
         )
         self._positional_count = len(positional)
+        self._positional_required = sum(len(field) == 2 for field in positional)
         self._keyword_names = tuple(field[0] for field in keyword)
-        try:
-            by_name = msgspec.defstruct(
-                f"{method}:by_name",
-                [*positional, *keyword],
-                kw_only=True,
+        by_name = msgspec.defstruct(
+            f"{method}:by_name",
+            [*positional, *keyword],
+            kw_only=True,
+            forbid_unknown_fields=True,
+        )
+        self._by_name = msgspec.json.Decoder(by_name).decode
+        # Keyword-only parameters cannot be given by position; without defaults
+        # they rule out a positional call.
+        self._by_position: Callable[[bytes], Any] | None = None
+        if not any(len(field) == 2 for field in keyword):
+            by_position = msgspec.defstruct(
+                f"{method}:by_position",
+                positional,
+                array_like=True,
                 forbid_unknown_fields=True,
             )
-            self._by_name = msgspec.json.Decoder(by_name).decode
-            # Keyword-only parameters cannot be given by position; without defaults
-            # they rule out a positional call.
-            self._by_position: Callable[[bytes], Any] | None = None
-            if not any(len(field) == 2 for field in keyword):
-                by_position = msgspec.defstruct(
-                    f"{method}:by_position",
-                    positional,
-                    array_like=True,
-                    forbid_unknown_fields=True,
-                )
-                self._by_position = msgspec.json.Decoder(by_position).decode
-        except TypeError as error:
-            raise TypeError(
-                f"the handler for {method!r} has a parameter type msgspec cannot decode: {error}"
-            ) from None
+            self._by_position = msgspec.json.Decoder(by_position).decode
 
     @property
     def by_position(self) -> bool:
@@ -389,10 +449,11 @@ class Signature:
                 values = msgspec.structs.astuple(self._by_position(params))
             else:
                 values = msgspec.structs.astuple(
-                    self._by_name(b"{}" if params is ABSENT else params)
+                    self._by_name(_NO_PARAMS if params is ABSENT else params)
                 )
         except msgspec.ValidationError as error:
-            raise self._invalid(str(error)) from None
+            given = _NO_PARAMS if params is ABSENT else params
+            raise self._invalid(given, by_position, str(error)) from None
         count = self._positional_count
         if len(values) == count:
             return values, {}
@@ -408,23 +469,60 @@ class Signature:
             data={"param": name, "reason": "keyword-only: give the params by name (an object)"}
         )
 
-    def _invalid(self, message: str) -> InvalidParams:
-        """Turn msgspec's message into ``{"param", "reason"}``: which parameter, and why."""
-        param: str | None = None
-        reason = message
-        if (at := _AT.search(message)) is not None:
-            param = at[1] if at[1] is not None else self.positional_names[int(at[2])]
-            reason = message[: at.start()]
-        elif (field := _FIELD.search(message)) is not None:
-            param = field[1]
-            reason = "missing" if "missing" in message else "unexpected: no such parameter"
-        elif (most := _AT_MOST.search(message)) is not None:
-            param = None
-            reason = f"unexpected: at most {most[1]} params by position"
-        elif (got := _GOT.search(message)) is not None:  # pragma: no branch - no other kind
-            param = self.positional_names[int(got[1])]
-            reason = "missing"
-        data: dict[str, Any] = {"param": param, "reason": reason}
-        if param is None:
-            del data["param"]
-        return InvalidParams(data=data)
+    def _invalid(self, params: msgspec.Raw, by_position: bool, message: str) -> InvalidParams:
+        """Which parameter is wrong and why, as ``{"param", "reason"}``.
+
+        Too many, too few and unknown params are told from the params themselves
+        (their count, or their names against the signature's); what is left is a
+        value of the wrong type, whose parameter msgspec's message locates.
+        """
+        if by_position:
+            count = len(_decode_array(params))
+            if count > self._positional_count:
+                return InvalidParams(
+                    data={
+                        "reason": f"unexpected: at most {self._positional_count} params by position"
+                    }
+                )
+            if count < self._positional_required:
+                return InvalidParams(
+                    data={"param": self.positional_names[count], "reason": "missing"}
+                )
+        else:
+            given = _decode_object(params)
+            unknown = next((name for name in given if name not in self.parameters), None)
+            if unknown is not None:
+                return InvalidParams(
+                    data={"param": unknown, "reason": "unexpected: no such parameter"}
+                )
+            missing = next(
+                (name for name in self.names if name in self.required and name not in given), None
+            )
+            if missing is not None:
+                return InvalidParams(data={"param": missing, "reason": "missing"})
+        at = _AT.search(message)
+        if at is None:  # pragma: no cover - msgspec locates every other mismatch
+            return InvalidParams(data={"reason": message})
+        param = at[1] if at[1] is not None else self.positional_names[int(at[2])]
+        return InvalidParams(data={"param": param, "reason": message[: at.start()]})
+
+
+def _check_decodable(method: str, name: str, annotation: Any) -> None:
+    """Refuse, naming it, a parameter whose type msgspec cannot decode from JSON."""
+    try:
+        culprit = _undecodable(msgspec.inspect.type_info(annotation), set())
+    except TypeError as error:
+        reason = str(error)
+    else:
+        if culprit is None:
+            return
+        reason = f"{culprit.__module__}.{culprit.__qualname__} is not a type it decodes"
+    raise TypeError(
+        f"the handler for {method!r} has a parameter type msgspec cannot decode: "
+        f"{name}: {_type_name(annotation)} ({reason}); annotate it with a type msgspec "
+        "decodes from JSON (builtins, Struct, dataclass, TypedDict, ...)"
+    )
+
+
+def _type_name(annotation: Any) -> str:
+    return annotation.__qualname__ if isinstance(annotation, type) else repr(annotation)

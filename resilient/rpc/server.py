@@ -16,11 +16,13 @@ and validated by the annotations (msgspec), positional (array) or named (object)
 
     # uvicorn module:server
 
-What a request goes through, cheapest refusal first: path (404), method (405 with
-``Allow: POST``), content type (415), size (413, refused from ``Content-Length``
-or while streaming, never read to the end), the deadline headers (400 when
-malformed), then the body: UTF-8, nesting depth, JSON, the request objects, batch
-length. A request that arrives with no budget left is answered
+What a request goes through, cheapest refusal first: path (404; below the ASGI
+``root_path`` when mounted, as under Starlette's ``Mount``), method (405 with
+``Allow: POST``), content type (415), size (400 for a ``Content-Length`` that is
+not digits, 413 when over, refused from ``Content-Length`` or while streaming,
+never read to the end), the deadline headers (400 when malformed), then the body:
+UTF-8, nesting depth, JSON, the request objects, batch length. A request that
+arrives with no budget left is answered
 :class:`~resilient.rpc.errors.RemoteDeadlineExceeded` without running its handler;
 one that finds every one of ``max_concurrent`` slots taken is shed at once with
 :class:`~resilient.rpc.errors.Overloaded` (HTTP 503, ``Retry-After``). The
@@ -30,11 +32,14 @@ deadline (:func:`resilient.remaining`, :func:`resilient.check_deadline`) and
 keeps its slot until it returns, though its answer is sent at the deadline.
 
 Errors a handler raises become error objects: a :class:`RemoteError` with an
-application code as it is; the toolkit's own refusals (``DeadlineExceeded``,
-``CircuitOpenError``, ``BulkheadFull``) as the server codes of
-:data:`~resilient.rpc.errors.SERVER_ERRORS`; anything else as ``-32603 Internal
-error``, logged on ``logging.getLogger("resilient.rpc")`` with its traceback and
-never sent.
+application code as it is (``-32603`` if its ``data`` cannot be encoded); the
+toolkit's own refusals (``DeadlineExceeded``, ``CircuitOpenError``,
+``BulkheadFull``) as the server codes of :data:`~resilient.rpc.errors.SERVER_ERRORS`;
+anything else as ``-32603 Internal error``, logged on
+``logging.getLogger("resilient.rpc")`` with its traceback and never sent. That
+includes a ``CancelledError`` that is not the request's own cancellation and a
+``SystemExit`` or ``KeyboardInterrupt`` raised in a worker thread: neither ends
+the request or the server.
 """
 
 from __future__ import annotations
@@ -108,6 +113,7 @@ def _canned(status: int, why: str, *headers: tuple[bytes, bytes]) -> tuple[int, 
 
 
 _NOT_POST: Final = _canned(405, "JSON-RPC requests are HTTP POSTs", (b"allow", b"POST"))
+_BAD_LENGTH: Final = _canned(400, "Content-Length must be ASCII digits")
 _BAD_TYPE: Final = _canned(
     415, "the Content-Type must be application/json (charset utf-8, if given)"
 )
@@ -289,7 +295,7 @@ class Server:
         if kind != "http":
             await self._not_http(kind, receive, send)
             return
-        if scope["path"] != self.path:
+        if scope["path"] != self.path and not self._mounted_here(scope):
             await _respond(
                 send,
                 *_canned(404, f"no JSON-RPC endpoint at {scope['path']!r}; POST to {self.path!r}"),
@@ -314,9 +320,13 @@ class Server:
         if not _protocol.content_type_ok(content_type):
             await _respond(send, *_BAD_TYPE)
             return
-        if length is not None and (not length.isdigit() or int(length) > self.max_body_size):
-            await _respond(send, *self._too_large)
-            return
+        if length is not None:
+            if not length.isdigit():
+                await _respond(send, *_BAD_LENGTH)
+                return
+            if int(length) > self.max_body_size:
+                await _respond(send, *self._too_large)
+                return
         when = _INF
         if resilient_timeout is None and grpc_timeout is None and connect_timeout is None:
             if self.max_deadline != _INF:
@@ -352,6 +362,18 @@ class Server:
             await _respond(send, 200, [_JSON, (b"content-length", b"%d" % len(parsed))], parsed)
         else:
             await self._batch(parsed, when, headers, send)
+
+    def _mounted_here(self, scope: ASGIScope) -> bool:
+        """Whether ``path`` is this server's under the ``root_path`` it is mounted at.
+
+        Starlette's ``Mount`` and ``uvicorn --root-path`` keep the prefix in ``path``
+        (as the ASGI specification now says); older routers strip it. Both are served.
+        """
+        root = scope.get("root_path", "")
+        path: str = scope["path"]
+        if not root or not path.startswith(root):
+            return False
+        return (path[len(root) :] or "/") == self.path
 
     async def _not_http(self, kind: str, receive: Receive, send: Send) -> None:
         if kind == "lifespan":
@@ -472,8 +494,7 @@ class Server:
         try:
             result = await self._call(method, request.params, when)
         except BaseException as raised:
-            error = _as_remote(raised, method.name)
-            return (None if id is None else error_body(id, error)), error
+            return _failed(raised, method.name, id)
         return (None if id is None else result_body(id, result)), None
 
     async def _traced(
@@ -506,13 +527,13 @@ class Server:
             try:
                 result = await self._call(method, request.params, when)
             except BaseException as raised:
-                error = _as_remote(raised, method.name)
+                answer, error = _failed(raised, method.name, id)
                 span.set_attribute("rpc.jsonrpc.error_code", error.code)
                 span.set_attribute("rpc.jsonrpc.error_message", error.message)
                 span.set_status(trace.Status(trace.StatusCode.ERROR, error.message))
                 if isinstance(error, InternalError):
                     span.record_exception(raised)
-                return (None if id is None else error_body(id, error)), error
+                return answer, error
             return (None if id is None else result_body(id, result)), None
 
     async def _call(self, method: _Method, params: msgspec.Raw, when: float) -> bytes:
@@ -554,10 +575,17 @@ class Server:
                 thread_name_prefix="resilient-rpc",
             )
         # Copied inside the deadline scope (when there is one): the thread sees it.
-        if when == _INF:
-            return await asyncio.wrap_future(self._submit(executor, fn, args, kwargs))
-        async with deadline_at(when):
-            return await asyncio.wrap_future(self._submit(executor, fn, args, kwargs))
+        try:
+            if when == _INF:
+                return await asyncio.wrap_future(self._submit(executor, fn, args, kwargs))
+            async with deadline_at(when):
+                return await asyncio.wrap_future(self._submit(executor, fn, args, kwargs))
+        except (SystemExit, KeyboardInterrupt) as stopped:
+            # Raised in the worker thread (sys.exit() in a handler), not at this
+            # process: re-raised here, it would stop the event loop and the server.
+            raise RuntimeError(
+                f"the handler raised {type(stopped).__name__} in its worker thread"
+            ) from stopped
 
     def _submit(
         self,
@@ -588,6 +616,25 @@ class Server:
         return self._document
 
 
+def _failed(raised: BaseException, name: str, id: bytes | None) -> tuple[bytes | None, RemoteError]:
+    """The answer and error object for what a call raised; re-raises what must not be answered."""
+    error = _as_remote(raised, name)
+    if id is None:
+        return None, error
+    try:
+        return error_body(id, error), error
+    except Exception:  # the handler's own error data: anything msgspec cannot encode
+        logger.error(
+            "the handler for %r raised %r, whose data cannot be encoded as JSON; "
+            "answered -32603 instead",
+            name,
+            raised,
+            exc_info=True,
+        )
+        error = InternalError()
+        return error_body(id, error), error
+
+
 def _as_remote(raised: BaseException, name: str) -> RemoteError:
     """The error object for what a call raised; re-raises what must not be answered."""
     if isinstance(raised, RemoteError):
@@ -615,7 +662,26 @@ def _as_remote(raised: BaseException, name: str) -> RemoteError:
     if isinstance(raised, Exception):
         logger.error("the handler for %r failed", name, exc_info=raised)
         return InternalError()
-    raise raised  # CancelledError, KeyboardInterrupt: not an answer
+    if isinstance(raised, asyncio.CancelledError) and not _being_cancelled():
+        # Not this task's cancellation: the handler awaited something another task
+        # cancelled, or raised it itself. Propagated, it would end the whole request.
+        logger.error(
+            "the handler for %r raised CancelledError while its task was not being cancelled",
+            name,
+            exc_info=raised,
+        )
+        return InternalError()
+    raise raised  # this task's cancellation, KeyboardInterrupt: not an answer
+
+
+def _being_cancelled() -> bool:
+    """Whether the current task has a cancellation pending (``Task.cancelling()``).
+
+    Counted when the error is, not before each call: that keeps the healthy path free
+    of it, and a count already pending before the call only makes this re-raise.
+    """
+    task = asyncio.current_task()
+    return task is None or task.cancelling() > 0
 
 
 async def _until(coroutine: Coroutine[Any, Any, Any], when: float) -> Any:
@@ -681,9 +747,7 @@ def _openrpc(server: Server) -> dict[str, Any]:
     methods = [m for m in server._methods.values() if m.name != _DISCOVER]
     types: list[Any] = []
     for method in methods:
-        for parameter in method.signature.parameters.values():
-            types.append(Any if parameter.annotation is parameter.empty else parameter.annotation)
-        types.append(_returns(method))
+        types.extend(method.signature.described)
     schemas, components = msgspec.json.schema_components(
         types, ref_template="#/components/schemas/{name}"
     )
@@ -716,8 +780,3 @@ def _openrpc(server: Server) -> dict[str, Any]:
     if components:
         document["components"] = {"schemas": components}
     return document
-
-
-def _returns(method: _Method) -> Any:
-    annotation = inspect.signature(method.fn, eval_str=True).return_annotation
-    return Any if annotation is inspect.Signature.empty else annotation
