@@ -7,20 +7,24 @@ endpoint are clamped to it), and when the deadline passes before the response ha
 started it cancels the endpoint and answers ``504`` itself, framed with
 ``content-length`` so the keep-alive connection serves the client's next request::
 
-    app = DeadlineMiddleware(FastAPI(), max_deadline=30.0)
+    app = DeadlineMiddleware(bare_asgi_app, max_deadline=30.0)
+    api.add_middleware(DeadlineMiddleware, max_deadline=30.0)  # FastAPI, Starlette
 
 The budget headers, all milliseconds or less, all meaning "time left now":
 
 - ``resilient-timeout-ms`` (:data:`resilient.deadline.DEADLINE_HEADER`, what
-  `resilient` clients send): ASCII digits.
+  `resilient` clients send): 1 or more ASCII digits, any length
+  (:func:`resilient.deadline.parse_deadline_header`).
 - ``grpc-timeout``: 1 to 8 ASCII digits then a unit, ``H`` ``M`` ``S`` ``m`` ``u``
   ``n`` (hours down to nanoseconds): ``100m``, ``2S``.
 - ``connect-timeout-ms`` (the Connect protocol): 1 to 10 ASCII digits.
 
-When several are sent the shortest budget wins. Every budget is clamped to
-``max_deadline``. A request without any of them gets ``default`` (``None``: no
-deadline, and the request goes straight to the app: the cost is one scan of the
-header list). A malformed value is refused with ``400`` and a JSON body
+Every value sent counts, whatever the header order and a repeated header
+included: the shortest budget wins, and one malformed value is refused (below)
+even when another is valid. Every budget is clamped to ``max_deadline``. A
+request without any of them gets ``default`` (``None``: no deadline, and the
+request goes straight to the app: the cost is one scan of the header list). A
+malformed value is refused with ``400`` and a JSON body
 ``{"detail": "<header>: <why>, got '<value>'"}`` without calling the app: a
 client whose budget cannot be read has a bug worth hearing about, and guessing a
 budget for it would hide that. A budget of ``0`` is already spent: the request is
@@ -34,11 +38,19 @@ What happens when the deadline passes:
   ``{"detail": ...}`` at once, even while the endpoint is still unwinding; the
   middleware then waits for that task to end (an exception other than
   cancellation raised while unwinding goes to the event loop's exception handler,
-  since the answer is already out). A sync endpoint (a FastAPI ``def`` run in a
-  thread pool) cannot be interrupted: the 504 still goes out on time, the awaiting
-  task is abandoned, and the thread runs on in the background until the function
-  returns; the thread sees the deadline (Starlette copies the context into it), so
-  :func:`resilient.remaining` or :func:`resilient.check_deadline` there stop it early.
+  since the answer is already out). The endpoint inherits the deadline, so its own
+  timer for it (a ``resilient.deadline(...)`` scope, a `resilient` call clamped
+  to it) may fire first: an endpoint that ends with an exception, before starting
+  a response, once the deadline has passed gets the same 504, not a 500.
+  A sync endpoint (a FastAPI ``def`` run in a thread pool) cannot be interrupted:
+  the 504 still goes out on time and the thread runs on until the function
+  returns. The middleware's own call returns at once when the thread's awaiter
+  is cancelled directly (a plain FastAPI app); when an anyio task group sits in
+  between (Starlette's ``BaseHTTPMiddleware``, ``@app.middleware("http")``),
+  anyio shields that wait, and the call returns only when the thread does.
+  Either way the thread sees the deadline (Starlette copies the context into
+  it), so :func:`resilient.remaining` or :func:`resilient.check_deadline` there
+  stop it early.
 - **After the response started**: its status and headers are gone, so it cannot
   become a 504. The endpoint is cancelled, the rest of the body is not sent, and
   the middleware raises :class:`~resilient.errors.DeadlineExceeded`: an ASGI
@@ -48,6 +60,17 @@ What happens when the deadline passes:
 - **After the response completed** (Starlette background tasks run inside the
   app call, after the answer): nothing is cancelled; the work finishes, with the
   passed deadline still in force for any `resilient` call it makes.
+
+Error handling inside the app sees an endpoint's ``DeadlineExceeded`` first, and
+a response it starts cannot become a 504. When the endpoint's own timer fires
+before the middleware's, Starlette's ``ServerErrorMiddleware`` (the outermost
+layer of every FastAPI and Starlette app) answers ``500``. Wrapping the app
+outermost does not avoid that, since ``ServerErrorMiddleware`` is inside the
+wrapped app: add the middleware to the app instead, after its other middleware,
+with ``api.add_middleware(DeadlineMiddleware, ...)``. Only
+``ServerErrorMiddleware`` is then outside it, and never sees the deadline. An
+exception handler registered for ``DeadlineExceeded`` (or a middleware that
+catches it) runs inside either way, and its answer is the app's choice.
 
 The endpoint runs in a task of its own while a deadline is in force (a task and a
 timer per such request, about 16 us in-process): the middleware must be free to answer while
@@ -64,6 +87,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -94,6 +118,9 @@ _GRPC_UNITS = {
     ord("n"): 1e-9,
 }
 _SHOWN = 40  # how much of a malformed value the 400 echoes back
+# How early a timer set for the deadline may fire: asyncio runs timers due within its
+# clock's resolution, and other loops keep time in whole milliseconds (uvloop).
+_EARLY = 0.001
 
 
 class _Malformed(ValueError):
@@ -185,11 +212,15 @@ class DeadlineMiddleware:
         from resilient.asgi import DeadlineMiddleware
 
         api = FastAPI()
-        app = DeadlineMiddleware(api, max_deadline=30.0, default=10.0)
+        api.add_middleware(DeadlineMiddleware, max_deadline=30.0, default=10.0)
 
-    With FastAPI or Starlette, ``api.add_middleware(DeadlineMiddleware, ...)``
-    works too; wrapping outermost, as above, keeps the other middleware inside
-    the deadline.
+        app = DeadlineMiddleware(bare_asgi_app, max_deadline=30.0)
+
+    With FastAPI or Starlette, add it as above, after the app's other middleware,
+    rather than wrapping the app: that keeps the other middleware inside the
+    deadline and the app's ``ServerErrorMiddleware`` outside, so an endpoint's
+    ``DeadlineExceeded`` at the deadline is answered 504 rather than 500 (see the
+    module docstring).
     """
 
     __slots__ = ("app", "default", "max_deadline", "status")
@@ -251,7 +282,7 @@ class DeadlineMiddleware:
         response = _Response(send)
         task: asyncio.Future[None] | None = None
         try:
-            async with deadline(seconds):
+            async with deadline(seconds) as scope_deadline:
                 # The task copies the context here, so the endpoint sees the deadline.
                 task = asyncio.ensure_future(self.app(scope, receive, response.send))
                 await asyncio.wait((task,))
@@ -265,6 +296,15 @@ class DeadlineMiddleware:
             task.cancel()
             raise
         assert task is not None
+        if (
+            not response.started
+            and not task.cancelled()
+            and task.exception() is not None
+            and time.monotonic() >= scope_deadline.deadline - _EARLY
+        ):
+            # The endpoint's own timer, set for this same deadline (its deadline() scope
+            # or a resilient call clamped to it), fired first: still the caller's deadline.
+            return await self._expire(task, response, seconds, send)
         return task.result()
 
     async def _expire(

@@ -23,6 +23,7 @@ from fastapi.responses import StreamingResponse
 
 import resilient
 from resilient.asgi import DeadlineMiddleware
+from resilient.deadline import current
 from resilient.errors import DeadlineExceeded
 
 Message = dict[str, Any]
@@ -125,6 +126,29 @@ async def test_the_shortest_of_several_budgets_wins() -> None:
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
         response = await client.get("/", headers=headers)
     assert 0.9 < response.json()["remaining"] <= 1.0
+
+
+async def test_every_value_counts_whatever_the_order_repeats_included() -> None:
+    """The documented rule: the shortest of all values wins, a repeated header included."""
+    headers = [
+        ("connect-timeout-ms", "4000"),
+        ("resilient-timeout-ms", "5000"),
+        ("connect-timeout-ms", "1000"),  # repeated: the second, shorter value counts
+    ]
+    transport = httpx.ASGITransport(app=remaining_app())
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        response = await client.get("/", headers=headers)
+    assert 0.9 < response.json()["remaining"] <= 1.0
+
+
+async def test_one_malformed_value_is_refused_even_beside_a_valid_one() -> None:
+    """A valid budget does not excuse a malformed one sent with it: 400 naming the bad header."""
+    headers = [(b"resilient-timeout-ms", b"1000"), (b"grpc-timeout", b"soon")]
+    app = Recorder()
+    sent = await call(DeadlineMiddleware(app), http_scope(headers))
+    assert sent[0]["status"] == 400
+    assert json.loads(sent[1]["body"])["detail"].startswith("grpc-timeout: must be ")
+    assert app.calls == []
 
 
 @pytest.mark.parametrize(
@@ -368,6 +392,90 @@ async def test_the_apps_own_errors_propagate_unchanged() -> None:
         with pytest.raises(type(error)) as caught:
             await call(DeadlineMiddleware(failing), scope)
         assert caught.value is error
+
+
+async def test_an_endpoint_timer_firing_just_before_the_middlewares_still_gets_504() -> None:
+    """The endpoint's own timer for the inherited deadline may fire first: still a 504, not 500."""
+
+    async def own_scope(scope: Any, receive: Any, send: Any) -> None:
+        # Set a hair before the middleware's (as float rounding or a clamped call does),
+        # so the task ends with DeadlineExceeded before the middleware's timer fires.
+        async with resilient.deadline_at(current() - 0.0005):
+            await asyncio.sleep(5)
+
+    sent = await call(DeadlineMiddleware(own_scope), http_scope([(b"grpc-timeout", b"20m")]))
+    assert [message.get("status") for message in sent] == [504, None]
+    assert "0.02 s passed" in json.loads(sent[1]["body"])["detail"]
+
+
+@pytest.mark.parametrize(
+    ("raised", "reported"), [(DeadlineExceeded("its own"), False), (ValueError("late"), True)]
+)
+async def test_an_endpoint_that_raises_once_the_deadline_passed_gets_504(
+    raised: Exception, reported: bool
+) -> None:
+    """Ending with an error, before the response, after the deadline is the deadline's 504."""
+    loop = asyncio.get_running_loop()
+    seen: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda loop, context: seen.append(context))
+
+    async def blocking(scope: Any, receive: Any, send: Any) -> None:
+        time.sleep(0.03)  # holds the loop past the deadline, so no timer has run yet
+        raise raised
+
+    try:
+        sent = await call(DeadlineMiddleware(blocking), http_scope([(b"grpc-timeout", b"20m")]))
+    finally:
+        loop.set_exception_handler(None)
+    assert [message.get("status") for message in sent] == [504, None]
+    assert [context["exception"] for context in seen] == ([raised] if reported else [])
+
+
+async def test_an_endpoint_deadline_scope_never_turns_the_504_into_a_500() -> None:
+    """The reviewer's race: 50 requests whose endpoint scope is clamped to the budget, all 504."""
+
+    async def api(scope: Any, receive: Any, send: Any) -> None:
+        async with resilient.deadline(60):  # clamped to the caller's 20 ms
+            await asyncio.sleep(10)
+
+    transport = httpx.ASGITransport(app=DeadlineMiddleware(api), raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        statuses = [
+            (await client.get("/", headers={"resilient-timeout-ms": "20"})).status_code
+            for _ in range(50)
+        ]
+    assert statuses == [504] * 50
+
+
+async def test_added_to_fastapi_its_error_middleware_never_answers_500_at_the_deadline() -> None:
+    """With add_middleware, FastAPI's ServerErrorMiddleware sits outside: every answer is 504."""
+    api = FastAPI()
+
+    @api.get("/")
+    async def endpoint() -> None:
+        async with resilient.deadline(60):
+            await asyncio.sleep(10)
+
+    api.add_middleware(DeadlineMiddleware, max_deadline=30.0)
+    transport = httpx.ASGITransport(app=api, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        statuses = [
+            (await client.get("/", headers={"resilient-timeout-ms": "20"})).status_code
+            for _ in range(50)
+        ]
+    assert statuses == [504] * 50
+
+
+async def test_the_apps_error_before_the_deadline_and_after_the_start_propagates() -> None:
+    """Only an error before the response starts becomes the 504; after the start it propagates."""
+
+    async def started_then_failed(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        time.sleep(0.03)  # past the deadline
+        raise ValueError("after the start")
+
+    with pytest.raises(ValueError, match="after the start"):
+        await call(DeadlineMiddleware(started_then_failed), http_scope([(b"grpc-timeout", b"20m")]))
 
 
 async def test_cancelling_the_request_from_outside_cancels_the_endpoint() -> None:

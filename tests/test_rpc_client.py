@@ -363,6 +363,27 @@ def test_an_answer_that_is_not_json_rpc_is_a_protocol_error(
     assert f"HTTP {status}" in str(caught.value)
 
 
+DEEP_BODIES = [
+    pytest.param(b"[" * 200_000, id="unterminated"),
+    pytest.param(b"[" * 5_000 + b"]" * 5_000, id="valid-but-5000-deep"),
+]
+
+
+@pytest.mark.parametrize("body", DEEP_BODIES)
+def test_a_deeply_nested_answer_is_a_protocol_error_not_a_recursion_error(body: bytes) -> None:
+    """A body nested past the decoder's stack fails the call, the batch and the notification."""
+    with client_for(replying(200, content=body)) as client:
+        with pytest.raises(ProtocolError, match=r"HTTP 200 OK .*nested too deeply"):
+            client.call("m")
+        with pytest.raises(ProtocolError, match="nested too deeply"):
+            client.notify("n")
+        pending: list[Pending] = []
+        with pytest.raises(ProtocolError, match="nested too deeply"):
+            send_batch(client, pending, "a", "b")
+        with pytest.raises(ProtocolError, match="nested too deeply"):
+            pending[1].result()
+
+
 def test_a_long_body_is_quoted_only_in_part() -> None:
     """The ProtocolError quotes the first 200 bytes of a long body and says there was more."""
     body = b"x" * 5000
@@ -919,6 +940,21 @@ async def test_the_async_client_raises_typed_errors() -> None:
     async with async_client_for(replying(200, content=b"oops")) as client:
         with pytest.raises(ProtocolError, match=r"HTTP 200 OK .*not JSON"):
             await client.call("m")
+
+
+@pytest.mark.parametrize("body", DEEP_BODIES)
+async def test_the_async_client_turns_a_deeply_nested_answer_into_a_protocol_error(
+    body: bytes,
+) -> None:
+    """As the sync client: a ProtocolError from a call and a batch, never a RecursionError."""
+    async with async_client_for(replying(200, content=body)) as client:
+        with pytest.raises(ProtocolError, match=r"HTTP 200 OK .*nested too deeply"):
+            await client.call("m")
+        pending: list[Pending] = []
+        with pytest.raises(ProtocolError, match="nested too deeply"):
+            await send_async_batch(client, pending, "a")
+        with pytest.raises(ProtocolError, match="nested too deeply"):
+            pending[0].result()
 
 
 async def test_the_async_batch_round_trip() -> None:

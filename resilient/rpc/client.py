@@ -170,10 +170,14 @@ def _protocol_error(response: httpx.Response, what: str) -> ProtocolError:
 
 
 def _body(response: httpx.Response) -> Any:
-    """The decoded JSON body; a ProtocolError when it is not JSON."""
+    """The decoded JSON body; a ProtocolError when it is not JSON or nested too deeply."""
     try:
         return _decode(response.content)
-    except msgspec.DecodeError as error:
+    except RecursionError:
+        # msgspec recurses once per array or object level: a hostile or broken body
+        # of thousands of ``[`` must fail the call, not the caller's stack.
+        raise _protocol_error(response, "the body is nested too deeply to decode") from None
+    except msgspec.MsgspecError as error:
         raise _protocol_error(response, f"the body is not JSON ({error})") from None
 
 

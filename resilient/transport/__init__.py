@@ -1024,14 +1024,18 @@ class _Configured(Generic[Inner]):
 
     def breaker_for(self, origin: str | httpx.URL) -> Gate | None:
         """The breaker of ``origin``: the :class:`~resilient.CircuitBreaker` (or gate) its
-        factory made; ``None`` when the transport has no breakers (``breaker=None``).
+        factory made.
 
         ``origin`` is a URL string or an ``httpx.URL``; only its scheme, host and port
         count, so ``"https://api.example.com"``, ``"https://api.example.com:443/orders"``
-        and a request's ``request.url`` all name the same origin. An origin whose state
-        the transport does not keep (no request has gone there yet, or it was evicted
-        since, see ``max_hosts``) raises ``KeyError`` naming it: its breaker does not
-        exist (yet), so there is nothing to read or change.
+        and a request's ``request.url`` all name the same origin (anything else: a
+        ``TypeError``; a relative or malformed URL: a ``ValueError``). The transport
+        keeps state only for origins it has sent requests to, so an origin it keeps no
+        state for (no request has gone there yet, or it was evicted since, see
+        ``max_hosts``) raises ``KeyError`` naming it, whatever ``breaker`` is: its
+        breaker does not exist (yet), so there is nothing to read or change. With
+        ``breaker=None`` an origin the transport keeps gives ``None``; a
+        ``KeyError`` still means the origin is not kept, not that there is no breaker.
 
         >>> breaker = transport.breaker_for("https://api.example.com")
         >>> breaker.metrics().consecutive_failures
