@@ -50,6 +50,7 @@ __all__ = [
     "decorate",
     "is_async",
     "refuse_generators",
+    "resume_stepped",
     "wrap",
 ]
 
@@ -1096,8 +1097,13 @@ async def _as_coroutine(awaitable: Awaitable[Any]) -> Any:
 
 
 @types.coroutine
-def _resume(coroutine: Coroutine[Any, Any, Any], pending: Any) -> Generator[Any, Any, Any]:
-    """Await the rest of ``coroutine``, whose first step already ran and yielded ``pending``."""
+def resume_stepped(coroutine: Coroutine[Any, Any, Any], pending: Any) -> Generator[Any, Any, Any]:
+    """Await the rest of ``coroutine``, whose first step already ran and yielded ``pending``.
+
+    For a driver that steps a coroutine once by hand (most finish without waiting,
+    and need no timer or task) and, when it did wait, goes on awaiting it in the
+    same task.
+    """
     while True:
         try:
             yield pending
@@ -1133,7 +1139,7 @@ def _suspended(
     cancelling = task.cancelling()
     entry = queue.add(limit, task)
     try:
-        return (yield from _resume(coroutine, pending))
+        return (yield from resume_stepped(coroutine, pending))
     except asyncio.CancelledError:
         if entry[3]:
             entry[3] = False  # our cancel() is accounted for here, once

@@ -52,7 +52,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Generator, MutableMapping
+from collections.abc import Awaitable, Callable, Coroutine, MutableMapping
 from datetime import timedelta
 from typing import Any, Final, TypeVar, overload
 
@@ -60,6 +60,7 @@ import msgspec
 
 from resilient._compat.otel import provider_globals
 from resilient._config import check_int, to_seconds
+from resilient._driver import resume_stepped
 from resilient.bulkhead import Bulkhead
 from resilient.deadline import DEADLINE_HEADER, Scope, current, deadline_at, narrow, restore
 from resilient.errors import BulkheadFull, CircuitOpenError, DeadlineExceeded
@@ -465,7 +466,7 @@ class Server:
                 for later in requests[index + 1 :]
             ]
             try:
-                outcomes.append(await _Resumed(coroutine, waiting_on))
+                outcomes.append(await resume_stepped(coroutine, waiting_on))
                 outcomes.extend(await asyncio.gather(*rest))
             except BaseException:
                 for task in rest:
@@ -700,41 +701,7 @@ async def _until(coroutine: Coroutine[Any, Any, Any], when: float) -> Any:
         coroutine.close()
         raise
     async with Scope(_INF, at=when):
-        return await _Resumed(coroutine, waiting_on)
-
-
-class _Resumed:
-    """Awaitable rest of a coroutine whose first step has run and yielded ``waiting_on``.
-
-    What ``await`` would do from there: hand each yielded future to the task, send
-    its result back in, and throw in what the task throws (cancellation included).
-    """
-
-    __slots__ = ("_coroutine", "_waiting_on")
-
-    def __init__(self, coroutine: Coroutine[Any, Any, Any], waiting_on: Any) -> None:
-        self._coroutine = coroutine
-        self._waiting_on = waiting_on
-
-    def __await__(self) -> Generator[Any, Any, Any]:
-        coroutine = self._coroutine
-        waiting_on = self._waiting_on
-        while True:
-            try:
-                sent = yield waiting_on
-            except GeneratorExit:
-                coroutine.close()
-                raise
-            except BaseException as thrown:
-                try:
-                    waiting_on = coroutine.throw(thrown)
-                except StopIteration as finished:
-                    return finished.value
-            else:
-                try:
-                    waiting_on = coroutine.send(sent)
-                except StopIteration as finished:
-                    return finished.value
+        return await resume_stepped(coroutine, waiting_on)
 
 
 async def _respond(send: Send, status: int, headers: list[Any], body: bytes) -> None:
