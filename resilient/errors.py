@@ -7,6 +7,7 @@ anything the toolkit itself decided to raise. The tree::
     ├── DeadlineExceeded        (also a builtin TimeoutError)
     ├── CircuitOpenError        (.retry_after seconds, .breaker name)
     ├── BulkheadFull            (.max_concurrent, .max_waiting)
+    ├── RateLimited             (.retry_after seconds, .name of the limiter)
     └── EmptyRingError          (also a builtin LookupError; in resilient.hashring)
 
 When retries run out the caller gets the *last original exception*, not a
@@ -26,6 +27,7 @@ __all__ = [
     "BulkheadFull",
     "CircuitOpenError",
     "DeadlineExceeded",
+    "RateLimited",
     "ResilientError",
 ]
 
@@ -96,3 +98,29 @@ class BulkheadFull(ResilientError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.name, self.max_concurrent, self.max_waiting), self.__dict__)
+
+
+class RateLimited(ResilientError):
+    """A rate limiter refused the call: it came sooner than the limit allows.
+
+    ``retry_after`` is the number of seconds until the limiter would admit a call;
+    ``name`` is the limiter's name. Only a remote limit that did not say when
+    (:class:`resilient.rpc.RemoteRateLimited`) leaves ``retry_after`` ``None``.
+    """
+
+    retry_after: float | None
+
+    def __init__(self, name: str, retry_after: float) -> None:
+        # As CircuitOpenError: refusals come in floods, so the message is formatted lazily.
+        self.name = name
+        self.retry_after = retry_after
+
+    def __str__(self) -> str:
+        hint = "" if self.retry_after is None else f"retry in {self.retry_after:.3f} s, or "
+        return (
+            f"rate limiter {self.name!r} refused the call, which came sooner than its limit "
+            f"allows; {hint}slow down"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.name, self.retry_after), self.__dict__)

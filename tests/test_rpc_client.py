@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import pickle
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -22,7 +23,7 @@ from rpc_live import serve
 
 from resilient.breaker import CircuitBreaker
 from resilient.deadline import DEADLINE_HEADER, deadline, remaining
-from resilient.errors import DeadlineExceeded
+from resilient.errors import DeadlineExceeded, RateLimited
 from resilient.retry import Retry
 from resilient.rpc.client import AsyncClient, Client, Method, Pending, Proxy
 from resilient.rpc.errors import (
@@ -33,11 +34,11 @@ from resilient.rpc.errors import (
     Overloaded,
     ParseError,
     ProtocolError,
-    RateLimited,
     RemoteBulkheadFull,
     RemoteCircuitOpen,
     RemoteDeadlineExceeded,
     RemoteError,
+    RemoteRateLimited,
 )
 from resilient.rpc.server import Server
 from resilient.transport import AsyncResilientTransport, ResilientTransport
@@ -426,7 +427,7 @@ def test_null_and_falsy_results_are_results() -> None:
         (-32001, Overloaded),
         (-32002, RemoteCircuitOpen),
         (-32003, RemoteBulkheadFull),
-        (-32004, RateLimited),
+        (-32004, RemoteRateLimited),
         (42, RemoteError),
         (-32099, RemoteError),
     ],
@@ -450,12 +451,25 @@ def test_a_remote_deadline_is_caught_as_a_deadline_exceeded() -> None:
     assert isinstance(caught.value, TimeoutError)
 
 
+def test_a_remote_rate_limit_is_caught_as_a_rate_limited() -> None:
+    """except resilient.RateLimited catches the server's -32004 too, with its retry_after."""
+    reply = error_reply(-32004, "Rate limited", data={"limiter": "api", "retry_after": 1.5})
+    with client_for(replying(429, reply)) as client, pytest.raises(RateLimited) as caught:
+        client.call("busy")
+    assert isinstance(caught.value, RemoteRateLimited)
+    assert (caught.value.retry_after, caught.value.name) == (1.5, "api")
+    assert "Rate limited (JSON-RPC error -32004)" in str(caught.value)
+    copy = pickle.loads(pickle.dumps(caught.value))
+    assert (type(copy), copy.retry_after, copy.name) == (RemoteRateLimited, 1.5, "api")
+    assert RemoteRateLimited().name == "remote"
+
+
 @pytest.mark.parametrize(
     ("status", "code", "cls"),
     [
         (413, -32600, InvalidRequest),
         (415, -32600, InvalidRequest),
-        (429, -32004, RateLimited),
+        (429, -32004, RemoteRateLimited),
         (503, -32001, Overloaded),
         (503, -32002, RemoteCircuitOpen),
         (504, -32000, RemoteDeadlineExceeded),

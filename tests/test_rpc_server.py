@@ -26,9 +26,9 @@ from rpc_live import live_asgi, serve
 from telemetry import attributes
 
 import resilient
-from resilient.errors import BulkheadFull, CircuitOpenError, DeadlineExceeded
+from resilient.errors import BulkheadFull, CircuitOpenError, DeadlineExceeded, RateLimited
 from resilient.rpc import _protocol
-from resilient.rpc.errors import RateLimited, RemoteError
+from resilient.rpc.errors import RemoteError, RemoteRateLimited
 from resilient.rpc.server import Server
 
 __all__ = ["live_asgi"]  # the fixture, imported to be found by pytest
@@ -570,14 +570,16 @@ async def test_overload_is_shed_at_once_with_503_and_retry_after() -> None:
         (CircuitOpenError("db", math.inf), -32002, 503, None),
         (BulkheadFull("db", 4, 0), -32003, 503, None),
         (DeadlineExceeded("inner deadline"), -32000, 504, None),
-        (RateLimited(data={"retry_after": 7}), -32004, 429, "7"),
+        (RemoteRateLimited(data={"retry_after": 7}), -32004, 429, "7"),
+        (RateLimited("api", 2.2), -32004, 429, "3"),
+        (RateLimited("api", math.inf), -32004, 429, None),
         (RemoteError(-32050, "not ours"), -32603, 200, None),
     ],
 )
 async def test_toolkit_errors_raised_by_handlers_map_to_server_codes(
     raised: Exception, code: int, status: int, retry_after: str | None
 ) -> None:
-    """CircuitOpenError, BulkheadFull, DeadlineExceeded and server errors get their codes."""
+    """CircuitOpenError, BulkheadFull, DeadlineExceeded, RateLimited, server errors: their codes."""
     server = Server()
 
     @server.method
@@ -588,6 +590,8 @@ async def test_toolkit_errors_raised_by_handlers_map_to_server_codes(
     assert response.status_code == status
     assert response.json()["error"]["code"] == code
     assert response.headers.get("retry-after") == retry_after
+    if isinstance(raised, RateLimited) and not isinstance(raised, RemoteError):
+        assert response.json()["error"]["data"]["limiter"] == "api"
 
 
 # Hostile input -----------------------------------------------------------------------

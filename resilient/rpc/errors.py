@@ -17,7 +17,7 @@ client raises the same class when it reads one. The tree::
             ├── Overloaded                -32001  .retry_after              HTTP 503
             ├── RemoteCircuitOpen         -32002  .retry_after              HTTP 503
             ├── RemoteBulkheadFull        -32003  .retry_after              HTTP 503
-            └── RateLimited               -32004  .retry_after              HTTP 429
+            └── RemoteRateLimited         -32004  also a RateLimited        HTTP 429
 
 The server's own codes sit in the range the specification reserves for
 implementation-defined server errors (-32000 to -32099); :data:`SERVER_ERRORS`
@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 from typing import Any, ClassVar, Final, NamedTuple
 
-from resilient.errors import DeadlineExceeded, ResilientError
+from resilient.errors import DeadlineExceeded, RateLimited, ResilientError
 
 __all__ = [
     "RESERVED",
@@ -44,11 +44,11 @@ __all__ = [
     "ParseError",
     "ProtocolError",
     "RPCError",
-    "RateLimited",
     "RemoteBulkheadFull",
     "RemoteCircuitOpen",
     "RemoteDeadlineExceeded",
     "RemoteError",
+    "RemoteRateLimited",
     "ServerError",
     "error_for",
     "retry_after_header",
@@ -201,12 +201,26 @@ class RemoteBulkheadFull(ServerError):
     HTTP_STATUS = 503
 
 
-class RateLimited(ServerError):
-    """The server's rate limit refused the call; ``retry_after`` says when to try again."""
+class RemoteRateLimited(ServerError, RateLimited):
+    """The server's rate limit refused the call; ``retry_after`` says when to try again.
+
+    Also a :class:`~resilient.RateLimited`, so ``except RateLimited`` catches a limit
+    hit on either side of the wire. ``retry_after`` is ``None`` when the server did not
+    say; ``name`` is the server's limiter, or ``"remote"`` when it did not say.
+    """
 
     CODE = -32004
     MESSAGE = "Rate limited"
     HTTP_STATUS = 429
+
+    def __init__(
+        self, message: str | None = None, data: Any = None, *, retry_after: float | None = None
+    ) -> None:
+        # ServerError's __init__ alone: RemoteError calls Exception.__init__ directly, so
+        # RateLimited's (name, retry_after) __init__ is never reached through the MRO.
+        super().__init__(message, data, retry_after=retry_after)
+        limiter = data.get("limiter") if isinstance(data, dict) else None
+        self.name = limiter if isinstance(limiter, str) else "remote"
 
 
 class _Entry(NamedTuple):
@@ -226,7 +240,7 @@ _SERVER: Final[tuple[type[ServerError], ...]] = (
     Overloaded,
     RemoteCircuitOpen,
     RemoteBulkheadFull,
-    RateLimited,
+    RemoteRateLimited,
 )
 
 #: The server's own error codes: code -> (class, HTTP status of a single request).

@@ -34,7 +34,8 @@ keeps its slot until it returns, though its answer is sent at the deadline.
 Errors a handler raises become error objects: a :class:`RemoteError` with an
 application code as it is (``-32603`` if its ``data`` cannot be encoded); the
 toolkit's own refusals (``DeadlineExceeded``, ``CircuitOpenError``,
-``BulkheadFull``) as the server codes of :data:`~resilient.rpc.errors.SERVER_ERRORS`;
+``BulkheadFull``, ``RateLimited``) as the server codes of
+:data:`~resilient.rpc.errors.SERVER_ERRORS`;
 anything else as ``-32603 Internal error``, logged on
 ``logging.getLogger("resilient.rpc")`` with its traceback and never sent. That
 includes a ``CancelledError`` that is not the request's own cancellation and a
@@ -63,7 +64,7 @@ from resilient._config import check_int, to_seconds
 from resilient._driver import resume_stepped
 from resilient.bulkhead import Bulkhead
 from resilient.deadline import DEADLINE_HEADER, Scope, current, deadline_at, narrow, restore
-from resilient.errors import BulkheadFull, CircuitOpenError, DeadlineExceeded
+from resilient.errors import BulkheadFull, CircuitOpenError, DeadlineExceeded, RateLimited
 from resilient.rpc import _protocol
 from resilient.rpc._protocol import ABSENT, NULL, Request, Signature, error_body, result_body
 from resilient.rpc.errors import (
@@ -78,6 +79,7 @@ from resilient.rpc.errors import (
     RemoteCircuitOpen,
     RemoteDeadlineExceeded,
     RemoteError,
+    RemoteRateLimited,
     ServerError,
     retry_after_header,
 )
@@ -660,6 +662,14 @@ def _as_remote(raised: BaseException, name: str) -> RemoteError:
         return RemoteCircuitOpen(data=data, retry_after=retry_after)
     if isinstance(raised, BulkheadFull):
         return RemoteBulkheadFull(data={"bulkhead": raised.name})
+    if isinstance(raised, RateLimited):
+        retry_after = raised.retry_after
+        if retry_after is not None and not math.isfinite(retry_after):
+            retry_after = None
+        data = {"limiter": raised.name}
+        if retry_after is not None:
+            data["retry_after"] = retry_after  # type: ignore[assignment]
+        return RemoteRateLimited(data=data, retry_after=retry_after)
     if isinstance(raised, Exception):
         logger.error("the handler for %r failed", name, exc_info=raised)
         return InternalError()
