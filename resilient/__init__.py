@@ -28,9 +28,17 @@ from resilient.deadline import (
     parse_deadline_header,
     remaining,
 )
-from resilient.errors import BulkheadFull, CircuitOpenError, DeadlineExceeded, ResilientError
+from resilient.errors import (
+    BulkheadFull,
+    CircuitOpenError,
+    DeadlineExceeded,
+    RateLimited,
+    ResilientError,
+)
+from resilient.fallback import Fallback
 from resilient.hashring import BoundedLoadRing, EmptyRingError, HashRing
 from resilient.policy import Policy
+from resilient.ratelimit import MemoryRateStore, RateLimiter, RateStore
 from resilient.retry import Backoff, Retry, RetryBudget, RetryEvent, instant_retries
 from resilient.shardmap import ShardedMap
 from resilient.stages import Admission, CallObserver, CallRecord, Gate, Retrier
@@ -76,10 +84,15 @@ __all__ = [
     "CircuitOpenError",
     "DeadlineExceeded",
     "EmptyRingError",
+    "Fallback",
     "Gate",
     "HashRing",
     "InMemoryBreakerStore",
+    "MemoryRateStore",
     "Policy",
+    "RateLimited",
+    "RateLimiter",
+    "RateStore",
     "ResilientError",
     "ResilientTransport",
     "Retrier",

@@ -2,9 +2,11 @@
 
 The stages always apply in this order, outermost first::
 
-    bulkhead → total deadline (timeout) → retry → breaker → attempt deadline → call
+    fallback → rate limit → bulkhead → total deadline (timeout) → retry → breaker
+             → attempt deadline → call
 
-Any subset may be given. The stages are not a stack of nested decorators: one
+Any subset may be given. The fallback (:class:`~resilient.Fallback`) wraps the rest
+and answers for the failures it is for. The stages are not a stack of nested decorators: one
 driver (:mod:`resilient._driver`) runs them through the stage contract of
 :mod:`resilient.stages`, so a healthy call pays for a few attribute reads and no
 per-call allocation, and a stage you write yourself plugs in like the built-in
@@ -18,6 +20,7 @@ one-stage wrappers (``@Retry(...)``, ``@breaker``) use the same driver.
 
 from __future__ import annotations
 
+import contextvars
 import math
 import pickle
 import sys
@@ -25,6 +28,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, NoReturn, ParamSpec, TypeVar, cast
 
 from resilient import _driver
+from resilient import fallback as _fallback
 from resilient import tracing as _tracing
 from resilient._config import Duration, rebuild, to_seconds
 from resilient.stages import Admission, CallObserver, Gate, Retrier
@@ -45,6 +49,7 @@ class Policy(_driver.Configured):
     """Resilience stages fused into one wrapper, for sync and async functions.
 
     >>> policy = Policy(
+    ...     rate_limit=RateLimiter(rate=100),   # at most 100 calls a second
     ...     bulkhead=Bulkhead(max_concurrent=10),
     ...     timeout=2.0,                  # total budget for the call, retries included
     ...     retry=Retry(attempts=3),
@@ -55,11 +60,19 @@ class Policy(_driver.Configured):
     ... def fetch(key: str) -> str: ...
 
     Each stage may be the built-in one or any object that implements its protocol
-    in :mod:`resilient.stages`: ``bulkhead`` an :class:`~resilient.stages.Admission`,
+    in :mod:`resilient.stages`: ``rate_limit`` and ``bulkhead`` each an
+    :class:`~resilient.stages.Admission`,
     ``retry`` a :class:`~resilient.stages.Retrier`, ``breaker`` a
     :class:`~resilient.stages.Gate` (or a ``pybreaker.CircuitBreaker``, whose own
     rules, listeners and storage keep working). ``timeout`` bounds the whole call,
     the wait for a bulkhead slot included; ``attempt_timeout`` each attempt.
+
+    ``rate_limit`` (a :class:`~resilient.RateLimiter`) is asked before the bulkhead,
+    so a call it refuses never takes a bulkhead slot. A call it admitted that the
+    bulkhead then refuses (``BulkheadFull``, or a deadline while waiting for a slot)
+    has still spent its admission: a rate limit counts calls that tried to start, and
+    giving a GCRA admission back would let a refused flood through the limit.
+    ``timeout`` bounds a ``wait=True`` limiter's wait as well.
 
     Each call makes an OpenTelemetry span and records metrics (see
     :mod:`resilient.tracing`) when a real provider is configured: globally, at
@@ -82,12 +95,16 @@ class Policy(_driver.Configured):
         "attempt_timeout",
         "breaker",
         "bulkhead",
+        "fallback",
         "name",
+        "rate_limit",
         "retry",
         "timeout",
         "tracing",
     )
 
+    fallback: _fallback.Fallback | None
+    rate_limit: Admission | None
     bulkhead: Admission | None
     timeout: float | None
     retry: Retrier | None
@@ -102,6 +119,8 @@ class Policy(_driver.Configured):
     def __init__(
         self,
         *,
+        fallback: _fallback.Fallback | None = None,
+        rate_limit: Admission | None = None,
         bulkhead: Admission | None = None,
         timeout: Duration | None = None,
         retry: Retrier | None = None,
@@ -112,6 +131,13 @@ class Policy(_driver.Configured):
         tracer_provider: TracerProvider | None = None,
         meter_provider: MeterProvider | None = None,
     ) -> None:
+        if fallback is not None and not isinstance(fallback, _fallback.Fallback):
+            raise TypeError(f"fallback must be a resilient.Fallback, got {fallback!r}")
+        if rate_limit is not None and not isinstance(rate_limit, Admission):
+            raise TypeError(
+                "rate_limit must be a resilient.RateLimiter or an Admission stage "
+                f"(try_acquire, acquire, acquire_async, release), got {rate_limit!r}"
+            )
         if bulkhead is not None and not isinstance(bulkhead, Admission):
             raise TypeError(
                 "bulkhead must be a resilient.Bulkhead or an Admission stage (try_acquire, "
@@ -139,6 +165,8 @@ class Policy(_driver.Configured):
                 "pass one or the other"
             )
         setattr_ = object.__setattr__
+        setattr_(self, "fallback", fallback)
+        setattr_(self, "rate_limit", rate_limit)
         setattr_(self, "bulkhead", bulkhead)
         setattr_(self, "timeout", total)
         setattr_(self, "retry", retry)
@@ -168,7 +196,16 @@ class Policy(_driver.Configured):
     def __repr__(self) -> str:
         stages = [
             f"{name}={value!r}"
-            for name in ("bulkhead", "timeout", "retry", "breaker", "attempt_timeout", "name")
+            for name in (
+                "fallback",
+                "rate_limit",
+                "bulkhead",
+                "timeout",
+                "retry",
+                "breaker",
+                "attempt_timeout",
+                "name",
+            )
             if (value := getattr(self, name)) is not None
         ]
         if not self.tracing:
@@ -178,6 +215,8 @@ class Policy(_driver.Configured):
     def __reduce__(self) -> tuple[Any, ...]:
         # As its configuration (the default would set attributes on an immutable object).
         config: dict[str, Any] = {
+            "fallback": self.fallback,
+            "rate_limit": self.rate_limit,
             "bulkhead": self.bulkhead,
             "timeout": self.timeout,
             "retry": self.retry,
@@ -237,16 +276,17 @@ class Policy(_driver.Configured):
         this policy's own (its tracing) for a caller that keeps its own record of
         each call: the httpx transport hands each request's in as an argument.
         """
-        return _driver.build(
+        built = _driver.build(
             fn,
             asynchronous=asynchronous,
-            admission=self.bulkhead,
+            admission=_admission(self.rate_limit, self.bulkhead),
             timeout=self.timeout,
             retrier=self.retry,
             gate=self._gate,
             attempt_timeout=self.attempt_timeout,
             observer=self._observer(fn) if observer is None else observer,
         )
+        return self._outermost(built, fn, asynchronous)
 
     def resume(
         self,
@@ -261,29 +301,103 @@ class Policy(_driver.Configured):
         budget hear of that attempt as if this policy had made it, and its retries run
         as they would have (see :func:`resilient._driver.build_resume`). The first
         attempt must have been made as this policy's healthy path would have made it:
-        so only for a policy without a bulkhead or timeouts, with the breaker closed
+        so only for a policy without a rate limit, bulkhead or timeouts, with the breaker closed
         and counting nothing on success (``CircuitBreaker.quiet()``), and with no
         deadline in force. The httpx transport's fast path is such a caller.
         """
-        if self.bulkhead is not None or self.timeout is not None or self.attempt_timeout:
+        if (
+            self.rate_limit is not None
+            or self.bulkhead is not None
+            or self.timeout is not None
+            or self.attempt_timeout
+        ):
             raise ValueError(
-                "resume() is for a policy without a bulkhead, timeout or attempt_timeout: "
+                "resume() is for a policy without a bulkhead, timeout, attempt_timeout or "
+                "rate_limit: "
                 "a first attempt made outside the policy could not have honoured them"
             )
-        return _driver.build_resume(
+        built = _driver.build_resume(
             fn,
             asynchronous=asynchronous,
             retrier=self.retry,
             gate=self._gate,
             observer=self._observer(fn) if observer is None else observer,
         )
+        return self._outermost(built, fn, asynchronous)
+
+    def _outermost(
+        self, built: Callable[..., Any], fn: Callable[..., Any], asynchronous: bool
+    ) -> Callable[..., Any]:
+        """``built`` inside the fallback, the outermost stage, if there is one."""
+        if self.fallback is None:
+            return built
+        return _fallback.wrap_driver(self.fallback, built, asynchronous, name=_name_of(self, fn))
 
     def _observer(self, fn: Callable[..., Any]) -> CallObserver | None:
         telemetry = self._telemetry
         if telemetry is None:
             return None
-        name = self.name or str(getattr(fn, "__qualname__", None) or type(fn).__qualname__)
-        return _tracing.CallSite(name, telemetry, self.timeout)
+        return _tracing.CallSite(_name_of(self, fn), telemetry, self.timeout)
+
+
+def _name_of(policy: Policy, fn: Callable[..., Any]) -> str:
+    """What a call of ``fn`` is called in spans, metrics and logs: the Policy's name, or fn's."""
+    return policy.name or str(getattr(fn, "__qualname__", None) or type(fn).__qualname__)
+
+
+def _admission(rate_limit: Admission | None, bulkhead: Admission | None) -> Admission | None:
+    """The one admission stage the driver takes: the limiter, the bulkhead, or both in order."""
+    if rate_limit is None:
+        return bulkhead
+    if bulkhead is None:
+        return rate_limit
+    return _RateThenBulkhead(rate_limit, bulkhead)
+
+
+# Set (in the caller's context) when the limiter admitted a call in try_acquire but the
+# bulkhead had no free slot: the driver's acquire that follows must wait for the bulkhead
+# only. Nothing can run in between: the driver calls acquire right after, with no
+# suspension, so no other call of this thread or task sees the mark.
+_LIMITER_PASSED: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "resilient_limiter_passed", default=False
+)
+
+
+class _RateThenBulkhead:
+    """``Policy(rate_limit=, bulkhead=)`` as one Admission: the limiter first, then the bulkhead.
+
+    An admission the limiter granted is not given back when the bulkhead refuses (see
+    :class:`Policy`); :meth:`release` frees the bulkhead's slot only.
+    """
+
+    __slots__ = ("bulkhead", "rate_limit", "release")
+
+    def __init__(self, rate_limit: Admission, bulkhead: Admission) -> None:
+        self.rate_limit = rate_limit
+        self.bulkhead = bulkhead
+        self.release = bulkhead.release
+
+    def try_acquire(self) -> bool:
+        if not self.rate_limit.try_acquire():
+            return False
+        if self.bulkhead.try_acquire():
+            return True
+        _LIMITER_PASSED.set(True)
+        return False
+
+    def acquire(self) -> None:
+        if _LIMITER_PASSED.get():
+            _LIMITER_PASSED.set(False)
+        else:
+            self.rate_limit.acquire()
+        self.bulkhead.acquire()
+
+    async def acquire_async(self) -> None:
+        if _LIMITER_PASSED.get():
+            _LIMITER_PASSED.set(False)
+        else:
+            await self.rate_limit.acquire_async()
+        await self.bulkhead.acquire_async()
 
 
 def _time_limit(name: str, value: Duration | None, bounded: str) -> float | None:
