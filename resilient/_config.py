@@ -12,7 +12,16 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any, Final, TypeVar
 
-__all__ = ["DEFAULT", "Default", "Duration", "check_int", "check_number", "rebuild", "to_seconds"]
+__all__ = [
+    "DEFAULT",
+    "Default",
+    "Duration",
+    "check_int",
+    "check_number",
+    "describe",
+    "rebuild",
+    "to_seconds",
+]
 
 
 class Default(enum.Enum):
@@ -102,3 +111,20 @@ def rebuild(cls: Callable[..., _C], config: dict[str, Any]) -> _C:
     sent to another process starts with none of this process's live state.
     """
     return cls(**config)
+
+
+def describe(value: object) -> str:
+    """A short readable name for a setting in a ``repr`` or a message: a class, a tuple of
+    them, a function's qualified name, else ``module.Kind(...)``."""
+    if isinstance(value, type):
+        if value.__module__ == "builtins":
+            return value.__qualname__
+        return f"{value.__module__}.{value.__qualname__}"
+    if isinstance(value, tuple):
+        items = ", ".join(describe(item) for item in value)
+        return f"({items},)" if len(value) == 1 else f"({items})"
+    name = getattr(value, "__qualname__", None)
+    if isinstance(name, str):
+        return name
+    kind = type(value)
+    return f"{kind.__module__}.{kind.__qualname__}(...)"

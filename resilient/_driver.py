@@ -47,6 +47,7 @@ __all__ = [
     "build",
     "build_resume",
     "cached",
+    "deadline_in_force",
     "decorate",
     "is_async",
     "refuse_generators",
@@ -179,9 +180,13 @@ class Configured:
 
     __slots__ = ()
 
+    #: What a class whose configuration has required settings needs written, for the
+    #: error of ``@Cls`` without parentheses (``"max_concurrent=..."``, say).
+    _needs: ClassVar[str | None] = None
+
     def __new__(cls, *args: object, **config: object) -> Self:
         if args:
-            raise _positional(cls.__name__, args)
+            raise _positional(cls.__name__, args, cls._needs)
         return object.__new__(cls)
 
     __signature__ = _ConstructorSignature()
@@ -230,8 +235,12 @@ class Decorating(Configured):
         return build(fn, asynchronous=asynchronous, **stage)
 
 
-def _positional(what: str, args: tuple[object, ...]) -> TypeError:
+def _positional(what: str, args: tuple[object, ...], needs: str | None = None) -> TypeError:
     target = args[0]
+    if needs is not None and len(args) == 1 and callable(target):
+        return TypeError(
+            f"{what} needs its settings to decorate a function: write @{what}({needs}), not @{what}"
+        )
     if len(args) == 1 and (callable(target) or isinstance(target, staticmethod | classmethod)):
         name = _name(getattr(target, "__func__", target))
         return TypeError(
@@ -733,6 +742,19 @@ def _attempt_limit(now: float, total: float, attempt_timeout: float | None) -> f
     if attempt_timeout is not None and now + attempt_timeout < total:
         return now + attempt_timeout
     return total
+
+
+def deadline_in_force() -> float:
+    """The deadline in force (absolute, on ``time.monotonic``; ``inf`` for none).
+
+    Raises :class:`DeadlineExceeded` if it has already passed. For a driver outside
+    this module (``Retry``'s attempt loop), so that it reads the deadline and the
+    clock as :func:`build`'s drivers do.
+    """
+    outer = _current()
+    if outer != _INF and _monotonic() >= outer:
+        raise _expired(None)
+    return outer
 
 
 def _expired(timeout: float | None) -> DeadlineExceeded:

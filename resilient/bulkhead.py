@@ -90,7 +90,7 @@ import threading
 import time
 from collections import OrderedDict, deque
 from types import TracebackType
-from typing import Any, Final, Self
+from typing import Any, Final
 
 from resilient import _driver, _fork
 from resilient._config import Duration, check_int, rebuild, to_seconds
@@ -150,6 +150,7 @@ class Bulkhead(_driver.Decorating):
     and :meth:`acall`, it runs each call in a slot.
     """
 
+    _needs = "max_concurrent=..."  # for the error of @Bulkhead without parentheses
     _fills = "admission"  # @bulkhead, bulkhead.call(): the driver with this one stage
 
     __slots__ = (
@@ -192,14 +193,6 @@ class Bulkhead(_driver.Decorating):
         self._forked_slots = 0
         self._drivers: _driver.DriverCache = {}
         _fork.register(self)
-
-    def __new__(cls, *args: object, **config: object) -> Self:
-        if len(args) == 1 and callable(args[0]):
-            raise TypeError(
-                "Bulkhead needs its limits to decorate a function: "
-                "write @Bulkhead(max_concurrent=...), not @Bulkhead"
-            )
-        return super().__new__(cls, *args, **config)
 
     def __reduce__(self) -> tuple[Any, ...]:
         # As its configuration: the slots and the waiters belong to this process's callers.

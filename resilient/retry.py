@@ -26,21 +26,28 @@ the function and never sleeps. It is a :class:`~resilient.stages.Retrier`: a
 one stage. :func:`instant_retries` makes every wait zero, so test suites that
 exercise retries stay fast (also in :mod:`resilient.testing`).
 
+A block that is not a function is retried with ``for attempt in retry: with
+attempt: ...`` (``async for`` in a coroutine), under the same rules: see
+:class:`Attempts`.
+
 Public names: :class:`Retry`, :class:`Backoff`, :class:`RetryBudget`,
-:class:`RetryEvent`, :class:`RetryHook`, :class:`RetryState`, :func:`instant_retries`.
+:class:`RetryEvent`, :class:`RetryHook`, :class:`RetryState`, :class:`Attempt`,
+:class:`Attempts`, :func:`instant_retries`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import random as _random
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from types import TracebackType
 from typing import (
     TYPE_CHECKING,
     Any,
@@ -60,10 +67,11 @@ from resilient._config import (
     Duration,
     check_int,
     check_number,
+    describe,
     rebuild,
     to_seconds,
 )
-from resilient.errors import PROGRAMMING_ERRORS, BulkheadFull, CircuitOpenError
+from resilient.errors import PROGRAMMING_ERRORS, BulkheadFull, CircuitOpenError, RateLimited
 from resilient.stages import CallTally
 
 if TYPE_CHECKING:
@@ -74,6 +82,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "LONGEST_WAIT",
+    "Attempt",
+    "Attempts",
     "Backoff",
     "ExceptionFilter",
     "Jitter",
@@ -119,7 +129,7 @@ the driver gives :meth:`Retry.give_up` when it stops for one of its own reasons.
 _JITTERS: tuple[Jitter, ...] = ("full", "equal", "decorrelated", "none")
 # The toolkit's own refusals: never retried, whatever `on` says (retrying would only
 # add load where a stage just shed it).
-_REJECTIONS = (CircuitOpenError, BulkheadFull)
+_REJECTIONS = (CircuitOpenError, BulkheadFull, RateLimited)
 #: The longest wait a retry is scheduled after; a longer one (a Retry-After date years
 #: ahead, a hook returning 1e12) ends the retries instead of sleeping for ever.
 LONGEST_WAIT: Final = 30 * 24 * 3600.0
@@ -568,21 +578,6 @@ def _tenacity() -> Any:
     return sys.modules["tenacity"]
 
 
-def _describe(value: object) -> str:
-    """A short readable name for an ``on`` / ``on_result`` / ``stop`` setting."""
-    if isinstance(value, type):
-        if value.__module__ == "builtins":
-            return value.__qualname__
-        return f"{value.__module__}.{value.__qualname__}"
-    if isinstance(value, tuple):
-        return f"({', '.join(_describe(item) for item in value)})"
-    name = getattr(value, "__qualname__", None)
-    if isinstance(name, str):
-        return name
-    kind = type(value)
-    return f"{kind.__module__}.{kind.__qualname__}(...)"
-
-
 @dataclass(frozen=True, slots=True, kw_only=True, init=False, eq=False, repr=False)
 class Retry(_driver.Decorating):
     """Retry a failing call, with backoff, a retry budget and respect for the deadline.
@@ -806,20 +801,20 @@ class Retry(_driver.Decorating):
         setattr_(self, "_drivers", {})
 
     def __repr__(self) -> str:
-        parts = [f"attempts={self.attempts!r}", f"on={_describe(self.on)}"]
+        parts = [f"attempts={self.attempts!r}", f"on={describe(self.on)}"]
         if self.on_result is not None:
-            parts.append(f"on_result={_describe(self.on_result)}")
+            parts.append(f"on_result={describe(self.on_result)}")
         if self.wait is not None:
-            parts.append(f"wait={_describe(self.wait)}")
+            parts.append(f"wait={describe(self.wait)}")
         else:
             parts.append(f"backoff={self.backoff!r}")
         if self.stop is not None:
-            parts.append(f"stop={_describe(self.stop)}")
+            parts.append(f"stop={describe(self.stop)}")
         parts.append(f"budget={self.budget!r}")
         if self.retry_after is not None:
-            parts.append(f"retry_after={_describe(self.retry_after)}")
+            parts.append(f"retry_after={describe(self.retry_after)}")
         if self._hooks:
-            parts.append(f"on_retry={', '.join(_describe(hook) for hook in self._hooks)}")
+            parts.append(f"on_retry={', '.join(describe(hook) for hook in self._hooks)}")
         return f"Retry({', '.join(parts)})"
 
     def __reduce__(self) -> tuple[Any, ...]:
@@ -845,6 +840,34 @@ class Retry(_driver.Decorating):
             # would then draw the same jitter: leave each process its own.
             config["random"] = self.random
         return (rebuild, (type(self), config))
+
+    # The attempt loop ---------------------------------------------------------------------
+
+    def __iter__(self) -> Attempts:
+        """Retry a block of code rather than a function: ``for attempt in retry``.
+
+        ::
+
+            for attempt in Retry(attempts=3, on=ConnectionError):
+                with attempt:
+                    rows = fetch_rows()
+
+        Each pass of the loop is one call through this ``Retry``, with the decorator's
+        rules (budget, deadline, ``on``, hooks): see :class:`Attempts`. A ``Retry``
+        with ``on_result`` is refused (``TypeError``): a block has no return value.
+        """
+        return Attempts(self)
+
+    def __aiter__(self) -> Attempts:
+        """The same loop in a coroutine, waiting with ``asyncio.sleep``: ``async for``.
+
+        ::
+
+            async for attempt in Retry(attempts=3, on=ConnectionError):
+                with attempt:
+                    rows = await fetch_rows()
+        """
+        return Attempts(self)
 
     # The Retrier protocol (resilient.stages) ----------------------------------------------
 
@@ -926,7 +949,7 @@ class Retry(_driver.Decorating):
             delay = float(wait(cast("RetryCallState", view)))
             if not 0.0 <= delay < math.inf:
                 raise ValueError(
-                    f"wait strategy {_describe(wait)} returned {delay!r}; "
+                    f"wait strategy {describe(wait)} returned {delay!r}; "
                     "a wait must be a finite number of seconds, at least 0"
                 )
         else:
@@ -937,13 +960,13 @@ class Retry(_driver.Decorating):
             if asked is not None:
                 if not isinstance(asked, int | float) or isinstance(asked, bool):
                     raise TypeError(
-                        f"retry_after {_describe(retry_after)} returned "
+                        f"retry_after {describe(retry_after)} returned "
                         f"{type(asked).__name__} {asked!r}; it must return seconds as a "
                         "number, or None"
                     )
                 if not 0.0 <= asked < math.inf:
                     raise ValueError(
-                        f"retry_after {_describe(retry_after)} returned {asked!r}; "
+                        f"retry_after {describe(retry_after)} returned {asked!r}; "
                         "it must return a finite number of seconds, at least 0, or None"
                     )
                 delay = asked
@@ -978,7 +1001,7 @@ class Retry(_driver.Decorating):
             _logger.info(
                 "attempt %d failed with %s; retrying in %.3f s",
                 attempt,
-                "a retried result" if failure is None else _describe(type(failure)),
+                "a retried result" if failure is None else describe(type(failure)),
                 delay,
             )
         if self._hooks:
@@ -1042,9 +1065,9 @@ class Retry(_driver.Decorating):
         elif reason == "circuit open":
             why = "the circuit breaker opened, so the next attempt was not made"
         elif reason == "stop condition":
-            why = f"the stop strategy {_describe(self.stop)} said to stop"
+            why = f"the stop strategy {describe(self.stop)} said to stop"
         else:
-            why = f"{_describe(type(exc))} is not retryable (on={_describe(self.on)})"
+            why = f"{describe(type(exc))} is not retryable (on={describe(self.on)})"
         plural = "" if attempts == 1 else "s"
         notes = getattr(exc, "__notes__", None)
         if isinstance(notes, list):
@@ -1088,3 +1111,213 @@ class Retry(_driver.Decorating):
 
 
 DEFAULT_BACKOFF = Backoff()
+
+
+# The attempt iterator -----------------------------------------------------------------
+
+_MISUSE: Final = "each attempt must be used exactly once in a with block"
+# What an attempt loop does at its next step, besides waiting (a number) or ending.
+_START: Final = object()  # count the call, then hand out attempt 1
+_PENDING: Final = object()  # an attempt is out, its with block not entered yet
+_INSIDE: Final = object()  # an attempt's with block is running
+_DONE: Final = object()  # the loop is over: success, the error propagated, or misuse
+
+
+class Attempt:
+    """One attempt of a ``for attempt in retry`` loop; run its block in ``with attempt:``.
+
+    The ``with`` block reports the attempt's outcome: leaving it normally ends the
+    loop, an exception the :class:`Retry` retries is swallowed (the loop waits,
+    then hands out the next attempt), any other propagates. Each attempt must be
+    used in exactly one ``with`` block, else :class:`RuntimeError`.
+    """
+
+    __slots__ = ("_loop", "number")
+
+    def __init__(self, loop: Attempts, number: int) -> None:
+        self._loop = loop
+        #: This attempt's number, 1-based.
+        self.number = number
+
+    def __repr__(self) -> str:
+        return f"<Attempt number={self.number}>"
+
+    def __enter__(self) -> Attempt:
+        loop = self._loop
+        if loop._command is not _PENDING or loop._number != self.number:
+            loop._end()
+            raise RuntimeError(
+                f"{_MISUSE}: attempt {self.number} was used again (or after the loop moved on)"
+            )
+        loop._command = _INSIDE
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> bool:
+        return self._loop._finish(error)
+
+
+class Attempts:
+    """The attempts of one call through a :class:`Retry`: ``for`` or ``async for``, not both.
+
+    Made by ``iter(retry)`` / ``aiter(retry)``, that is by ``for attempt in retry``
+    and ``async for attempt in retry``; it yields :class:`Attempt` objects. The
+    decisions are the decorator's own (the one failure path of
+    :class:`resilient._driver.Recovery`): the call is counted in the budget when the
+    loop starts, and each retry withdraws from it; the deadline in force when the
+    loop starts bounds the waits; the ``on_retry`` hooks, ``retry_after`` and the
+    logging on ``resilient.retry`` apply; waits go through the same sleep as the
+    decorator's, so :func:`~resilient.testing.record_sleeps` and
+    :func:`instant_retries` work.
+
+    When the retries are over, the ``with`` block re-raises the attempt's own
+    exception with the give-up note on it; if the deadline passes during a wait,
+    the ``for`` statement raises it (the wait happens when the next attempt is
+    asked for). A sync loop refuses to retry inside a running event loop (it would
+    block the loop while it waits): use ``async for`` there.
+    """
+
+    __slots__ = ("_asynchronous", "_command", "_flow", "_number", "_outer", "_retry", "_started")
+
+    def __init__(self, retry: Retry) -> None:
+        if retry.on_result is not None:
+            raise TypeError(
+                "a Retry with on_result cannot drive a 'for attempt in retry' loop: a with "
+                "block has no return value to judge. Decorate a function (or use "
+                "retry.call()), or raise an exception that `on` retries instead"
+            )
+        self._retry = retry
+        self._asynchronous: bool | None = None
+        # What the next step does: _START, _PENDING, _INSIDE, _DONE, _driver._ATTEMPT
+        # (hand out the next attempt) or a number of seconds to wait first.
+        self._command: object = _START
+        self._flow: Generator[object, Any, Any] | None = None
+        self._number = 0
+        self._outer = math.inf
+        self._started = 0.0
+
+    def __repr__(self) -> str:
+        return f"<Attempts of {self._retry!r}: {self._number} handed out>"
+
+    def __iter__(self) -> Attempts:
+        return self
+
+    def __aiter__(self) -> Attempts:
+        return self
+
+    def __next__(self) -> Attempt:
+        command = self._step(asynchronous=False)
+        if command is _DONE:
+            raise StopIteration
+        if command is not _driver._ATTEMPT:
+            _driver._sleep(cast(float, command))
+            self._resume()
+        return self._hand_out()
+
+    async def __anext__(self) -> Attempt:
+        command = self._step(asynchronous=True)
+        if command is _DONE:
+            raise StopAsyncIteration
+        if command is not _driver._ATTEMPT:
+            await _driver._async_sleep(cast(float, command))
+            self._resume()
+        return self._hand_out()
+
+    def _step(self, *, asynchronous: bool) -> object:
+        """What the next step must do: hand out an attempt, wait first, or end (``_DONE``)."""
+        if self._asynchronous is None:
+            self._asynchronous = asynchronous
+        elif self._asynchronous is not asynchronous:
+            self._end()
+            used, other = ("async for", "for") if asynchronous else ("for", "async for")
+            raise RuntimeError(
+                f"this attempt loop was started with '{other}'; it cannot go on with '{used}'"
+            )
+        command = self._command
+        if command is _PENDING or command is _INSIDE:
+            self._end()
+            why = "was never entered" if command is _PENDING else "is still in its with block"
+            raise RuntimeError(f"{_MISUSE}: attempt {self._number} {why}")
+        if command is _START:
+            retry = self._retry
+            self._started = started = retry.clock()
+            retry.count_call(started)
+            try:
+                self._outer = _driver.deadline_in_force()
+            except BaseException:
+                self._end()
+                raise
+            command = _driver._ATTEMPT
+        return command
+
+    def _resume(self) -> None:
+        """After a wait: the flow grants the next attempt, or raises the error (deadline)."""
+        flow = cast("Generator[object, Any, Any]", self._flow)
+        try:
+            next(flow)  # _ATTEMPT: a flow yields one wait at a time
+        except BaseException:
+            self._end()
+            raise
+
+    def _hand_out(self) -> Attempt:
+        self._number += 1
+        self._command = _PENDING
+        return Attempt(self, self._number)
+
+    def _end(self) -> None:
+        """End the loop, freeing the failure path (and the error it holds)."""
+        self._command = _DONE
+        flow, self._flow = self._flow, None
+        if flow is not None:
+            flow.close()
+
+    def _finish(self, error: BaseException | None) -> bool:
+        """The with block of the current attempt ended: whether to swallow ``error``."""
+        if self._command is not _INSIDE:
+            return False  # the loop already ended: a misuse inside the block
+        if error is None or not isinstance(error, Exception):
+            # Success ends the loop; cancellation and interpreter exits are never retried.
+            self._end()
+            return False
+        traceback = error.__traceback__
+        flow = self._flow
+        try:
+            if flow is None:
+                retry = self._retry
+                outer = self._outer
+                recovery = _driver.Recovery(retry, None, self._started, outer, outer, None, None)
+                self._flow = flow = recovery.flow(error, None, None)
+                command = next(flow)
+            else:
+                command = flow.throw(error)
+        except BaseException as raised:
+            self._end()
+            if raised is error:
+                # The give-up (with its note) or an error not retried: let it leave the
+                # with block as raised there, without this machinery on its traceback.
+                error.__traceback__ = traceback
+                return False
+            raise  # a hook or strategy failed: chained to the attempt's error
+        finally:
+            error = traceback = flow = None
+        if not self._asynchronous and _in_event_loop():
+            self._end()
+            raise RuntimeError(
+                "a 'for attempt in retry' loop would block the running event loop while it "
+                "waits between attempts; in a coroutine write 'async for attempt in retry'"
+            )
+        self._command = command
+        return True
+
+
+def _in_event_loop() -> bool:
+    """Whether this thread is running an event loop (a sync wait would block it)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True

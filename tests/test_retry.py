@@ -7,14 +7,18 @@ clock and a fixed random source; nothing here sleeps.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import gc
 import inspect
 import logging
 import math
 import pickle
 import random
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+import time
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import timedelta
 
 import pytest
@@ -22,15 +26,19 @@ import tenacity
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
+from resilient import _driver
 from resilient._driver import refuse_generators
+from resilient.deadline import deadline, deadline_at
+from resilient.errors import DeadlineExceeded
 from resilient.retry import (
+    Attempt,
     Backoff,
     Retry,
     RetryBudget,
     RetryEvent,
     instant_retries,
 )
-from resilient.testing import FakeClock
+from resilient.testing import FakeClock, record_sleeps
 
 
 def fixed(value: float):  # type: ignore[no-untyped-def]
@@ -1132,3 +1140,339 @@ def test_a_retry_instance_shows_the_decorator_signature() -> None:
     """inspect.signature(Retry) is the configuration; an instance's is the decorator's."""
     assert "attempts" in inspect.signature(Retry).parameters
     assert list(inspect.signature(Retry()).parameters) == ["fn"]
+
+
+# The attempt loop: for attempt in retry -------------------------------------------------
+
+
+class Down(ConnectionError):
+    """A dependency's failure (a subclass, so that tests can hold weak references to one)."""
+
+
+class Flaky:
+    """A block that fails with :class:`Down` ``failures`` times, then returns "ok"."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.calls = 0
+        self.raised: list[BaseException] = []
+
+    def __call__(self) -> str:
+        self.calls += 1
+        if self.calls <= self.failures:
+            # Not held in a local: this frame, on the error's traceback, would keep it alive.
+            self.raised.append(Down(f"down ({self.calls})"))
+            raise self.raised[-1]
+        return "ok"
+
+    async def run_async(self) -> str:
+        await asyncio.sleep(0)
+        return self()
+
+
+def run_attempts(retry: Retry, block: Callable[[], object]) -> list[object]:
+    """Run ``block`` in ``for attempt in retry: with attempt:``; return each attempt's number,
+    then the block's value."""
+    seen: list[object] = []
+    for attempt in retry:
+        seen.append(attempt.number)
+        with attempt:
+            value = block()
+    seen.append(value)
+    return seen
+
+
+async def run_attempts_async(retry: Retry, block: Callable[[], Awaitable[object]]) -> list[object]:
+    """:func:`run_attempts` with ``async for``."""
+    seen: list[object] = []
+    async for attempt in retry:
+        seen.append(attempt.number)
+        with attempt:
+            value = await block()
+    seen.append(value)
+    return seen
+
+
+def fail_with(error: BaseException) -> Callable[[], object]:
+    def block() -> object:
+        raise error
+
+    return block
+
+
+NO_JITTER = Backoff(initial=0.1, jitter="none")
+
+
+def test_attempt_loop_retries_a_block_until_it_succeeds() -> None:
+    """Failed blocks are retried after the backoff's waits (recorded, not slept); success ends."""
+    with record_sleeps() as waits:
+        seen = run_attempts(Retry(attempts=5, on=ConnectionError, backoff=NO_JITTER), Flaky(2))
+    assert seen == [1, 2, 3, "ok"]
+    assert waits == [0.1, 0.2]
+
+    loop = iter(Retry())
+    attempt = next(loop)
+    with attempt:
+        pass
+    with pytest.raises(StopIteration):
+        next(loop)  # a successful block ends the loop for good
+    assert repr(attempt) == "<Attempt number=1>"
+    assert "1 handed out" in repr(loop)
+
+
+async def test_async_attempt_loop_retries_a_block_until_it_succeeds() -> None:
+    """async for waits through asyncio.sleep's seam (record_sleeps sees it) and ends on success."""
+    flaky = Flaky(2)
+    with record_sleeps() as waits:
+        retry = Retry(attempts=5, on=ConnectionError, backoff=NO_JITTER)
+        seen = await run_attempts_async(retry, flaky.run_async)
+    assert (seen, waits) == ([1, 2, 3, "ok"], [0.1, 0.2])
+
+
+def test_attempt_loop_out_of_attempts_reraises_the_last_error_with_the_note() -> None:
+    """The with block re-raises the last attempt's own exception, noted, with a clean traceback."""
+    flaky = Flaky(10)
+    retry = Retry(attempts=3, on=ConnectionError, backoff=NO_JITTER)
+    with record_sleeps() as waits, pytest.raises(Down) as caught:
+        run_attempts(retry, flaky)
+    assert caught.value is flaky.raised[-1]
+    assert flaky.calls == 3
+    assert waits == [0.1, 0.2]
+    assert caught.value.__notes__ == [
+        "resilient.Retry: gave up after 3 attempts (0.30 s waiting in total): "
+        "attempts exhausted (attempts=3)"
+    ]
+    # Raised from the user's block: no frame of the loop's machinery on top of it.
+    frames = [entry.name for entry in caught.traceback]
+    assert frames[1:] == ["run_attempts", "__call__"]
+
+
+async def test_async_attempt_loop_out_of_attempts_reraises_the_last_error() -> None:
+    """Same give-up in async for: the last original exception, with the note."""
+    flaky = Flaky(10)
+    with record_sleeps(), pytest.raises(Down) as caught:
+        await run_attempts_async(Retry(attempts=2, on=ConnectionError), flaky.run_async)
+    assert caught.value is flaky.raised[-1]
+    assert "gave up after 2 attempts" in caught.value.__notes__[0]
+
+
+def test_attempt_loop_lets_an_error_it_does_not_retry_propagate_at_once() -> None:
+    """An exception `on` does not match leaves the first with block unchanged: no wait, no note."""
+    events: list[RetryEvent] = []
+    error = ValueError("bad input")
+    retry = Retry(on=ConnectionError, on_retry=events.append)
+    with record_sleeps() as waits, pytest.raises(ValueError, match="bad input") as caught:
+        run_attempts(retry, fail_with(error))
+    assert caught.value is error
+    assert not hasattr(error, "__notes__")
+    assert (waits, events) == ([], [])
+
+
+def test_attempt_loop_shares_the_budget_with_the_decorator() -> None:
+    """Loops and decorated calls of one Retry draw on one budget: counted once, spent by either."""
+    clock = FakeClock()
+    budget = RetryBudget(ratio=0.0, min_retries_per_second=0.1, window=10.0, clock=clock)
+    retry = Retry(on=ConnectionError, budget=budget, clock=clock)
+    flaky = Flaky(5)
+    with record_sleeps():
+        assert retry.call(Flaky(1)) == "ok"  # spends the one retry the budget holds
+        with pytest.raises(Down) as caught:
+            run_attempts(retry, flaky)
+    assert flaky.calls == 1
+    assert "retry budget exhausted" in caught.value.__notes__[0]
+
+    counting = RetryBudget(ratio=1.0, min_retries_per_second=0.0, clock=clock)
+    run_attempts(Retry(budget=counting, clock=clock), Flaky(0))
+    assert counting.available() == 1  # the loop counted its call once
+
+
+def test_attempt_loop_never_waits_past_the_deadline_and_blames_it() -> None:
+    """A wait that would end after the deadline in force ends the loop at once, noted so."""
+    flaky = Flaky(5)
+    retry = Retry(on=ConnectionError, backoff=Backoff(initial=1.0, jitter="none"))
+    with record_sleeps() as waits, deadline(0.5), pytest.raises(Down) as caught:
+        run_attempts(retry, flaky)
+    assert (flaky.calls, waits) == (1, [])
+    assert "the deadline would pass before the next attempt" in caught.value.__notes__[0]
+
+
+def test_a_deadline_passing_during_the_wait_is_raised_by_the_for_statement(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """If the deadline passes while waiting, the next step re-raises the last error, noted."""
+    shift = [0.0]
+
+    def overrunning_sleep(seconds: float) -> None:
+        shift[0] += seconds + 5.0  # the wait ran long: the deadline is gone
+
+    monkeypatch.setattr(_driver, "_monotonic", lambda: time.monotonic() + shift[0])
+    monkeypatch.setattr(_driver, "_sleep", overrunning_sleep)
+    flaky = Flaky(5)
+    retry = Retry(on=ConnectionError, backoff=Backoff(initial=1.0, jitter="none"))
+    with deadline(3.0), pytest.raises(Down) as caught:
+        run_attempts(retry, flaky)
+    assert caught.value is flaky.raised[0]
+    assert flaky.calls == 1
+    assert caught.value.__notes__ == [
+        "resilient.Retry: gave up after 1 attempt (1.00 s waiting in total): "
+        "the deadline would pass before the next attempt could start"
+    ]
+
+
+def test_attempt_loop_past_its_deadline_runs_no_attempt() -> None:
+    """A loop started after the deadline raises DeadlineExceeded before running the block."""
+    flaky = Flaky(0)
+    with deadline_at(time.monotonic() - 1.0), pytest.raises(DeadlineExceeded):
+        run_attempts(Retry(), flaky)
+    assert flaky.calls == 0
+
+
+def test_attempt_loop_calls_the_hooks_honours_retry_after_and_logs(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """on_retry gets one event per retry; retry_after sets the wait; resilient.retry logs it."""
+    events: list[RetryEvent] = []
+    flaky = Flaky(2)
+    retry = Retry(on=ConnectionError, on_retry=events.append, retry_after=lambda error: 2.5)
+    with caplog.at_level(logging.INFO, "resilient.retry"), record_sleeps() as waits:
+        run_attempts(retry, flaky)
+    assert waits == [2.5, 2.5]
+    assert [(event.attempt, event.delay, event.exception) for event in events] == [
+        (1, 2.5, flaky.raised[0]),
+        (2, 2.5, flaky.raised[1]),
+    ]
+    assert [record.getMessage() for record in caplog.records] == [
+        f"attempt 1 failed with {__name__}.Down; retrying in 2.500 s",
+        f"attempt 2 failed with {__name__}.Down; retrying in 2.500 s",
+    ]
+
+
+def test_a_failing_hook_stops_the_loop_chained_to_the_attempts_error() -> None:
+    """A hook's exception leaves the with block, with the attempt's error as its context."""
+
+    def broken(event: RetryEvent) -> None:
+        raise LookupError("metrics down")
+
+    flaky = Flaky(5)
+    loop = iter(Retry(on=ConnectionError, on_retry=broken))
+    attempt = next(loop)
+    with pytest.raises(LookupError, match="metrics down") as caught, attempt:
+        flaky()
+    assert caught.value.__context__ is flaky.raised[0]
+    with pytest.raises(StopIteration):
+        next(loop)
+
+
+def test_attempt_loop_obeys_instant_retries_and_its_cap() -> None:
+    """instant_retries(cap=2): a 10-attempt loop makes 2 attempts and never waits."""
+    flaky = Flaky(10)
+    retry = Retry(attempts=10, on=ConnectionError)
+    with instant_retries(cap=2), record_sleeps() as waits, pytest.raises(Down) as caught:
+        run_attempts(retry, flaky)
+    assert (flaky.calls, waits) == (2, [])
+    assert "capped at 2 for tests" in caught.value.__notes__[0]
+
+
+async def test_attempt_loop_never_swallows_cancellation() -> None:
+    """CancelledError (a BaseException) leaves the with block at once, even after retries."""
+    flaky = Flaky(1)
+
+    async def block() -> object:
+        await flaky.run_async()
+        raise asyncio.CancelledError
+
+    with record_sleeps(), pytest.raises(asyncio.CancelledError):
+        await run_attempts_async(Retry(on=Exception), block)
+    assert flaky.calls == 2  # one retry, then the cancellation went straight through
+
+    loop = aiter(Retry(on=BaseException))
+    with pytest.raises(asyncio.CancelledError), await anext(loop):
+        raise asyncio.CancelledError
+    with pytest.raises(StopAsyncIteration):
+        await anext(loop)
+
+
+def test_attempt_loop_never_swallows_keyboard_interrupt() -> None:
+    """KeyboardInterrupt propagates from the first attempt, with no note, whatever `on` says."""
+    with pytest.raises(KeyboardInterrupt) as caught:
+        run_attempts(Retry(on=BaseException), fail_with(KeyboardInterrupt()))
+    assert not hasattr(caught.value, "__notes__")
+
+
+def test_using_an_attempt_twice_is_an_error() -> None:
+    """A second with block over one attempt raises, whether after the first or nested in it."""
+    loop = iter(Retry())
+    attempt = next(loop)
+    with attempt:
+        pass
+    with pytest.raises(RuntimeError, match="each attempt must be used exactly once"), attempt:
+        pass
+
+    # Nested: the misuse is not taken for a failure to retry, though on= takes RuntimeError.
+    attempt = next(iter(Retry(on=RuntimeError)))
+    with attempt, pytest.raises(RuntimeError, match="attempt 1 was used again"), attempt:
+        pass
+
+
+def test_skipping_the_with_block_is_an_error() -> None:
+    """Asking for the next attempt before the last one ran in a with block raises."""
+    loop = iter(Retry())
+    next(loop)
+    with pytest.raises(RuntimeError, match="attempt 1 was never entered"):
+        next(loop)
+    with pytest.raises(StopIteration):
+        next(loop)  # the misuse ended the loop
+
+    loop = iter(Retry())
+    with next(loop), pytest.raises(RuntimeError, match="attempt 1 is still in its with block"):
+        next(loop)
+
+
+async def test_mixing_for_and_async_for_is_an_error() -> None:
+    """One loop is sync or async from its first step; it is its own iterator either way."""
+    loop = iter(Retry(on=ConnectionError))
+    assert iter(loop) is loop
+    assert aiter(loop) is loop
+    with next(loop):
+        pass
+    with pytest.raises(RuntimeError, match="started with 'for'"):
+        await anext(loop)
+
+
+async def test_a_sync_attempt_loop_in_a_coroutine_refuses_to_block_the_event_loop() -> None:
+    """for (not async for) inside a coroutine raises before its first wait, even an instant one."""
+    assert run_attempts(Retry(), Flaky(0)) == [1, "ok"]  # a loop that never waits is harmless
+    for instant in (False, True):
+        flaky = Flaky(5)
+        with contextlib.ExitStack() as stack:
+            if instant:
+                stack.enter_context(instant_retries())
+            with pytest.raises(RuntimeError, match="write 'async for attempt in retry'") as caught:
+                run_attempts(Retry(on=ConnectionError), flaky)
+        assert caught.value.__context__ is flaky.raised[0]
+        assert flaky.calls == 1
+
+
+def test_attempt_loop_refuses_on_result() -> None:
+    """A with block has no return value: a Retry with on_result cannot drive the loop."""
+    with pytest.raises(TypeError, match="on_result cannot drive"):
+        iter(Retry(on_result=lambda value: value is None))
+
+
+def test_attempt_loop_frees_its_errors_without_the_cyclic_gc() -> None:
+    """Each error (and what its traceback holds) is freed by reference counting once handled."""
+    flaky = Flaky(10)
+    gc.disable()
+    try:
+        with instant_retries(), contextlib.suppress(Down):
+            run_attempts(Retry(attempts=3, on=ConnectionError), flaky)
+        refs = [weakref.ref(error) for error in flaky.raised]
+        flaky.raised.clear()
+        assert [ref() for ref in refs] == [None, None, None]
+    finally:
+        gc.enable()
+
+
+def test_attempt_is_a_public_type_of_the_retry_module() -> None:
+    """Loops hand out resilient.retry.Attempt objects, usable in type hints."""
+    assert isinstance(next(iter(Retry())), Attempt)
