@@ -23,7 +23,11 @@ instant and sleeps until then, so waiters pass in the order they came, one inter
 apart. Waiting honours the deadline in force (:func:`resilient.deadline.remaining`):
 when the turn would come after the deadline, :class:`~resilient.DeadlineExceeded` is
 raised at once, without sleeping and without reserving anything. A waiter cancelled
-(or interrupted) while asleep gives its reserved turn back.
+(or interrupted) while asleep gives its reserved turn back, if no later caller reserved
+a turn meanwhile (else it stays an unused gap, so no two callers ever start together). A
+sync wait (``with limiter:``, :meth:`~RateLimiter.acquire`, a decorated sync function) on
+a thread running an event loop raises ``RuntimeError`` rather than block the loop: use
+``async with limiter:`` or :meth:`~RateLimiter.acquire_async` there.
 
 The limiter is an :class:`~resilient.stages.Admission` stage: :meth:`RateLimiter.try_acquire`
 (never waits), :meth:`~RateLimiter.acquire`, :meth:`~RateLimiter.acquire_async` and a
@@ -34,9 +38,9 @@ and plugs into ``Policy(rate_limit=...)``, which asks it before the bulkhead.
 Keyed limits
 ------------
 ``limiter.for_key(key)`` is the limiter for one key (a tenant, a user, a host): same
-configuration, its own state. The per-key limiters live in a
-:class:`~resilient.ShardedMap` bounded by ``max_keys`` (least recently used first out),
-so an unbounded set of keys cannot grow memory without bound. An evicted key starts
+configuration, its own state. The per-key limiters live in a one-shard
+:class:`~resilient.ShardedMap` bounded by ``max_keys`` (least recently used of all keys
+first out), so an unbounded set of keys cannot grow memory without bound. An evicted key starts
 afresh with its full burst, as if idle: choose ``max_keys`` above the number of keys
 active within ``burst * interval``. Call ``for_key`` per call rather than keeping its
 result: a view kept across its key's eviction no longer counts with the key's new one.
@@ -47,12 +51,16 @@ The one instant lives in a :class:`RateStore`; the default, :class:`MemoryRateSt
 keeps it in this process behind a lock held only for the compare-and-set. A store for
 a fleet (Redis, say) implements the same three methods: :meth:`RateStore.take` is the
 whole decision, done atomically where the state lives (a Lua script: read the TAT,
-compare, write it back), so the limiter itself never reads or writes state.
+compare, write it back), so the limiter itself never reads or writes state;
+:meth:`RateStore.give_back` is a compare-and-set too (the instant moves back only if it is
+still the one the cancelled caller's take stored).
 
 Clocks, pickling and forking
 ----------------------------
 ``clock`` is :func:`time.monotonic` unless injected (:class:`resilient.testing.FakeClock`
-in tests); a shared store must use a clock all its processes share. A limiter pickles as
+in tests); a shared store must use a clock all its processes share. A reading earlier
+than the latest one the limiter saw (a clock stepped back) counts as that latest one, so
+the step does not add to anyone's wait. A limiter pickles as
 its configuration: the copy starts with its full burst (a per-key view does not pickle:
 pickle the limiter and call ``for_key`` in the other process). A forked child keeps a
 copy of the state, its own from then on, and the store's lock is made anew there (see
@@ -61,6 +69,7 @@ copy of the state, its own from then on, and the store's lock is made anew there
 
 from __future__ import annotations
 
+import asyncio
 import math
 import threading
 import time
@@ -92,19 +101,30 @@ class RateStore(Protocol):
     write it forward.
     """
 
-    def take(self, now: float, interval: float, tolerance: float, max_wait: float) -> float:
+    def take(
+        self, now: float, interval: float, tolerance: float, max_wait: float
+    ) -> tuple[float, float]:
         """Take one admission at ``now`` if it can be had within ``max_wait`` seconds.
 
         With ``tat = max(stored instant, now)`` and ``wait = tat - tolerance - now``
         (``0.0`` when at most a nanosecond): if ``wait <= max_wait``, store ``tat +
-        interval`` and return ``wait``, the seconds the caller must wait for its turn
-        (``0.0``: now). Otherwise store nothing and return ``wait``, which is then the
-        refusal's ``retry_after``. ``max_wait`` may be ``math.inf``.
+        interval`` and return ``(wait, tat + interval)``: the seconds the caller must
+        wait for its turn (``0.0``: now) and the instant stored, which identifies this
+        reservation to :meth:`give_back`. Otherwise store nothing and return ``(wait,
+        stored instant)``; ``wait`` is then the refusal's ``retry_after``. ``max_wait``
+        may be ``math.inf``.
         """
         ...
 
-    def give_back(self, interval: float) -> None:
-        """Return a turn taken with a wait that was never waited out: move the instant back."""
+    def give_back(self, reserved: float, interval: float) -> None:
+        """Return a turn reserved by the :meth:`take` that stored ``reserved``, never waited out.
+
+        Atomically: if the stored instant is still exactly ``reserved`` (no later take
+        moved it on), store ``reserved - interval``. Otherwise leave it: later callers
+        hold the turns after this one, and moving the instant back would hand the last
+        of them to a newcomer too; the turn given back stays an unused gap. (A store that
+        keeps the instant as text must write and compare it exactly, e.g. as ``repr``.)
+        """
         ...
 
     def for_key(self, key: Hashable) -> RateStore:
@@ -126,7 +146,9 @@ class MemoryRateStore:
         # any event loop share it without blocking one another for long.
         self._lock = _fork.register_lock(threading.Lock())
 
-    def take(self, now: float, interval: float, tolerance: float, max_wait: float) -> float:
+    def take(
+        self, now: float, interval: float, tolerance: float, max_wait: float
+    ) -> tuple[float, float]:
         """Take one admission within ``max_wait`` seconds; see :meth:`RateStore.take`."""
         with self._lock:
             tat = self._tat
@@ -136,16 +158,15 @@ class MemoryRateStore:
             if wait <= _SLACK:
                 wait = 0.0
             elif wait > max_wait:
-                return wait
-            self._tat = tat + interval
-        return wait
+                return wait, self._tat
+            tat = self._tat = tat + interval
+        return wait, tat
 
-    def give_back(self, interval: float) -> None:
-        """Move the instant back by ``interval``; see :meth:`RateStore.give_back`."""
-        # Correct even when others reserved later turns meanwhile: the turn given back
-        # was never used, so later callers only waited longer than they had to.
+    def give_back(self, reserved: float, interval: float) -> None:
+        """Move the instant back if it is still ``reserved``; see :meth:`RateStore.give_back`."""
         with self._lock:
-            self._tat -= interval
+            if self._tat == reserved:
+                self._tat = reserved - interval
 
     def for_key(self, key: Hashable) -> MemoryRateStore:
         """A new, empty store for one key's instant."""
@@ -184,6 +205,7 @@ class RateLimiter(_driver.Decorating):
         "_interval",
         "_key",
         "_keys",
+        "_latest_now",
         "_max_keys",
         "_name",
         "_per",
@@ -215,7 +237,16 @@ class RateLimiter(_driver.Decorating):
                 "calls, which a float clock cannot measure; pick a rate and per closer together"
             )
         self._burst = check_int("burst", burst, minimum=1)
-        self._tolerance = (self._burst - 1) * self._interval
+        try:
+            self._tolerance = (self._burst - 1) * self._interval
+        except OverflowError:  # an int burst too large for a float
+            self._tolerance = math.inf
+        if not math.isfinite(self._tolerance + self._interval):
+            raise ValueError(
+                f"rate={rate!r} per={per!r} burst={burst!r} gives a burst window of "
+                f"{self._tolerance!r} s, which a float cannot hold; pick a smaller burst "
+                "or a higher rate"
+            )
         if not isinstance(wait, bool):
             raise TypeError(f"wait must be True or False, got {type(wait).__name__}: {wait!r}")
         self._wait = wait
@@ -225,6 +256,14 @@ class RateLimiter(_driver.Decorating):
         if not callable(clock):
             raise TypeError(f"clock must be a callable returning seconds, got {clock!r}")
         self._clock = clock
+        self._latest_now = -math.inf
+        reading = clock()
+        if not reading + self._interval > reading:
+            raise ValueError(
+                f"rate={rate!r} per={per!r} gives an interval of {self._interval!r} s between "
+                f"calls, too small to move this clock's reading ({reading!r}) in a float; "
+                "pick a lower rate or a longer per"
+            )
         if store is not None and not isinstance(store, RateStore):
             raise TypeError(
                 "store must be a RateStore (take, give_back, for_key) or None, "
@@ -331,7 +370,10 @@ class RateLimiter(_driver.Decorating):
             with _KEYS_LOCK:
                 keys = self._keys
                 if keys is None:  # pragma: no branch - else another thread just made it
-                    keys = self._keys = ShardedMap(max_items=self._max_keys)
+                    # One shard: its LRU is exact over all keys, so fewer than max_keys
+                    # active keys never lose their state (per-shard LRU would evict a
+                    # key whose shard filled up while others had room).
+                    keys = self._keys = ShardedMap(shards=1, max_items=self._max_keys)
         view = keys.get(key)
         if view is None:
             view = keys.get_or_create(key, lambda: self._view(key))
@@ -348,7 +390,7 @@ class RateLimiter(_driver.Decorating):
 
     def try_acquire(self) -> bool:
         """Take an admission if one is free now; never wait. Returns whether one was taken."""
-        return self._take(self._clock(), self._interval, self._tolerance, 0.0) <= 0.0
+        return self._take(self._now(), self._interval, self._tolerance, 0.0)[0] <= 0.0
 
     def acquire(self) -> None:
         """Take an admission: refuse with ``RateLimited``, or (``wait=True``) sleep for it.
@@ -357,12 +399,20 @@ class RateLimiter(_driver.Decorating):
         :class:`~resilient.DeadlineExceeded` at once with ``wait=True`` when the turn
         would come after the deadline in force.
         """
-        wait = self._turn()
+        wait, reserved = self._turn()
         if wait:
+            if asyncio._get_running_loop() is not None:
+                self._store.give_back(reserved, self._interval)
+                raise RuntimeError(
+                    f"rate limiter {self._name!r} would admit this call in {wait:.3f} s, and "
+                    "waiting for it here would block this thread's running event loop, and "
+                    "with it every task on it; use 'async with limiter:' or "
+                    "'await limiter.acquire_async()' in async code"
+                )
             try:
                 _driver._sleep(wait)
             except BaseException:
-                self._store.give_back(self._interval)
+                self._store.give_back(reserved, self._interval)
                 raise
 
     async def acquire_async(self) -> None:
@@ -370,32 +420,42 @@ class RateLimiter(_driver.Decorating):
 
         A task cancelled while waiting gives its turn back; ``CancelledError`` propagates.
         """
-        wait = self._turn()
+        wait, reserved = self._turn()
         if wait:
             try:
                 await _driver._async_sleep(wait)
             except BaseException:
-                self._store.give_back(self._interval)
+                self._store.give_back(reserved, self._interval)
                 raise
 
     def release(self) -> None:
         """Nothing to give back: an admission is spent when taken (the Admission contract)."""
 
-    def _turn(self) -> float:
-        """Take an admission now or reserve a later one; return the seconds to wait, or raise."""
+    def _now(self) -> float:
+        """The clock's reading, but never before the latest one seen (a clock stepped back)."""
+        # Without this a clock stepped back by s would refuse or delay callers by s more
+        # than GCRA implies. Racing threads may store a slightly older reading: harmless.
+        now = self._clock()
+        if now < self._latest_now:
+            return self._latest_now
+        self._latest_now = now
+        return now
+
+    def _turn(self) -> tuple[float, float]:
+        """Take an admission now or reserve a later one: ``(seconds to wait, reserved)``."""
         if not self._wait:
-            retry_after = self._take(self._clock(), self._interval, self._tolerance, 0.0)
+            retry_after, reserved = self._take(self._now(), self._interval, self._tolerance, 0.0)
             if retry_after > 0.0:
                 raise RateLimited(self._name, retry_after)
-            return 0.0
+            return 0.0, reserved
         left = remaining()
-        wait = self._take(self._clock(), self._interval, self._tolerance, left)
+        wait, reserved = self._take(self._now(), self._interval, self._tolerance, left)
         if wait > left:
             raise DeadlineExceeded(
                 f"rate limiter {self._name!r} would admit this call in {wait:.3f} s, after "
                 f"the deadline in force ({left:.3f} s left), so it did not wait"
             )
-        return wait
+        return wait, reserved
 
     def __enter__(self) -> None:
         self.acquire()

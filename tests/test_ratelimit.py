@@ -220,6 +220,26 @@ async def test_a_task_cancelled_while_waiting_gives_its_turn_back() -> None:
     assert not limit.try_acquire()
 
 
+async def test_a_turn_given_back_behind_a_later_waiter_stays_a_gap() -> None:
+    """A (1 s) and B (2 s) wait; A is cancelled: at B's turn B alone may start, no newcomer."""
+    clock = FakeClock()
+    limit = limiter(clock, rate=1, wait=True)
+    await limit.acquire_async()
+    a = asyncio.create_task(limit.acquire_async())  # reserves the turn 1 s away
+    await asyncio.sleep(0)
+    b = asyncio.create_task(limit.acquire_async())  # reserves the turn 2 s away
+    await asyncio.sleep(0)
+    a.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await a
+    clock.advance(2.0)
+    assert not limit.try_acquire()  # the instant is B's: a caller now would start with B
+    b.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await b
+    assert limit.try_acquire()  # B was the last reservation: its turn came back
+
+
 def test_a_thread_interrupted_while_waiting_gives_its_turn_back(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -237,6 +257,26 @@ def test_a_thread_interrupted_while_waiting_gives_its_turn_back(
     clock.advance(1.0)
     assert limit.try_acquire()
     assert not limit.try_acquire()
+
+
+async def test_a_sync_wait_on_an_event_loops_thread_is_refused(record_waits: list[float]) -> None:
+    """`with limiter:`, acquire() and a decorated sync function raise rather than block the loop."""
+    clock = FakeClock()
+    limit = limiter(clock, rate=1, wait=True, name="api")
+    limit.acquire()  # no wait needed: a free admission is taken even here
+
+    @limit
+    def call() -> str:
+        return "called"
+
+    for attempt in (limit.acquire, limit.__enter__, call):
+        with pytest.raises(RuntimeError, match=r"'api'.*block this thread's running event loop"):
+            attempt()
+    assert record_waits == []
+    clock.advance(1.0)
+    assert call() == "called"  # the refused waiters gave their turns back
+    await limit.acquire_async()
+    assert record_waits == pytest.approx([1.0])
 
 
 def test_context_managers_take_an_admission(record_waits: list[float]) -> None:
@@ -257,6 +297,24 @@ async def test_async_context_manager_waits_its_turn(record_waits: list[float]) -
     async with limit:
         pass
     assert record_waits == pytest.approx([0.1])
+
+
+def test_a_clock_stepping_back_costs_no_more_than_the_last_reading_implies(
+    record_waits: list[float],
+) -> None:
+    """After the clock jumps 100 s back, calls are refused and wait as at the last reading."""
+    clock = FakeClock()
+    limit = limiter(clock, rate=1)
+    assert limit.try_acquire()
+    clock.now -= 100.0
+    assert refusal(limit).retry_after == pytest.approx(1.0)
+    clock.now += 101.0
+    assert limit.try_acquire()
+    waiting = limiter(clock, rate=1, wait=True)
+    waiting.acquire()
+    clock.now -= 100.0
+    waiting.acquire()
+    assert record_waits == pytest.approx([1.0])
 
 
 # -- threads ----------------------------------------------------------------------------
@@ -568,6 +626,19 @@ def test_an_evicted_key_starts_afresh_with_its_full_burst() -> None:
     assert limit.tracked_keys == 1
 
 
+@pytest.mark.parametrize(
+    "keys",
+    [[f"tenant-{n}" for n in range(80)], list(range(0, 80 * 32, 32))],
+    ids=["strings", "ints-of-one-hash-bucket"],
+)
+def test_fewer_active_keys_than_max_keys_never_lose_their_state(keys: list[Hashable]) -> None:
+    """80 keys under max_keys=100, three rounds at 1 a minute: only the first round passes."""
+    limit = limiter(FakeClock(), rate=1, per=60.0, max_keys=100)
+    admitted = sum(limit.for_key(key).try_acquire() for _ in range(3) for key in keys)
+    assert admitted == 80
+    assert limit.tracked_keys == 80
+
+
 def test_a_view_cannot_be_keyed_again_or_pickled() -> None:
     """for_key on a view and pickling a view raise TypeError saying what to do instead."""
     view = RateLimiter(rate=1).for_key(("tenant", 7))
@@ -609,12 +680,14 @@ class CountingStore:
         self.asked: list[tuple[float, float, float, float]] = []
         self.children: list[CountingStore] = []
 
-    def take(self, now: float, interval: float, tolerance: float, max_wait: float) -> float:
+    def take(
+        self, now: float, interval: float, tolerance: float, max_wait: float
+    ) -> tuple[float, float]:
         self.asked.append((now, interval, tolerance, max_wait))
         return self.inner.take(now, interval, tolerance, max_wait)
 
-    def give_back(self, interval: float) -> None:
-        self.inner.give_back(interval)
+    def give_back(self, reserved: float, interval: float) -> None:
+        self.inner.give_back(reserved, interval)
 
     def for_key(self, key: Hashable) -> CountingStore:
         child = CountingStore(key)
@@ -642,15 +715,27 @@ def test_a_custom_store_gets_the_whole_decision_as_one_take() -> None:
 def test_the_memory_store_refuses_without_writing_and_pickles_empty() -> None:
     """take() over max_wait returns the wait and leaves the instant; a pickled store is empty."""
     store = MemoryRateStore()
-    assert store.take(10.0, 1.0, 0.0, 0.0) == 0.0
-    assert store.take(10.0, 1.0, 0.0, 0.0) == 1.0
-    assert store.take(10.0, 1.0, 0.0, 0.5) == 1.0
-    assert store.take(10.0, 1.0, 0.0, 5.0) == 1.0  # reserved: the instant moves on
-    assert store.take(10.0, 1.0, 0.0, 0.0) == 2.0
-    store.give_back(1.0)
-    assert store.take(10.0, 1.0, 0.0, 0.0) == 1.0
+    assert store.take(10.0, 1.0, 0.0, 0.0) == (0.0, 11.0)
+    assert store.take(10.0, 1.0, 0.0, 0.0) == (1.0, 11.0)
+    assert store.take(10.0, 1.0, 0.0, 0.5) == (1.0, 11.0)
+    assert store.take(10.0, 1.0, 0.0, 5.0) == (1.0, 12.0)  # reserved: the instant moves on
+    assert store.take(10.0, 1.0, 0.0, 0.0) == (2.0, 12.0)
+    store.give_back(12.0, 1.0)
+    assert store.take(10.0, 1.0, 0.0, 0.0) == (1.0, 11.0)
     assert repr(store) == "MemoryRateStore(tat=11.0)"
-    assert pickle.loads(pickle.dumps(store)).take(10.0, 1.0, 0.0, 0.0) == 0.0
+    assert pickle.loads(pickle.dumps(store)).take(10.0, 1.0, 0.0, 0.0) == (0.0, 11.0)
+
+
+def test_the_memory_store_gives_back_only_the_latest_reservation() -> None:
+    """A turn given back after later turns were reserved is left as a gap, not handed out twice."""
+    store = MemoryRateStore()
+    store.take(10.0, 1.0, 0.0, 0.0)
+    _, a = store.take(10.0, 1.0, 0.0, math.inf)  # turn at 11
+    _, b = store.take(10.0, 1.0, 0.0, math.inf)  # turn at 12
+    store.give_back(a, 1.0)  # b reserved after a: a's turn stays a gap
+    assert store.take(10.0, 1.0, 0.0, 0.0) == (3.0, 13.0)  # a newcomer waits behind b
+    store.give_back(b, 1.0)  # b is the latest reservation: its turn comes back
+    assert store.take(10.0, 1.0, 0.0, 0.0) == (2.0, 12.0)
 
 
 def test_a_limiter_pickles_as_its_configuration_with_a_full_burst() -> None:
@@ -712,6 +797,10 @@ def test_a_limiter_works_in_a_child_forked_while_another_thread_held_its_lock() 
         ({"rate": 1, "per": -1}, ValueError, "per must not be negative"),
         ({"rate": 1, "per": "1s"}, TypeError, "per must be seconds"),
         ({"rate": 5e-324, "per": 1e10}, ValueError, "interval"),
+        ({"rate": 1e-300, "burst": 10**9}, ValueError, "rate=1e-300 per=1.0 burst=1000000000"),
+        ({"rate": 1, "burst": 10**400}, ValueError, "burst=1000"),
+        ({"rate": 1e9, "clock": lambda: 1.7e9}, ValueError, "rate=1000000000.0 per=1.0"),
+        ({"rate": 1, "per": 1e-300}, ValueError, "too small to move"),
         ({"rate": 1, "burst": 0}, ValueError, "burst must be at least 1, got 0"),
         ({"rate": 1, "burst": 1.5}, TypeError, "burst must be an int"),
         ({"rate": 1, "wait": "yes"}, TypeError, "wait must be True or False"),
