@@ -20,7 +20,7 @@ happened and what to do about it.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 __all__ = [
     "PROGRAMMING_ERRORS",
@@ -47,6 +47,15 @@ PROGRAMMING_ERRORS: tuple[type[Exception], ...] = (
 
 class ResilientError(Exception):
     """Base class of every error raised by `resilient` itself."""
+
+    #: Whether the error was decided on the other side of a wire (an RPC server's
+    #: answer) rather than by a stage of this process. A Retry never retries this
+    #: process's own refusals (an open breaker, a full bulkhead, a rate limit: they
+    #: would answer the same at once), but may retry a remote one when ``on`` says so.
+    remote: ClassVar[bool] = False
+    #: Whether the error is a refusal (the call was shed or stopped, not a failure of
+    #: the work itself): what a :class:`~resilient.Fallback` answers for by default.
+    refusal: ClassVar[bool] = True
 
 
 class DeadlineExceeded(ResilientError, TimeoutError):

@@ -75,7 +75,11 @@ def gave_up(exc: BaseException) -> bool:
 
 
 def rejected_or_gave_up(exc: BaseException) -> bool:
-    """The default ``Fallback(on=...)``: a :class:`~resilient.ResilientError` or a :func:`gave_up`.
+    """The default ``Fallback(on=...)``: the toolkit's refusals, or a :func:`gave_up`.
+
+    A refusal is a :class:`~resilient.ResilientError` whose ``refusal`` is true: an
+    open breaker, a full bulkhead, a rate limit, a passed deadline, and an RPC
+    server's own refusals; not an RPC application error or protocol error.
 
     Never a programming error (:data:`resilient.errors.PROGRAMMING_ERRORS`): a
     fallback would hide the bug. Compose it to add your own::
@@ -84,7 +88,9 @@ def rejected_or_gave_up(exc: BaseException) -> bool:
     """
     if isinstance(exc, PROGRAMMING_ERRORS):
         return False
-    return isinstance(exc, ResilientError) or gave_up(exc)
+    if isinstance(exc, ResilientError) and exc.refusal:
+        return True
+    return gave_up(exc)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True, init=False, eq=False, repr=False)

@@ -366,23 +366,23 @@ _LIMITER_PASSED: contextvars.ContextVar[bool] = contextvars.ContextVar(
 class _RateThenBulkhead:
     """``Policy(rate_limit=, bulkhead=)`` as one Admission: the limiter first, then the bulkhead.
 
-    An admission the limiter granted is not given back when the bulkhead refuses (see
-    :class:`Policy`); :meth:`release` frees the bulkhead's slot only.
+    Each stage that admitted a call is released once, as the contract asks, the
+    limiter too when the bulkhead then refuses. (A RateLimiter's release does
+    nothing: a turn it granted is spent; see :class:`Policy`.)
     """
 
-    __slots__ = ("bulkhead", "rate_limit", "release")
+    __slots__ = ("bulkhead", "rate_limit")
 
     def __init__(self, rate_limit: Admission, bulkhead: Admission) -> None:
         self.rate_limit = rate_limit
         self.bulkhead = bulkhead
-        self.release = bulkhead.release
 
     def try_acquire(self) -> bool:
         if not self.rate_limit.try_acquire():
             return False
         if self.bulkhead.try_acquire():
             return True
-        _LIMITER_PASSED.set(True)
+        _LIMITER_PASSED.set(True)  # the driver now waits in acquire(): for the slot only
         return False
 
     def acquire(self) -> None:
@@ -390,14 +390,28 @@ class _RateThenBulkhead:
             _LIMITER_PASSED.set(False)
         else:
             self.rate_limit.acquire()
-        self.bulkhead.acquire()
+        try:
+            self.bulkhead.acquire()
+        except BaseException:
+            self.rate_limit.release()
+            raise
 
     async def acquire_async(self) -> None:
         if _LIMITER_PASSED.get():
             _LIMITER_PASSED.set(False)
         else:
             await self.rate_limit.acquire_async()
-        await self.bulkhead.acquire_async()
+        try:
+            await self.bulkhead.acquire_async()
+        except BaseException:
+            self.rate_limit.release()
+            raise
+
+    def release(self) -> None:
+        try:
+            self.bulkhead.release()
+        finally:
+            self.rate_limit.release()
 
 
 def _time_limit(name: str, value: Duration | None, bounded: str) -> float | None:

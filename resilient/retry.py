@@ -127,8 +127,8 @@ the driver gives :meth:`Retry.give_up` when it stops for one of its own reasons.
 """
 
 _JITTERS: tuple[Jitter, ...] = ("full", "equal", "decorrelated", "none")
-# The toolkit's own refusals: never retried, whatever `on` says (retrying would only
-# add load where a stage just shed it).
+# This process's own refusals: never retried, whatever `on` says (retrying would only
+# add load where a stage just shed it). A server's (`remote`) may be, if `on` says so.
 _REJECTIONS = (CircuitOpenError, BulkheadFull, RateLimited)
 #: The longest wait a retry is scheduled after; a longer one (a Retry-After date years
 #: ahead, a hook returning 1e12) ends the retries instead of sleeping for ever.
@@ -917,7 +917,7 @@ class Retry(_driver.Decorating):
                 state.stop_reason = "not retryable"
                 return None
             failure = exc
-            if isinstance(exc, _REJECTIONS):
+            if isinstance(exc, _REJECTIONS) and not exc.remote:
                 state.stop_reason = "not retryable"
                 return None
             if self._on_is_tenacity:
@@ -1283,6 +1283,14 @@ class Attempts:
             # Success ends the loop; cancellation and interpreter exits are never retried.
             self._end()
             return False
+        if not self._asynchronous and _in_event_loop():
+            # Refused before the failure path decides: no hook, log or budget withdrawal
+            # for a retry this loop could only make by blocking the event loop.
+            self._end()
+            raise RuntimeError(
+                "a 'for attempt in retry' loop would block the running event loop while it "
+                "waits between attempts; in a coroutine write 'async for attempt in retry'"
+            ) from error
         traceback = error.__traceback__
         flow = self._flow
         try:
@@ -1304,12 +1312,6 @@ class Attempts:
             raise  # a hook or strategy failed: chained to the attempt's error
         finally:
             error = traceback = flow = None
-        if not self._asynchronous and _in_event_loop():
-            self._end()
-            raise RuntimeError(
-                "a 'for attempt in retry' loop would block the running event loop while it "
-                "waits between attempts; in a coroutine write 'async for attempt in retry'"
-            )
         self._command = command
         return True
 

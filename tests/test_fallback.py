@@ -691,3 +691,20 @@ def test_policy_resume_applies_the_fallback_around_the_failure_path() -> None:
     resume = policy.resume(again, False)
     with resilient.instant_retries():
         assert resume(time.monotonic(), ConnectionError("down")) == "cached"
+
+
+def test_by_default_a_servers_refusals_fall_back_and_its_application_errors_do_not() -> None:
+    """RPC: Overloaded (a refusal) falls back; RemoteError(404) and ProtocolError raise."""
+    from resilient.rpc import Overloaded, ProtocolError, RemoteError
+
+    def failing(error: Exception) -> Callable[[], str]:
+        def call() -> str:
+            raise error
+
+        return call
+
+    fallback = Fallback(value="cached")
+    assert fallback(failing(Overloaded()))() == "cached"
+    for error in (RemoteError(404, "no such key"), ProtocolError("not JSON-RPC")):
+        with pytest.raises(type(error)):
+            fallback(failing(error))()

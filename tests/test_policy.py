@@ -1011,3 +1011,16 @@ def test_policy_with_a_process_bound_provider_names_it_when_pickled() -> None:
     policy = resilient.Policy(tracer_provider=TracerProvider())
     with pytest.raises(pickle.PicklingError, match=r"its tracer_provider .* global provider"):
         pickle.dumps(policy)
+
+
+def test_a_rate_limit_stage_is_released_like_the_bulkhead() -> None:
+    """Policy(rate_limit=X, bulkhead=Y): X is released after each call, and when Y refuses."""
+    outer = resilient.Bulkhead(max_concurrent=2)  # any Admission may be the rate_limit stage
+    inner = resilient.Bulkhead(max_concurrent=1)
+    policy = resilient.Policy(rate_limit=outer, bulkhead=inner, retry=None)
+    for _ in range(3):
+        assert policy.call(int, "1") == 1
+    assert (outer.active, inner.active) == (0, 0)
+    with inner, pytest.raises(resilient.BulkheadFull):  # the slot is taken: Y refuses
+        policy.call(int, "1")
+    assert outer.active == 0  # X, which had admitted the call, was given back

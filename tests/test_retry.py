@@ -26,6 +26,7 @@ import tenacity
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
+import resilient
 from resilient import _driver
 from resilient._driver import refuse_generators
 from resilient.deadline import deadline, deadline_at
@@ -1451,6 +1452,13 @@ async def test_a_sync_attempt_loop_in_a_coroutine_refuses_to_block_the_event_loo
                 run_attempts(Retry(on=ConnectionError), flaky)
         assert caught.value.__context__ is flaky.raised[0]
         assert flaky.calls == 1
+    # Refused before the failure path decides: no hook runs, no retry is withdrawn.
+    hooked: list[RetryEvent] = []
+    budget = RetryBudget(ratio=0.0, min_retries_per_second=1, window=10)
+    with pytest.raises(RuntimeError):
+        run_attempts(Retry(on=ConnectionError, on_retry=hooked.append, budget=budget), Flaky(5))
+    assert hooked == []
+    assert budget.available() == 10
 
 
 def test_attempt_loop_refuses_on_result() -> None:
@@ -1476,3 +1484,26 @@ def test_attempt_loop_frees_its_errors_without_the_cyclic_gc() -> None:
 def test_attempt_is_a_public_type_of_the_retry_module() -> None:
     """Loops hand out resilient.retry.Attempt objects, usable in type hints."""
     assert isinstance(next(iter(Retry())), Attempt)
+
+
+def test_a_remote_rate_limit_is_retried_when_on_names_it_and_a_local_one_never() -> None:
+    """A server's 429 (remote) may be retried; this process's own limiter refusal may not."""
+    from resilient.rpc import RemoteRateLimited
+
+    calls: list[str] = []
+
+    def remote() -> str:
+        calls.append("remote")
+        if len(calls) < 3:
+            raise RemoteRateLimited(retry_after=0.0)
+        return "ok"
+
+    def local() -> str:
+        calls.append("local")
+        raise resilient.RateLimited("search", 0.5)
+
+    with instant_retries():
+        assert Retry(attempts=3, on=RemoteRateLimited)(remote)() == "ok"
+        with pytest.raises(resilient.RateLimited):
+            Retry(attempts=3, on=resilient.RateLimited)(local)()
+    assert calls == ["remote", "remote", "remote", "local"]

@@ -62,6 +62,12 @@ RESERVED: Final = range(-32768, -32000 + 1)
 class RPCError(ResilientError):
     """Base class of every error :mod:`resilient.rpc` raises."""
 
+    # About the other side of the wire: a Retry may retry one when its ``on`` says so.
+    remote = True
+    # An application's or a protocol's error, not a refusal: a Fallback's default
+    # leaves it alone (the server's own refusals, ServerError, are refusals).
+    refusal = False
+
 
 class ProtocolError(RPCError):
     """The peer's answer is not a JSON-RPC 2.0 response (bad JSON, wrong shape, wrong id)."""
@@ -148,6 +154,8 @@ class InternalError(_Coded):
 
 class ServerError(_Coded):
     """Base of the server's own errors (codes -32000 to -32099), each with an HTTP status."""
+
+    refusal = True  # the server shed or stopped the call
 
     CODE: ClassVar[int | None] = None
     #: The HTTP status a single request answered with this error gets.
