@@ -58,6 +58,7 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
+from _servers import free_port, listening, stop
 from _targets import record
 from _timing import (
     Paired,
@@ -221,40 +222,10 @@ def _cores() -> list[int]:
     return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-def _listening(server: subprocess.Popen[bytes], port: int, until: float) -> bool:
-    """Poll the port until it accepts; False if the server died or the time ran out."""
-    while time.monotonic() < until:
-        if server.poll() is not None:
-            return False
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return True
-        except OSError:
-            time.sleep(0.05)
-    return False
-
-
-def _stop(server: subprocess.Popen[bytes]) -> None:
-    if server.poll() is None:
-        server.terminate()
-        try:
-            server.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-
-
 def _launch(factory: str) -> tuple[subprocess.Popen[bytes], int]:
     """Start uvicorn serving ``factory`` (a function of this module) on a free port."""
     here = Path(__file__).resolve()
-    port = _free_port()
+    port = free_port()
     command = [
         *(sys.executable, "-m", "uvicorn", f"{here.stem}:{factory}", "--factory"),
         *("--app-dir", str(here.parent), "--host", "127.0.0.1", "--port", str(port)),
@@ -277,7 +248,7 @@ def uvicorn_servers(factories: dict[str, str], core: int | None) -> Iterator[dic
         def launch(name: str) -> None:
             started[name] = _launch(factories[name])
             server = started[name][0]
-            stack.callback(_stop, server)
+            stack.callback(stop, server)
             if core is not None:
                 os.sched_setaffinity(server.pid, {core})
 
@@ -286,9 +257,9 @@ def uvicorn_servers(factories: dict[str, str], core: int | None) -> Iterator[dic
         until = time.monotonic() + 30.0
         for name in factories:
             for _ in range(3):
-                if _listening(*started[name], until):
+                if listening(*started[name], until):
                     break
-                _stop(started[name][0])
+                stop(started[name][0])
                 launch(name)
             else:
                 raise RuntimeError(f"uvicorn serving {name} did not start listening")

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -51,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from _servers import free_port, listening, stop
 from _targets import record
 from _timing import (
     Paired,
@@ -275,43 +275,12 @@ def overhead_targets(part: str, mode: str, rounds: Rounds, full: bool) -> None:
 # 2. Throughput through a real server ------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-def _wait_until_listening(server: subprocess.Popen[bytes], port: int, within: float) -> bool:
-    """Poll the port until it accepts; False if the server died or the time ran out."""
-    give_up = time.monotonic() + within
-    while time.monotonic() < give_up:
-        if server.poll() is not None:
-            return False
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return True
-        except OSError:
-            time.sleep(0.05)
-    return False
-
-
-def _stop(server: subprocess.Popen[bytes]) -> None:
-    if server.poll() is None:
-        server.terminate()
-        try:
-            server.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-
-
 @contextmanager
 def uvicorn_server() -> Iterator[str]:
     """Run this module's ``app`` under uvicorn in a child process; yield its base URL."""
     here = Path(__file__).resolve()
     for _ in range(3):  # another process may take the free port before uvicorn binds it
-        port = _free_port()
+        port = free_port()
         command = [
             *(sys.executable, "-m", "uvicorn", f"{here.stem}:app", "--app-dir", str(here.parent)),
             *("--host", "127.0.0.1", "--port", str(port)),
@@ -319,11 +288,11 @@ def uvicorn_server() -> Iterator[str]:
         ]
         server = subprocess.Popen(command, stdin=subprocess.DEVNULL)
         try:
-            if _wait_until_listening(server, port, within=20.0):
+            if listening(server, port, time.monotonic() + 20.0):
                 yield f"http://127.0.0.1:{port}/"
                 return
         finally:
-            _stop(server)
+            stop(server)
     raise RuntimeError("uvicorn did not start listening; is it installed (the bench extra)?")
 
 
