@@ -17,9 +17,9 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
+from rpc_live import serve
 
 import resilient
 from resilient.asgi import DeadlineMiddleware
@@ -605,24 +605,12 @@ def live_app(state: Live) -> Any:
 def uvicorn_server() -> Iterator[Live]:
     """One uvicorn server on an ephemeral 127.0.0.1 port for the module, always stopped."""
     state = Live()
-    config = uvicorn.Config(
-        live_app(state), host="127.0.0.1", port=0, log_config=None, lifespan="off"
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
     try:
-        deadline = time.monotonic() + 5
-        while not server.started:
-            assert thread.is_alive(), "uvicorn stopped while starting"
-            assert time.monotonic() < deadline, "uvicorn did not start within 5 s"
-            time.sleep(0.01)
-        state.port = server.servers[0].sockets[0].getsockname()[1]
-        yield state
+        with serve(live_app(state), log_config=None, lifespan="off") as url:
+            state.port = httpx.URL(url).port or 0
+            yield state
     finally:
         state.release.set()
-        server.should_exit = True
-        thread.join(5)
 
 
 @pytest.fixture
