@@ -44,6 +44,7 @@ __all__ = [
     "DriverCache",
     "NotAwaitable",
     "Recovery",
+    "async_sleep",
     "build",
     "build_resume",
     "cached",
@@ -52,6 +53,7 @@ __all__ = [
     "is_async",
     "refuse_generators",
     "resume_stepped",
+    "sleep",
     "wrap",
 ]
 
@@ -64,9 +66,10 @@ _ATTEMPT: Final = object()
 _REFUSED: Final = object()
 # A gate's ticket still to be asked for, inside the handlers that report a refusal.
 _LATE: Final = object()
-# Read at call time, so resilient.testing.record_sleeps() can stand in for them.
-_sleep: Callable[[float], object] = time.sleep
-_async_sleep: Callable[[float], Awaitable[object]] = asyncio.sleep
+# The one sleep seam of every driver (the Policy's, the attempt loop's, the rate
+# limiter's): read at call time, so resilient.testing.record_sleeps() can stand in for them.
+sleep: Callable[[float], object] = time.sleep
+async_sleep: Callable[[float], Awaitable[object]] = asyncio.sleep
 
 
 def refuse_generators(fn: Callable[..., object], what: str) -> None:
@@ -973,7 +976,7 @@ async def _run_async(
                     continue
                 command = flow.send(outcome)
             else:
-                await _async_sleep(command)  # type: ignore[arg-type]
+                await async_sleep(command)  # type: ignore[arg-type]
                 command = next(flow)
     except StopIteration as stop:
         return stop.value
@@ -1000,7 +1003,7 @@ def _run_sync(
                     continue
                 command = flow.send(outcome)
             else:
-                _sleep(command)  # type: ignore[arg-type]
+                sleep(command)  # type: ignore[arg-type]
                 command = next(flow)
     except StopIteration as stop:
         return stop.value

@@ -410,7 +410,7 @@ class RateLimiter(_driver.Decorating):
                     "'await limiter.acquire_async()' in async code"
                 )
             try:
-                _driver._sleep(wait)
+                _driver.sleep(wait)
             except BaseException:
                 self._store.give_back(reserved, self._interval)
                 raise
@@ -423,7 +423,7 @@ class RateLimiter(_driver.Decorating):
         wait, reserved = self._turn()
         if wait:
             try:
-                await _driver._async_sleep(wait)
+                await _driver.async_sleep(wait)
             except BaseException:
                 self._store.give_back(reserved, self._interval)
                 raise

@@ -1214,7 +1214,7 @@ class Attempts:
         if command is _DONE:
             raise StopIteration
         if command is not _driver._ATTEMPT:
-            _driver._sleep(cast(float, command))
+            _driver.sleep(cast(float, command))
             self._resume()
         return self._hand_out()
 
@@ -1223,7 +1223,7 @@ class Attempts:
         if command is _DONE:
             raise StopAsyncIteration
         if command is not _driver._ATTEMPT:
-            await _driver._async_sleep(cast(float, command))
+            await _driver.async_sleep(cast(float, command))
             self._resume()
         return self._hand_out()
 

@@ -83,11 +83,11 @@ def record_sleeps() -> Iterator[list[float]]:
     async def record(seconds: float) -> None:
         waits.append(seconds)
 
-    sleep, async_sleep = _driver._sleep, _driver._async_sleep
-    _driver._sleep, _driver._async_sleep = waits.append, record
+    sleep, async_sleep = _driver.sleep, _driver.async_sleep
+    _driver.sleep, _driver.async_sleep = waits.append, record
     try:
         yield waits
     finally:
-        _driver._sleep, _driver._async_sleep = sleep, async_sleep
+        _driver.sleep, _driver.async_sleep = sleep, async_sleep
         with _recording_lock:
             _recording = False

@@ -53,7 +53,7 @@ RENAMES = {
     "_wait_for_slot_async": "_wait_for_slot",
     "_run_async": "_run_sync",
     "acquire_async": "acquire",
-    "_async_sleep": "_sleep",
+    "async_sleep": "sleep",
     "handle_async_request": "handle_request",
     "aclose": "close",
     "aread": "read",

@@ -251,7 +251,7 @@ def test_a_thread_interrupted_while_waiting_gives_its_turn_back(
     clock = FakeClock()
     limit = limiter(clock, rate=1, wait=True)
     limit.acquire()
-    monkeypatch.setattr(_driver, "_sleep", interrupted)
+    monkeypatch.setattr(_driver, "sleep", interrupted)
     with pytest.raises(KeyboardInterrupt):
         limit.acquire()
     clock.advance(1.0)

@@ -1307,7 +1307,7 @@ def test_a_deadline_passing_during_the_wait_is_raised_by_the_for_statement(
         shift[0] += seconds + 5.0  # the wait ran long: the deadline is gone
 
     monkeypatch.setattr(_driver, "_monotonic", lambda: time.monotonic() + shift[0])
-    monkeypatch.setattr(_driver, "_sleep", overrunning_sleep)
+    monkeypatch.setattr(_driver, "sleep", overrunning_sleep)
     flaky = Flaky(5)
     retry = Retry(on=ConnectionError, backoff=Backoff(initial=1.0, jitter="none"))
     with deadline(3.0), pytest.raises(Down) as caught:

@@ -304,7 +304,7 @@ def test_testing_helpers_fake_clock_cap_and_sleep_recorder() -> None:
         with pytest.raises(RuntimeError, match="already active"), record_sleeps():
             pass
     assert waits == [5.0, 10.0]
-    assert _driver._sleep is time.sleep
+    assert _driver.sleep is time.sleep
 
 
 async def test_sleep_recorder_records_async_waits() -> None:
