@@ -92,7 +92,15 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from resilient._config import Duration, to_seconds
-from resilient.deadline import DEADLINE_HEADER, deadline, parse_deadline_header
+from resilient.deadline import (
+    CONNECT_TIMEOUT_HEADER,
+    DEADLINE_HEADER,
+    GRPC_TIMEOUT_HEADER,
+    deadline,
+    parse_connect_timeout,
+    parse_deadline_header,
+    parse_grpc_timeout,
+)
 from resilient.errors import DeadlineExceeded
 
 __all__ = ["CONNECT_TIMEOUT_HEADER", "GRPC_TIMEOUT_HEADER", "DeadlineMiddleware"]
@@ -104,19 +112,6 @@ _Receive = Callable[[], Awaitable[_Message]]
 _Send = Callable[[_Message], Awaitable[None]]
 _App = Callable[[_Scope, _Receive, _Send], Awaitable[None]]
 
-#: gRPC's budget header: up to 8 digits and a unit, ``100m``, ``2S``.
-GRPC_TIMEOUT_HEADER = "grpc-timeout"
-#: The Connect protocol's budget header: up to 10 digits of milliseconds.
-CONNECT_TIMEOUT_HEADER = "connect-timeout-ms"
-
-_GRPC_UNITS = {
-    ord("H"): 3600.0,
-    ord("M"): 60.0,
-    ord("S"): 1.0,
-    ord("m"): 1e-3,
-    ord("u"): 1e-6,
-    ord("n"): 1e-9,
-}
 _SHOWN = 40  # how much of a malformed value the 400 echoes back
 # How early a timer set for the deadline may fire: asyncio runs timers due within its
 # clock's resolution, and other loops keep time in whole milliseconds (uvloop).
@@ -137,20 +132,19 @@ def _resilient_budget(value: bytes, limit: float) -> float:
 
 
 def _grpc_budget(value: bytes, limit: float) -> float:
-    digits = value[:-1]
-    unit = _GRPC_UNITS.get(value[-1]) if value else None
-    if unit is None or not (0 < len(digits) <= 8 and digits.isdigit()):
+    try:
+        return parse_grpc_timeout(value, maximum=limit)
+    except ValueError:
         why = "must be 1 to 8 ASCII digits and a unit (H, M, S, m, u or n)"
-        raise _Malformed(GRPC_TIMEOUT_HEADER, why, value)
-    return min(int(digits) * unit, limit)
+        raise _Malformed(GRPC_TIMEOUT_HEADER, why, value) from None
 
 
 def _connect_budget(value: bytes, limit: float) -> float:
-    # bytes.isdigit() is ASCII-only, so no other script's digits slip through.
-    if not (0 < len(value) <= 10 and value.isdigit()):
+    try:
+        return parse_connect_timeout(value, maximum=limit)
+    except ValueError:
         why = "must be 1 to 10 ASCII digits (milliseconds)"
-        raise _Malformed(CONNECT_TIMEOUT_HEADER, why, value)
-    return min(int(value) / 1000.0, limit)
+        raise _Malformed(CONNECT_TIMEOUT_HEADER, why, value) from None
 
 
 _PARSERS: dict[bytes, Callable[[bytes, float], float]] = {

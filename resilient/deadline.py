@@ -52,7 +52,9 @@ from resilient._config import Duration, to_seconds
 from resilient.errors import DeadlineExceeded
 
 __all__ = [
+    "CONNECT_TIMEOUT_HEADER",
     "DEADLINE_HEADER",
+    "GRPC_TIMEOUT_HEADER",
     "DeadlineExceeded",
     "Scope",
     "carry",
@@ -62,7 +64,9 @@ __all__ = [
     "deadline_at",
     "format_deadline_header",
     "narrow",
+    "parse_connect_timeout",
     "parse_deadline_header",
+    "parse_grpc_timeout",
     "remaining",
     "restore",
 ]
@@ -358,6 +362,70 @@ def format_deadline_header(seconds: float) -> str:
     return str(int(seconds * 1000.0))
 
 
+def _header_text(value: str | bytes, header: str) -> str:
+    """A header value as text: bytes must be ASCII; any other type is a TypeError."""
+    if isinstance(value, bytes):
+        try:
+            return value.decode("ascii")
+        except UnicodeDecodeError:
+            raise ValueError(f"{header} must be ASCII, got {value!r}") from None
+    if not isinstance(value, str):
+        raise TypeError(
+            f"value must be the {header} header value as str or bytes, "
+            f"got {type(value).__name__}: {value!r}"
+        )
+    return value
+
+
+#: gRPC's budget header: 1 to 8 ASCII digits and a unit, ``100m``, ``2S``.
+GRPC_TIMEOUT_HEADER = "grpc-timeout"
+#: The Connect protocol's budget header: 1 to 10 ASCII digits of milliseconds.
+CONNECT_TIMEOUT_HEADER = "connect-timeout-ms"
+_GRPC_UNITS: dict[str, float] = {
+    "H": 3600.0,
+    "M": 60.0,
+    "S": 1.0,
+    "m": 1e-3,
+    "u": 1e-6,
+    "n": 1e-9,
+}
+_GRPC_DIGITS = 8
+_CONNECT_DIGITS = 10
+
+
+def parse_grpc_timeout(value: str | bytes, *, maximum: Duration = 300.0) -> float:
+    """Decode a ``grpc-timeout`` value (``100m``, ``2S``) into seconds, clamped to ``maximum``.
+
+    1 to 8 ASCII digits, then a unit: ``H``, ``M``, ``S``, ``m`` (milli), ``u``
+    (micro) or ``n`` (nano), as gRPC's wire format has it.
+    """
+    limit = to_seconds("maximum", maximum, allow_zero=False)
+    text = _header_text(value, GRPC_TIMEOUT_HEADER)
+    digits, unit = text[:-1], _GRPC_UNITS.get(text[-1:])
+    if unit is None or not (
+        0 < len(digits) <= _GRPC_DIGITS and digits.isascii() and digits.isdigit()
+    ):
+        raise ValueError(
+            f"{GRPC_TIMEOUT_HEADER} must be 1 to {_GRPC_DIGITS} ASCII digits and a unit "
+            f"(H, M, S, m, u or n), got {text!r}"
+        )
+    seconds = int(digits) * unit
+    return seconds if seconds < limit else limit
+
+
+def parse_connect_timeout(value: str | bytes, *, maximum: Duration = 300.0) -> float:
+    """Decode a ``connect-timeout-ms`` value (1 to 10 ASCII digits) into seconds, clamped."""
+    limit = to_seconds("maximum", maximum, allow_zero=False)
+    text = _header_text(value, CONNECT_TIMEOUT_HEADER)
+    if not (0 < len(text) <= _CONNECT_DIGITS and text.isascii() and text.isdigit()):
+        raise ValueError(
+            f"{CONNECT_TIMEOUT_HEADER} must be 1 to {_CONNECT_DIGITS} ASCII digits "
+            f"(milliseconds), got {text!r}"
+        )
+    seconds = int(text) / 1000.0
+    return seconds if seconds < limit else limit
+
+
 def parse_deadline_header(value: str | bytes, *, maximum: Duration = 300.0) -> float:
     """Decode a header value into seconds left, strictly.
 
@@ -368,16 +436,7 @@ def parse_deadline_header(value: str | bytes, *, maximum: Duration = 300.0) -> f
     ``0`` means the budget is already spent: the caller will not wait for the answer.
     """
     limit = to_seconds("maximum", maximum, allow_zero=False)
-    if isinstance(value, bytes):
-        try:
-            value = value.decode("ascii")
-        except UnicodeDecodeError:
-            raise ValueError(f"{DEADLINE_HEADER} must be ASCII digits, got {value!r}") from None
-    elif not isinstance(value, str):
-        raise TypeError(
-            f"value must be the {DEADLINE_HEADER} header value as str or bytes, "
-            f"got {type(value).__name__}: {value!r}"
-        )
+    value = _header_text(value, DEADLINE_HEADER)
     if not value or not (value.isascii() and value.isdigit()):
         raise ValueError(f"{DEADLINE_HEADER} must be ASCII digits (milliseconds), got {value!r}")
     if len(value) > _MAX_HEADER_DIGITS:

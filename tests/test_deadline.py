@@ -20,7 +20,9 @@ from resilient.deadline import (
     current,
     deadline,
     format_deadline_header,
+    parse_connect_timeout,
     parse_deadline_header,
+    parse_grpc_timeout,
     remaining,
 )
 
@@ -442,3 +444,35 @@ def test_header_parse_validates_maximum(bad: object, error: type[Exception]) -> 
 def test_header_parse_maximum_accepts_a_timedelta() -> None:
     """maximum is a duration like any other."""
     assert parse_deadline_header("60000", maximum=timedelta(seconds=5)) == 5.0
+
+
+def test_grpc_timeout_units() -> None:
+    """Every grpc-timeout unit converts; more than 8 digits or no unit is refused."""
+
+    def parse(value: str) -> float:
+        return parse_grpc_timeout(value, maximum=86_400)
+
+    assert parse("1H") == 3600
+    assert parse("2M") == 120
+    assert parse("3S") == 3
+    assert parse("100m") == pytest.approx(0.1)
+    assert parse("5u") == pytest.approx(5e-6)
+    assert parse("7n") == pytest.approx(7e-9)
+    for bad in ("123456789S", "5", "S", "5s", " 5S"):
+        with pytest.raises(ValueError, match="grpc-timeout"):
+            parse(bad)
+
+
+def test_grpc_and_connect_timeouts_are_clamped_and_refuse_what_is_not_theirs() -> None:
+    """Both budget headers clamp to maximum; wrong types and too many digits are refused."""
+    assert parse_grpc_timeout(b"1H", maximum=60) == 60
+    assert parse_connect_timeout("1500") == 1.5
+    assert parse_connect_timeout(b"9999999999", maximum=60) == 60
+    for bad in ("12345678901", "", "1.5", "-5", "١٢"):
+        with pytest.raises(ValueError, match="connect-timeout-ms"):
+            parse_connect_timeout(bad)
+    with pytest.raises(ValueError, match="grpc-timeout must be ASCII"):
+        parse_grpc_timeout("5S".encode("utf-16"))
+    for parse in (parse_grpc_timeout, parse_connect_timeout):
+        with pytest.raises(TypeError, match="value must be the"):
+            parse(100)  # type: ignore[arg-type]

@@ -32,7 +32,7 @@ from typing import Any, Final
 
 import msgspec
 
-from resilient.deadline import parse_deadline_header
+from resilient.deadline import parse_connect_timeout, parse_deadline_header, parse_grpc_timeout
 from resilient.rpc.errors import (
     InvalidParams,
     InvalidRequest,
@@ -50,7 +50,6 @@ __all__ = [
     "error_body",
     "error_object",
     "parse",
-    "parse_grpc_timeout",
     "parse_one",
     "result_body",
 ]
@@ -242,26 +241,6 @@ def parse(body: bytes, *, max_depth: int, max_batch: int) -> Parsed | list[Parse
 
 # Headers ---------------------------------------------------------------------------
 
-_GRPC_UNITS: Final = {
-    "H": 3600.0,
-    "M": 60.0,
-    "S": 1.0,
-    "m": 1e-3,
-    "u": 1e-6,
-    "n": 1e-9,
-}
-_GRPC_TIMEOUT: Final = re.compile(r"([0-9]{1,8})([HMSmun])")
-
-
-def parse_grpc_timeout(value: str) -> float:
-    """Seconds in a ``grpc-timeout`` value: at most 8 ASCII digits and a unit (H M S m u n)."""
-    match = _GRPC_TIMEOUT.fullmatch(value)
-    if match is None:
-        raise ValueError(
-            f"grpc-timeout must be 1 to 8 digits and a unit (H, M, S, m, u, n), got {value!r}"
-        )
-    return int(match[1]) * _GRPC_UNITS[match[2]]
-
 
 def deadline_from_headers(
     resilient: bytes | None, grpc: bytes | None, connect: bytes | None, *, maximum: float
@@ -277,20 +256,10 @@ def deadline_from_headers(
     if resilient is not None:
         seconds = parse_deadline_header(resilient, maximum=limit)
     if grpc is not None:
-        seconds = min(seconds, parse_grpc_timeout(grpc.decode("latin-1")))
+        seconds = min(seconds, parse_grpc_timeout(grpc, maximum=limit))
     if connect is not None:
-        text = connect.decode("latin-1")
-        if not (0 < len(text) <= _CONNECT_DIGITS and text.isascii() and text.isdigit()):
-            raise ValueError(
-                f"connect-timeout-ms must be 1 to {_CONNECT_DIGITS} ASCII digits "
-                f"(milliseconds), got {text[:40]!r}"
-            )
-        seconds = min(seconds, int(text) / 1000.0)
+        seconds = min(seconds, parse_connect_timeout(connect, maximum=limit))
     return seconds if seconds < maximum else maximum
-
-
-#: The Connect protocol's limit on ``connect-timeout-ms``.
-_CONNECT_DIGITS = 10
 
 
 def content_type_ok(value: bytes | None) -> bool:
