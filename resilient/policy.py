@@ -3,7 +3,7 @@
 The stages always apply in this order, outermost first::
 
     fallback → rate limit → bulkhead → total deadline (timeout) → retry → breaker
-             → attempt deadline → call
+             → attempt deadline → chaos → call
 
 Any subset may be given. The fallback (:class:`~resilient.Fallback`) wraps the rest
 and answers for the failures it is for. The stages are not a stack of nested decorators: one
@@ -24,14 +24,14 @@ import contextvars
 import math
 import pickle
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any, NoReturn, ParamSpec, TypeVar, cast
 
 from resilient import _driver
 from resilient import fallback as _fallback
 from resilient import tracing as _tracing
 from resilient._config import Duration, rebuild, to_seconds
-from resilient.stages import Admission, CallObserver, Gate, Retrier
+from resilient.stages import Admission, CallObserver, Gate, Injector, Retrier
 
 if TYPE_CHECKING:
     from opentelemetry.metrics import MeterProvider
@@ -66,6 +66,9 @@ class Policy(_driver.Configured):
     :class:`~resilient.stages.Gate` (or a ``pybreaker.CircuitBreaker``, whose own
     rules, listeners and storage keep working). ``timeout`` bounds the whole call,
     the wait for a bulkhead slot included; ``attempt_timeout`` each attempt.
+    ``chaos`` is a list of :class:`~resilient.stages.Injector` stages (the fault
+    injectors of :mod:`resilient.chaos`), innermost, first in the list outermost:
+    every attempt passes through them, so the outer stages see their faults.
 
     ``rate_limit`` (a :class:`~resilient.RateLimiter`) is asked before the bulkhead,
     so a call it refuses never takes a bulkhead slot. A call it admitted that the
@@ -95,6 +98,7 @@ class Policy(_driver.Configured):
         "attempt_timeout",
         "breaker",
         "bulkhead",
+        "chaos",
         "fallback",
         "name",
         "rate_limit",
@@ -110,6 +114,7 @@ class Policy(_driver.Configured):
     retry: Retrier | None
     breaker: Gate | Any | None
     attempt_timeout: float | None
+    chaos: tuple[Injector, ...]
     name: str | None
     tracing: bool
     _gate: Gate | None
@@ -126,6 +131,7 @@ class Policy(_driver.Configured):
         retry: Retrier | None = None,
         breaker: Gate | Any | None = None,
         attempt_timeout: Duration | None = None,
+        chaos: Iterable[Injector] | None = None,
         name: str | None = None,
         tracing: bool = True,
         tracer_provider: TracerProvider | None = None,
@@ -148,6 +154,7 @@ class Policy(_driver.Configured):
                 "retry must be a resilient.Retry or a Retrier stage (clock, judges_results, "
                 f"count_call, begin, next_delay, give_up), got {retry!r}"
             )
+        injectors = _injectors(chaos)
         total = _time_limit("timeout", timeout, "a call")
         per_attempt = _time_limit("attempt_timeout", attempt_timeout, "an attempt")
         if name is not None and not isinstance(name, str):
@@ -172,6 +179,7 @@ class Policy(_driver.Configured):
         setattr_(self, "retry", retry)
         setattr_(self, "breaker", breaker)
         setattr_(self, "attempt_timeout", per_attempt)
+        setattr_(self, "chaos", injectors)
         setattr_(self, "name", name)
         setattr_(self, "tracing", tracing)
         setattr_(self, "_gate", _as_gate(breaker))
@@ -204,9 +212,10 @@ class Policy(_driver.Configured):
                 "retry",
                 "breaker",
                 "attempt_timeout",
+                "chaos",
                 "name",
             )
-            if (value := getattr(self, name)) is not None
+            if (value := getattr(self, name)) is not None and value != ()
         ]
         if not self.tracing:
             stages.append("tracing=False")
@@ -222,6 +231,7 @@ class Policy(_driver.Configured):
             "retry": self.retry,
             "breaker": self.breaker,
             "attempt_timeout": self.attempt_timeout,
+            "chaos": self.chaos,
             "name": self.name,
             "tracing": self.tracing,
         }
@@ -277,7 +287,7 @@ class Policy(_driver.Configured):
         each call: the httpx transport hands each request's in as an argument.
         """
         built = _driver.build(
-            fn,
+            self._injected(fn, asynchronous),
             asynchronous=asynchronous,
             admission=_admission(self.rate_limit, self.bulkhead),
             timeout=self.timeout,
@@ -310,10 +320,11 @@ class Policy(_driver.Configured):
             or self.bulkhead is not None
             or self.timeout is not None
             or self.attempt_timeout
+            or self.chaos
         ):
             raise ValueError(
-                "resume() is for a policy without a bulkhead, timeout, attempt_timeout or "
-                "rate_limit: "
+                "resume() is for a policy without a bulkhead, timeout, attempt_timeout, "
+                "rate_limit or chaos: "
                 "a first attempt made outside the policy could not have honoured them"
             )
         built = _driver.build_resume(
@@ -324,6 +335,17 @@ class Policy(_driver.Configured):
             observer=self._observer(fn) if observer is None else observer,
         )
         return self._outermost(built, fn, asynchronous)
+
+    def _injected(self, fn: Callable[..., Any], asynchronous: bool) -> Callable[..., Any]:
+        """``fn`` inside the chaos injectors, the first in the list outermost."""
+        for injector in reversed(self.chaos):
+            wrapped = injector.wrap(fn, asynchronous)
+            if not callable(wrapped):
+                raise TypeError(
+                    f"the chaos stage {injector!r} returned {wrapped!r} from wrap(), not a callable"
+                )
+            fn = wrapped
+        return fn
 
     def _outermost(
         self, built: Callable[..., Any], fn: Callable[..., Any], asynchronous: bool
@@ -412,6 +434,26 @@ class _RateThenBulkhead:
             self.bulkhead.release()
         finally:
             self.rate_limit.release()
+
+
+def _injectors(chaos: Iterable[Injector] | None) -> tuple[Injector, ...]:
+    if chaos is None:
+        return ()
+    if isinstance(chaos, Injector):
+        return (chaos,)
+    if isinstance(chaos, (str, bytes)) or not isinstance(chaos, Iterable):
+        raise TypeError(
+            f"chaos must be a list of chaos stages (resilient.chaos.Fault, Latency, ...), "
+            f"got {chaos!r}"
+        )
+    injectors = tuple(chaos)
+    for injector in injectors:
+        if not isinstance(injector, Injector):
+            raise TypeError(
+                "each chaos stage must be a resilient.chaos stage or an Injector "
+                f"(a wrap(fn, asynchronous) method), got {injector!r}"
+            )
+    return injectors
 
 
 def _time_limit(name: str, value: Duration | None, bounded: str) -> float | None:

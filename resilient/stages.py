@@ -3,8 +3,8 @@
 A call passes through at most these stages, outermost first, and each kind has one
 protocol here::
 
-    admission ─▶ total deadline ─▶ retrier ─▶ gate ─▶ attempt deadline ─▶ the call
-    (Bulkhead)   (timeout=)       (Retry)    (CircuitBreaker)   (attempt_timeout=)
+    admission ─▶ total deadline ─▶ retrier ─▶ gate ─▶ attempt deadline ─▶ injectors ─▶ the call
+    (Bulkhead)   (timeout=)       (Retry)    (CircuitBreaker)   (attempt_timeout=)  (chaos=)
 
     observer: sees the whole call (resilient's OpenTelemetry tracing)
 
@@ -60,6 +60,7 @@ __all__ = [
     "CallRecord",
     "CallTally",
     "Gate",
+    "Injector",
     "QuietGate",
     "Retrier",
     "SlotPool",
@@ -209,6 +210,23 @@ class Retrier(Protocol):
         The driver's reasons: ``"deadline"`` (it passed while waiting) and
         ``"circuit open"`` (the gate refused the next attempt).
         """
+        ...
+
+
+@runtime_checkable
+class Injector(Protocol):
+    """Wraps the protected call itself, innermost: :mod:`resilient.chaos`'s fault stages.
+
+    ``Policy(chaos=[a, b])`` calls ``a.wrap(b.wrap(fn, asynchronous), asynchronous)``
+    once, when it builds a function's driver, so every attempt goes through ``a``
+    first and every outer stage (attempt timeout, breaker, retry) sees what the
+    injectors did: a raised fault, an added delay, a replaced result. The wrapper
+    runs inside the attempt's deadline; ``asynchronous`` says whether ``fn`` must be
+    awaited, and the wrapper returned must be of the same kind.
+    """
+
+    def wrap(self, fn: Callable[..., Any], asynchronous: bool) -> Callable[..., Any]:
+        """Return ``fn`` wrapped: a plain function when ``asynchronous`` is false, else async."""
         ...
 
 

@@ -1024,3 +1024,78 @@ def test_a_rate_limit_stage_is_released_like_the_bulkhead() -> None:
     with inner, pytest.raises(resilient.BulkheadFull):  # the slot is taken: Y refuses
         policy.call(int, "1")
     assert outer.active == 0  # X, which had admitted the call, was given back
+
+
+class _Tagging:
+    """An injector of one's own: it records the order it runs in and passes the call on."""
+
+    def __init__(self, tag: str, seen: list[str]) -> None:
+        self.tag, self.seen = tag, seen
+
+    def wrap(self, fn: Any, asynchronous: bool) -> Any:
+        if asynchronous:
+
+            async def wrapped_async(*args: Any, **kwargs: Any) -> Any:
+                self.seen.append(self.tag)
+                return await fn(*args, **kwargs)
+
+            return wrapped_async
+
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            self.seen.append(self.tag)
+            return fn(*args, **kwargs)
+
+        return wrapped
+
+
+def test_chaos_injectors_run_innermost_first_listed_outermost_on_every_attempt() -> None:
+    """Each attempt, retries included, passes through the injectors in list order."""
+    seen: list[str] = []
+    policy = resilient.Policy(
+        retry=resilient.Retry(attempts=2),
+        chaos=[_Tagging("a", seen), _Tagging("b", seen)],
+    )
+    fn = flaky(1)
+    assert policy(fn)() == 2
+    assert seen == ["a", "b", "a", "b"]
+    assert "chaos=" in repr(policy)
+
+
+async def test_chaos_injectors_wrap_async_calls() -> None:
+    """An async function gets the injectors' async wrappers; one injector alone needs no list."""
+    seen: list[str] = []
+    policy = resilient.Policy(chaos=_Tagging("only", seen))
+
+    @policy
+    async def fetch() -> str:
+        return "ok"
+
+    assert await fetch() == "ok"
+    assert seen == ["only"]
+
+
+@pytest.mark.parametrize("chaos", ["fault", 3, [object()], [None]])
+def test_chaos_refuses_what_is_not_an_injector(chaos: Any) -> None:
+    """A string, a number or a list holding a non-injector is refused, naming chaos."""
+    with pytest.raises(TypeError, match="chaos"):
+        resilient.Policy(chaos=chaos)
+
+
+def test_a_chaos_stage_whose_wrap_returns_no_callable_is_named() -> None:
+    """An injector whose wrap() returns no callable is named in a TypeError."""
+
+    class Broken:
+        def wrap(self, fn: Any, asynchronous: bool) -> Any:
+            return None
+
+    policy = resilient.Policy(chaos=[Broken()])
+    with pytest.raises(TypeError, match="returned None from wrap"):
+        policy(lambda: 1)()
+
+
+def test_an_empty_chaos_list_is_no_chaos_and_resume_refuses_chaos() -> None:
+    """chaos=[] injects nothing; resume() cannot honour injectors, so it says so."""
+    assert resilient.Policy(chaos=[]).chaos == ()
+    assert repr(resilient.Policy(chaos=[])) == "Policy()"
+    with pytest.raises(ValueError, match="chaos"):
+        resilient.Policy(chaos=[_Tagging("x", [])]).resume(lambda: 1, False)
