@@ -37,11 +37,12 @@ from resilient.errors import (
 )
 from resilient.fallback import Fallback
 from resilient.hashring import BoundedLoadRing, EmptyRingError, HashRing
+from resilient.hedge import AdaptiveDelay, Hedge, HedgeBudget
 from resilient.policy import Policy
 from resilient.ratelimit import MemoryRateStore, RateLimiter, RateStore
 from resilient.retry import Backoff, Retry, RetryBudget, RetryEvent, instant_retries
 from resilient.shardmap import ShardedMap
-from resilient.stages import Admission, CallObserver, CallRecord, Gate, Retrier
+from resilient.stages import Admission, CallObserver, CallRecord, Gate, Injector, Retrier
 from resilient.transport import (
     AsyncResilientTransport,
     ResilientTransport,
@@ -68,6 +69,7 @@ def __getattr__(name: str) -> _Any:
 
 __all__ = [
     "DEADLINE_HEADER",
+    "AdaptiveDelay",
     "Admission",
     "AsyncResilientTransport",
     "Backoff",
@@ -87,7 +89,10 @@ __all__ = [
     "Fallback",
     "Gate",
     "HashRing",
+    "Hedge",
+    "HedgeBudget",
     "InMemoryBreakerStore",
+    "Injector",
     "MemoryRateStore",
     "Policy",
     "RateLimited",

@@ -51,9 +51,10 @@ FallbackFilter: TypeAlias = (
 """What ``Fallback(on=...)`` accepts: exception type(s) or a predicate on the exception."""
 
 _logger = logging.getLogger("resilient.fallback")
-# The start of the note Retry.give_up adds (resilient/retry.py), and what it says when
-# the failure was of a kind the Retry does not retry at all.
-_GAVE_UP = "resilient.Retry: gave up after "
+# The start of the note Retry.give_up adds (resilient/retry.py) or a Hedge adds to the
+# last failure of a call whose every attempt failed (resilient/hedge.py), and what the
+# Retry says when the failure was of a kind it does not retry at all.
+_GAVE_UP = ("resilient.Retry: gave up after ", "resilient.Hedge: gave up after ")
 _NOT_RETRYABLE = " is not retryable (on="
 
 
@@ -61,7 +62,8 @@ def gave_up(exc: BaseException) -> bool:
     """Whether ``exc`` reached its caller because a :class:`~resilient.Retry` gave up on it.
 
     That is: it was worth retrying (it matched the Retry's ``on``), and the retries
-    ran out of attempts, budget or time, or the breaker stopped them. Read from the
+    ran out of attempts, budget or time, or the breaker stopped them. Likewise a
+    :class:`~resilient.Hedge` whose every attempt failed. Read from the
     note the Retry adds, so it holds after the exception crossed a process pool.
     A failure the Retry does not retry (it says "not retryable") is no give-up.
     """

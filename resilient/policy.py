@@ -2,8 +2,8 @@
 
 The stages always apply in this order, outermost first::
 
-    fallback → rate limit → bulkhead → total deadline (timeout) → retry → breaker
-             → attempt deadline → chaos → call
+    fallback → rate limit → bulkhead → total deadline (timeout) → retry | hedge
+             → breaker → attempt deadline → chaos → call
 
 Any subset may be given. The fallback (:class:`~resilient.Fallback`) wraps the rest
 and answers for the failures it is for. The stages are not a stack of nested decorators: one
@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, ParamSpec, TypeVar, cast
 
 from resilient import _driver
 from resilient import fallback as _fallback
+from resilient import hedge as _hedge
 from resilient import tracing as _tracing
 from resilient._config import Duration, rebuild, to_seconds
 from resilient.stages import Admission, CallObserver, Gate, Injector, Retrier
@@ -66,6 +67,10 @@ class Policy(_driver.Configured):
     :class:`~resilient.stages.Gate` (or a ``pybreaker.CircuitBreaker``, whose own
     rules, listeners and storage keep working). ``timeout`` bounds the whole call,
     the wait for a bulkhead slot included; ``attempt_timeout`` each attempt.
+    ``hedge`` (a :class:`~resilient.Hedge`, async functions only) takes the place of
+    ``retry``: a slow attempt gets a second one beside it, each through the breaker
+    and its own ``attempt_timeout``, all within ``timeout``. Giving a Policy a hedge
+    declares the function idempotent: two attempts may both reach the dependency.
     ``chaos`` is a list of :class:`~resilient.stages.Injector` stages (the fault
     injectors of :mod:`resilient.chaos`), innermost, first in the list outermost:
     every attempt passes through them, so the outer stages see their faults.
@@ -100,6 +105,7 @@ class Policy(_driver.Configured):
         "bulkhead",
         "chaos",
         "fallback",
+        "hedge",
         "name",
         "rate_limit",
         "retry",
@@ -112,6 +118,7 @@ class Policy(_driver.Configured):
     bulkhead: Admission | None
     timeout: float | None
     retry: Retrier | None
+    hedge: _hedge.Hedge | None
     breaker: Gate | Any | None
     attempt_timeout: float | None
     chaos: tuple[Injector, ...]
@@ -129,6 +136,7 @@ class Policy(_driver.Configured):
         bulkhead: Admission | None = None,
         timeout: Duration | None = None,
         retry: Retrier | None = None,
+        hedge: _hedge.Hedge | None = None,
         breaker: Gate | Any | None = None,
         attempt_timeout: Duration | None = None,
         chaos: Iterable[Injector] | None = None,
@@ -154,6 +162,14 @@ class Policy(_driver.Configured):
                 "retry must be a resilient.Retry or a Retrier stage (clock, judges_results, "
                 f"count_call, begin, next_delay, give_up), got {retry!r}"
             )
+        if hedge is not None and not isinstance(hedge, _hedge.Hedge):
+            raise TypeError(f"hedge must be a resilient.Hedge, got {hedge!r}")
+        if hedge is not None and retry is not None:
+            raise ValueError(
+                "give a Policy retry= or hedge=, not both: a hedge already makes the second "
+                "attempts (a non-fatal failure starts the next one at once), as in gRPC, "
+                "where a method has a retry policy or a hedging policy"
+            )
         injectors = _injectors(chaos)
         total = _time_limit("timeout", timeout, "a call")
         per_attempt = _time_limit("attempt_timeout", attempt_timeout, "an attempt")
@@ -177,6 +193,7 @@ class Policy(_driver.Configured):
         setattr_(self, "bulkhead", bulkhead)
         setattr_(self, "timeout", total)
         setattr_(self, "retry", retry)
+        setattr_(self, "hedge", hedge)
         setattr_(self, "breaker", breaker)
         setattr_(self, "attempt_timeout", per_attempt)
         setattr_(self, "chaos", injectors)
@@ -210,6 +227,7 @@ class Policy(_driver.Configured):
                 "bulkhead",
                 "timeout",
                 "retry",
+                "hedge",
                 "breaker",
                 "attempt_timeout",
                 "chaos",
@@ -229,6 +247,7 @@ class Policy(_driver.Configured):
             "bulkhead": self.bulkhead,
             "timeout": self.timeout,
             "retry": self.retry,
+            "hedge": self.hedge,
             "breaker": self.breaker,
             "attempt_timeout": self.attempt_timeout,
             "chaos": self.chaos,
@@ -286,6 +305,8 @@ class Policy(_driver.Configured):
         this policy's own (its tracing) for a caller that keeps its own record of
         each call: the httpx transport hands each request's in as an argument.
         """
+        if self.hedge is not None:
+            return self._outermost(self._hedged(fn, asynchronous, observer), fn, asynchronous)
         built = _driver.build(
             self._injected(fn, asynchronous),
             asynchronous=asynchronous,
@@ -297,6 +318,31 @@ class Policy(_driver.Configured):
             observer=self._observer(fn) if observer is None else observer,
         )
         return self._outermost(built, fn, asynchronous)
+
+    def _hedged(
+        self, fn: Callable[..., Any], asynchronous: bool, observer: CallObserver | None
+    ) -> Callable[..., Any]:
+        """Two drivers around the hedge: each attempt's stages inside, the call's outside."""
+        hedge = self.hedge
+        assert hedge is not None
+        if not asynchronous:
+            _hedge.refuse_sync(fn)
+        attempt = _driver.build(
+            self._injected(fn, True),
+            asynchronous=True,
+            gate=self._gate,
+            attempt_timeout=self.attempt_timeout,
+        )
+        listener = None
+        if self._telemetry is not None:
+            listener = _tracing.HedgeEvents(_name_of(self, fn), self._telemetry)
+        return _driver.build(
+            hedge.wrap(attempt, listener=listener),
+            asynchronous=True,
+            admission=_admission(self.rate_limit, self.bulkhead),
+            timeout=self.timeout,
+            observer=self._observer(fn) if observer is None else observer,
+        )
 
     def resume(
         self,
@@ -321,10 +367,11 @@ class Policy(_driver.Configured):
             or self.timeout is not None
             or self.attempt_timeout
             or self.chaos
+            or self.hedge is not None
         ):
             raise ValueError(
                 "resume() is for a policy without a bulkhead, timeout, attempt_timeout, "
-                "rate_limit or chaos: "
+                "rate_limit, hedge or chaos: "
                 "a first attempt made outside the policy could not have honoured them"
             )
         built = _driver.build_resume(

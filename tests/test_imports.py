@@ -40,6 +40,12 @@ STAGES = {
     },
     "resilient.breaker.store": {"resilient._fork"},
     "resilient.fallback": {"resilient._config", "resilient._driver", "resilient.errors"},
+    "resilient.hedge": {
+        "resilient._config",
+        "resilient._driver",
+        "resilient._fork",
+        "resilient.errors",
+    },
     "resilient.ratelimit": {
         "resilient._config",
         "resilient._driver",

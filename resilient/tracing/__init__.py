@@ -360,3 +360,42 @@ class Call:
         if instruments is not None:
             seconds = _perf_counter() - self.started
             instruments.record_call(self.site.name, outcome, seconds, self.attempts)
+
+
+class HedgeEvents:
+    """Tracing as a :class:`~resilient.hedge.HedgeListener`: span events and counters.
+
+    Each hedge sent is a ``resilient.hedge`` event on the call's span and counts in
+    ``resilient.hedges`` (``resilient.hedge.outcome="sent"``); a hedge that answered
+    first is a ``resilient.hedge.won`` event and counts as ``"won"``. Hedges are
+    rare, so these ask the providers each time instead of being set up per call.
+    """
+
+    __slots__ = ("name", "telemetry")
+
+    def __init__(self, name: str, telemetry: Telemetry) -> None:
+        self.name = name
+        self.telemetry = telemetry
+
+    def hedged(self, attempt: int, elapsed: float) -> None:
+        self._record(
+            "resilient.hedge",
+            {"resilient.attempt": attempt, "resilient.hedge.elapsed": elapsed},
+            "sent",
+        )
+
+    def won(self, attempt: int, attempts: int) -> None:
+        if attempt > 1:
+            self._record("resilient.hedge.won", {"resilient.attempt": attempt}, "won")
+
+    def _record(self, event: str, attributes: dict[str, int | float], outcome: str) -> None:
+        telemetry = self.telemetry
+        if not telemetry.wanted():
+            return
+        if telemetry.tracer() is not None:
+            span = _otel_trace.get_current_span()
+            if span.is_recording():
+                span.add_event(event, attributes)
+        instruments = telemetry.instruments()
+        if instruments is not None:
+            instruments.record_hedge(self.name, outcome)

@@ -119,6 +119,7 @@ class Instruments:
         "attempts",
         "calls",
         "duration",
+        "hedges",
         "retries",
         "state",
         "transitions",
@@ -134,6 +135,11 @@ class Instruments:
             "resilient.retries",
             unit="{retry}",
             description="Retries a Policy made, by the error that caused them.",
+        )
+        self.hedges = meter.create_counter(
+            "resilient.hedges",
+            unit="{hedge}",
+            description="Hedged attempts a Policy sent, and those that answered first.",
         )
         self.transitions = meter.create_counter(
             "resilient.breaker.transitions",
@@ -188,6 +194,10 @@ class Instruments:
         """Count one retry of ``policy`` caused by ``error`` (an :func:`error_type`)."""
         sets = policy if isinstance(policy, PolicyAttributes) else self.attributes_for(policy)
         self.retries.add(1, sets.for_retry(error))
+
+    def record_hedge(self, policy: str, outcome: str) -> None:
+        """Count one hedge of ``policy``: ``"sent"``, or ``"won"`` when it answered first."""
+        self.hedges.add(1, {"resilient.policy": policy, "resilient.hedge.outcome": outcome})
 
     def record_transition(self, breaker: str, state: str) -> None:
         """Count one state change of ``breaker`` into ``state``."""

@@ -59,6 +59,14 @@ The transport drives each origin's stages only through the stage contract of
 failure alone: the request's own facts pick one of the origin's three drivers
 (idempotent, not idempotent, or never retried).
 
+:class:`AsyncResilientTransport` can hedge (``hedge=``, a :class:`~resilient.Hedge`):
+an idempotent request whose attempt is slow gets another beside it, and the first
+answer wins. Hedged requests are not retried as well: a failure the retry rules
+would retry starts the next hedge at once (within ``max_attempts``), and a response
+asking to wait (``Retry-After``) is returned as it is. Non-idempotent requests are
+never hedged; they keep the retry rules above. An origin that hedges takes no fast
+path. The sync transport refuses ``hedge=``: a sync attempt cannot be cancelled.
+
 Per request, ``extensions={"resilient": {"retry": False}}`` turns retries off
 and ``{"idempotent": True}`` marks a POST or PATCH safe to retry (both booleans).
 
@@ -102,6 +110,7 @@ from resilient.errors import (
     DeadlineExceeded,
     ResilientError,
 )
+from resilient.hedge import AdaptiveDelay, Hedge
 from resilient.policy import Policy
 from resilient.retry import Retry, RetryBudget
 from resilient.shardmap import ShardedMap
@@ -352,6 +361,7 @@ class _Core:
         self,
         *,
         retry: Retry | None,
+        hedge: Hedge | None,
         breaker: Callable[[str], Gate] | None,
         bulkhead: Callable[[str], Admission] | None,
         timeout: Duration | None,
@@ -373,6 +383,8 @@ class _Core:
                 "the transport decides which responses are retried (retry_statuses); "
                 f"give a Retry without on_result, got on_result={retry.on_result!r}"
             )
+        if hedge is not None and not isinstance(hedge, Hedge):
+            raise TypeError(f"hedge must be a resilient.Hedge or None, got {hedge!r}")
         _check_factory("breaker", breaker, "resilient.CircuitBreaker")
         _check_factory("bulkhead", bulkhead, "resilient.Bulkhead")
         statuses = frozenset(retry_statuses)
@@ -385,6 +397,9 @@ class _Core:
                 f"got the string {internal_hosts!r}"
             )
         self.retry = retry
+        self.hedge = hedge
+        # The attempt a hedged request's attempts run (see AsyncResilientTransport).
+        self.hedge_attempt: Callable[[httpx.Request, _Call], Any] | None = None
         self.breaker_factory = breaker
         self.bulkhead_factory = bulkhead
         # Policy validates and normalises the timeouts and the telemetry options; keep
@@ -455,7 +470,9 @@ class _Core:
     def reset(self, key: OriginKey | None, attempt: Callable[[httpx.Request], Any]) -> None:
         """Reset the breaker of origin ``key`` (every origin's for ``None``); renew its budget."""
         hosts = self.hosts.snapshot() if key is None else {key: self.known(key)}
-        renew = self.retry is not None and self.retry.budget is not None
+        renew = (self.retry is not None and self.retry.budget is not None) or (
+            self.hedge is not None
+        )
         for each, host in hosts.items():
             reset = getattr(host.breaker, "reset", None)
             if callable(reset):
@@ -514,9 +531,17 @@ class _Core:
             retry = self._host_retry(self.retry, budget, self._retryable_idempotent)
             idempotent = Policy(retry=retry, **stages)
             unsafe = Policy(retry=self._host_retry(self.retry, budget, _not_sent), **stages)
-        policies = (idempotent, unsafe, once)
+        drivers = [
+            policy.driver(attempt, asynchronous, observer=_OWN_RECORD)
+            for policy in (idempotent, unsafe, once)
+        ]
+        if self.hedge is not None:
+            assert self.hedge_attempt is not None
+            hedged = Policy(hedge=self._host_hedge(self.hedge), **stages)
+            drivers[_IDEMPOTENT] = hedged.driver(self.hedge_attempt, True, observer=_OWN_RECORD)
         fast = (
-            bulkhead is None
+            self.hedge is None
+            and bulkhead is None
             and self.timeout is None
             and self.attempt_timeout is None
             and (breaker is None or (builtin is not None and not builtin.counts_successes))
@@ -529,13 +554,11 @@ class _Core:
             breaker=breaker,
             bulkhead=bulkhead,
             store=None if builtin is None else builtin.store,
-            drivers=tuple(
-                policy.driver(attempt, asynchronous, observer=_OWN_RECORD) for policy in policies
-            ),
+            drivers=tuple(drivers),
             resumes=(
                 tuple(
                     policy.resume(attempt, asynchronous, observer=_OWN_RECORD)
-                    for policy in policies
+                    for policy in (idempotent, unsafe, once)
                 )
                 if fast
                 else None
@@ -559,6 +582,29 @@ class _Core:
             return rules(failure) and base.accepts(failure)
 
         return dataclasses.replace(base, on=retryable, budget=budget, retry_after=self._retry_after)
+
+    def _host_hedge(self, base: Hedge) -> Hedge:
+        """The base Hedge with the origin's own delay and budget, on the retry rules.
+
+        A failure the retry rules would retry starts the next hedge, unless the
+        response asked for a wait (``Retry-After``): sending another at once would
+        ignore it, so that response is the caller's.
+        """
+
+        def hedgeable(failure: Exception) -> bool:
+            if isinstance(failure, ResponseFailure) and failure.asked_wait is not None:
+                return False
+            return self._retryable_idempotent(failure) and base.accepts(failure)
+
+        delay = base.delay
+        return Hedge(
+            delay=delay.spawn() if isinstance(delay, AdaptiveDelay) else delay,
+            max_attempts=base.max_attempts,
+            on=hedgeable,
+            budget=None if base.budget is None else base.budget.spawn(),
+            discard=_discard,
+            clock=base.clock,
+        )
 
     # Decisions ----------------------------------------------------------------------------
 
@@ -854,6 +900,14 @@ def _release(response: httpx.Response, request: httpx.Request) -> None:
 # unasync: end generated
 
 
+async def _discard(left: object) -> None:
+    """A hedged attempt's answer that lost, or its failing response: release it."""
+    if isinstance(left, ResponseFailure):
+        await _release_async(left.response, left.request)
+    elif isinstance(left, httpx.Response):
+        await _release_async(left, left.request)
+
+
 def default_breaker(origin: str) -> CircuitBreaker:
     """The breaker each origin gets by default: 15 failed attempts in a row open it for 10 s.
 
@@ -960,6 +1014,7 @@ class _Configured(Generic[Inner]):
         transport: Inner | None = None,
         *,
         retry: Retry | Default | None = DEFAULT,
+        hedge: Hedge | None = None,
         breaker: Callable[[str], Gate] | Default | None = DEFAULT,
         bulkhead: Callable[[str], Admission] | None = None,
         timeout: Duration | None = None,
@@ -978,8 +1033,15 @@ class _Configured(Generic[Inner]):
             raise TypeError(
                 f"transport must be an httpx.{self._inner_type.__name__}, got {transport!r}"
             )
+        if hedge is not None and self._inner_type is httpx.BaseTransport:
+            raise TypeError(
+                "ResilientTransport cannot hedge: a sync attempt cannot be cancelled, so the "
+                "losing attempts would run on, holding connections; hedge with "
+                "AsyncResilientTransport, or use retry= and attempt_timeout="
+            )
         self._core = _Core(
             retry=_DEFAULT_RETRY if isinstance(retry, Default) else retry,
+            hedge=hedge,
             breaker=default_breaker if isinstance(breaker, Default) else breaker,
             bulkhead=bulkhead,
             timeout=timeout,
@@ -997,6 +1059,7 @@ class _Configured(Generic[Inner]):
         self._transport: Inner = self._default_inner() if transport is None else transport
         # Bound once: each origin's drivers wrap this attempt function.
         self._bound_attempt: Callable[[httpx.Request], Any] = self._attempt  # type: ignore[attr-defined]
+        self._core.hedge_attempt = getattr(self, "_hedge_attempt", None)
 
     def _default_inner(self) -> Inner:
         raise NotImplementedError  # pragma: no cover
@@ -1307,3 +1370,28 @@ class AsyncResilientTransport(_Configured[httpx.AsyncBaseTransport], httpx.Async
         await self._transport.aclose()
 
     # unasync: end
+
+    async def _hedge_attempt(self, request: httpx.Request, call: _Call) -> httpx.Response:
+        """One of a hedged request's attempts: several may run at once, so unlike
+        ``_attempt`` it keeps nothing in ``call``; the Hedge discards what loses."""
+        when = _current_deadline()
+        if when != _INF:
+            self._core.clamp(request, call, when)
+        tracer = call.tracer
+        span = None if tracer is None else HttpSpan(tracer, request, call.attempts)
+        try:
+            response = await self._transport.handle_async_request(request)
+        except BaseException as exc:
+            instead = self._core.attempt_failed(span, exc)
+            try:
+                if instead is not exc:
+                    raise instead from exc
+                raise
+            finally:
+                instead = None  # type: ignore[assignment]  # on the error's traceback
+        if span is not None:
+            span.end(response, None)
+        if response.status_code in self._core.failing_statuses:
+            raise ResponseFailure(response, request)
+        response.request = request  # so that a losing answer can be released (_discard)
+        return response
