@@ -580,7 +580,7 @@ def test_policy_checks_its_rate_limit_and_resume_refuses_one() -> None:
     with pytest.raises(TypeError, match=r"rate_limit must be a resilient\.RateLimiter"):
         Policy(rate_limit="10/s")  # type: ignore[arg-type]
     policy = Policy(rate_limit=RateLimiter(rate=1))
-    with pytest.raises(ValueError, match="attempt_timeout or rate_limit"):
+    with pytest.raises(ValueError, match="attempt_timeout, rate_limit"):
         policy.resume(lambda: None, False)
 
 

@@ -28,6 +28,7 @@ Internal API (used by :mod:`resilient.policy` and :mod:`resilient.transport`)
   the metric instruments of one meter provider (``record_call``, ``record_retry``,
   ``record_transition``), and :func:`~resilient.tracing.metrics.instruments_for`.
 * :class:`CallSite` and :class:`Call` — one decorated function, one call's recorder.
+* :class:`HedgeEvents` — a hedged Policy's listener: span events and counts of hedges.
 * :func:`breaker_state_changed` — subscribed to every circuit breaker's state changes.
 * :func:`error_type` and :func:`outcome_of` — the values of ``error.type`` and
   ``resilient.outcome``; :func:`circuit_open_event` — a breaker's refusal on a span.
@@ -62,6 +63,7 @@ __all__ = [
     "OUTCOMES",
     "Call",
     "CallSite",
+    "HedgeEvents",
     "Telemetry",
     "breaker_state_changed",
     "circuit_open_event",
