@@ -60,6 +60,8 @@ STAGES = {
     "resilient._config": set(),
     "resilient.stages": set(),
     "resilient._fork": set(),
+    # Pure: the cluster client and the KV node share it without the RPC stack.
+    "resilient.rpc.versions": set(),
     "resilient._driver": {
         "resilient._fork",
         "resilient.deadline",
