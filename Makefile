@@ -53,5 +53,11 @@ bench: $(VENV)/.bench
 bench-check: bench
 	@$(BIN)/python benchmarks/_targets.py $(BENCH_RESULTS) --check > /dev/null
 
+# Five KV node processes, a naive quorum client and ClusterClient side by side through
+# scheduled faults; under 2 minutes, every process stopped at the end (also on Ctrl-C).
+.PHONY: demo
+demo: $(VENV)/.dev
+	$(BIN)/python demo/cluster.py
+
 clean:
 	rm -rf $(VENV) .coverage .mypy_cache .pytest_cache .ruff_cache

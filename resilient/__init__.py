@@ -32,6 +32,7 @@ from resilient.errors import (
     BulkheadFull,
     CircuitOpenError,
     DeadlineExceeded,
+    QuorumError,
     RateLimited,
     ResilientError,
 )
@@ -39,6 +40,7 @@ from resilient.fallback import Fallback
 from resilient.hashring import BoundedLoadRing, EmptyRingError, HashRing
 from resilient.hedge import AdaptiveDelay, Hedge, HedgeBudget
 from resilient.policy import Policy
+from resilient.quorum import QuorumResult, quorum, quorum_sync
 from resilient.ratelimit import MemoryRateStore, RateLimiter, RateStore
 from resilient.retry import Backoff, Retry, RetryBudget, RetryEvent, instant_retries
 from resilient.shardmap import ShardedMap
@@ -95,6 +97,8 @@ __all__ = [
     "Injector",
     "MemoryRateStore",
     "Policy",
+    "QuorumError",
+    "QuorumResult",
     "RateLimited",
     "RateLimiter",
     "RateStore",
@@ -115,5 +119,7 @@ __all__ = [
     "format_deadline_header",
     "instant_retries",
     "parse_deadline_header",
+    "quorum",
+    "quorum_sync",
     "remaining",
 ]

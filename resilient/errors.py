@@ -8,6 +8,8 @@ anything the toolkit itself decided to raise. The tree::
     ├── CircuitOpenError        (.retry_after seconds, .breaker name)
     ├── BulkheadFull            (.max_concurrent, .max_waiting)
     ├── RateLimited             (.retry_after seconds, .name of the limiter)
+    ├── QuorumError             (.needed, .answered, .reasons: which calls answered, why
+    │                            the others did not; resilient.quorum, the cluster client)
     └── EmptyRingError          (also a builtin LookupError; in resilient.hashring)
 
 When retries run out the caller gets the *last original exception*, not a
@@ -20,6 +22,7 @@ happened and what to do about it.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 __all__ = [
@@ -27,6 +30,7 @@ __all__ = [
     "BulkheadFull",
     "CircuitOpenError",
     "DeadlineExceeded",
+    "QuorumError",
     "RateLimited",
     "ResilientError",
 ]
@@ -133,3 +137,55 @@ class RateLimited(ResilientError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.name, self.retry_after), self.__dict__)
+
+
+class QuorumError(ResilientError):
+    """Fewer calls succeeded than a quorum needs, and no more could: the operation failed.
+
+    Raised by :func:`resilient.quorum` (and the cluster client built on it) as soon as
+    success became impossible: too many calls failed, or the deadline passed first.
+
+    * ``needed``: how many successes the quorum needed.
+    * ``answered``: the labels of the calls that succeeded, in the order they did.
+    * ``reasons``: every other call's label mapped to why it gave no answer: its error
+      (``"ConnectError: ..."``), ``"cancelled: ..."`` for a call still running when the
+      quorum gave up, or ``"not asked: ..."`` for one never started.
+    * ``errors``: the exceptions themselves, by label, in this process only (a pickled
+      copy keeps ``reasons``, not ``errors``: a foreign exception need not pickle).
+    * ``what``: what the calls were for (``"kv.put of 'k'"``), for the message.
+
+    It is not a refusal (:attr:`ResilientError.refusal` is False): calls were made and
+    failed, so a :class:`~resilient.Fallback` leaves it alone unless told otherwise.
+    """
+
+    refusal = False
+
+    def __init__(
+        self,
+        needed: int,
+        answered: Sequence[Any],
+        reasons: Mapping[Any, str],
+        *,
+        what: str = "the calls",
+        errors: Mapping[Any, BaseException] | None = None,
+    ) -> None:
+        self.needed = needed
+        self.answered = tuple(answered)
+        self.reasons = dict(reasons)
+        self.what = what
+        self.errors: dict[Any, BaseException] = dict(errors or {})
+        super().__init__(needed, self.answered, self.reasons)
+
+    def __str__(self) -> str:
+        total = len(self.answered) + len(self.reasons)
+        answered = ", ".join(map(str, self.answered)) or "none"
+        why = "; ".join(f"{label}: {reason}" for label, reason in self.reasons.items())
+        return (
+            f"{self.what}: {len(self.answered)} of {total} answered, {self.needed} needed "
+            f"(answered: {answered}; no answer from {why or 'none'}); bring the failing ones "
+            "back, give the call a longer deadline, or lower the quorum"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        state = {name: value for name, value in self.__dict__.items() if name != "errors"}
+        return (type(self), (self.needed, self.answered, self.reasons), state)

@@ -54,6 +54,7 @@ STAGES = {
         "resilient.errors",
         "resilient.shardmap",
     },
+    "resilient.quorum": {"resilient._config", "resilient.deadline", "resilient.errors"},
     "resilient.shardmap": {"resilient._config", "resilient._fork"},
     "resilient.chaos.faults": {
         "resilient._config",

@@ -2,14 +2,22 @@
 
 :class:`Server` is an ASGI app (served by uvicorn) that runs each handler inside
 its caller's deadline; :class:`Client` and :class:`AsyncClient` call it through
-the resilient httpx transport. Errors are one class per code on both sides of
-the wire (:mod:`resilient.rpc.errors`). Needs the ``rpc`` extra
-(``pip install resilient[rpc]``: msgspec and uvicorn).
+the resilient httpx transport. :class:`ClusterClient` and :class:`AsyncClusterClient`
+replicate keys over the nodes of :mod:`resilient.rpc.kv` with read and write quorums.
+Errors are one class per code on both sides of the wire (:mod:`resilient.rpc.errors`).
+Needs the ``rpc`` extra (``pip install resilient[rpc]``: msgspec and uvicorn).
 """
 
 from __future__ import annotations
 
 from resilient.rpc.client import AsyncBatch, AsyncClient, Batch, Client, Method, Pending, Proxy
+from resilient.rpc.cluster import (
+    AsyncClusterClient,
+    ClusterClient,
+    ClusterStats,
+    ReadResult,
+    default_node_breaker,
+)
 from resilient.rpc.errors import (
     RESERVED,
     SERVER_ERRORS,
@@ -36,8 +44,11 @@ __all__ = [
     "SERVER_ERRORS",
     "AsyncBatch",
     "AsyncClient",
+    "AsyncClusterClient",
     "Batch",
     "Client",
+    "ClusterClient",
+    "ClusterStats",
     "InternalError",
     "InvalidParams",
     "InvalidRequest",
@@ -49,6 +60,7 @@ __all__ = [
     "ProtocolError",
     "Proxy",
     "RPCError",
+    "ReadResult",
     "RemoteBulkheadFull",
     "RemoteCircuitOpen",
     "RemoteDeadlineExceeded",
@@ -56,5 +68,6 @@ __all__ = [
     "RemoteRateLimited",
     "Server",
     "ServerError",
+    "default_node_breaker",
     "error_for",
 ]
