@@ -60,6 +60,10 @@ The tracing section times the five-stage Policy with ``tracing=False``, with the
 OpenTelemetry API alone (no SDK: the default no-op providers), and with an SDK tracer
 provider exporting to memory, against one bare SDK span per call.
 
+The adaptive section reports, without a target, a healthy call through a bulkhead alone
+with a fixed limit and with an ``AdaptiveLimit`` (AIMD, Gradient2): what learning from
+every call costs.
+
 Run: ``make bench`` or ``.venv/bin/python benchmarks/overhead.py [--full]``.
 """
 
@@ -101,6 +105,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 import resilient
+from resilient.adaptive import AdaptiveLimit
 
 SCRIPT = "overhead.py"
 FULL = "--full" in sys.argv[1:]
@@ -959,6 +964,49 @@ def tracing_section(runner: asyncio.Runner) -> None:
     provider.shutdown()
 
 
+# Adaptive limits: a reported figure, no target ---------------------------------------------
+
+
+def adaptive_section() -> None:
+    """A healthy call through a bulkhead alone: fixed limit vs an AdaptiveLimit.
+
+    The fixed limit's slot is a lock-free deque pop/append read inline by the driver; an
+    adaptive one also reads the clock twice and gives the slot back under the bulkhead's
+    lock, where the algorithm learns from the call.
+    """
+
+    def bare() -> int:
+        return 1
+
+    fixed = "Bulkhead(max_concurrent=100)"
+    variants: Variants = {
+        BARE: bare,
+        fixed: resilient.Bulkhead(max_concurrent=100)(bare),
+        "Bulkhead(AdaptiveLimit.aimd())": resilient.Bulkhead(max_concurrent=AdaptiveLimit.aimd())(
+            bare
+        ),
+        "Bulkhead(AdaptiveLimit.gradient2())": resilient.Bulkhead(
+            max_concurrent=AdaptiveLimit.gradient2()
+        )(bare),
+    }
+    rounds = paired_rounds(variants, time_sync, CALLS, ROUNDS)
+    print("\nSync healthy call through a bulkhead alone: fixed vs adaptive limit (no target)")
+    rows: list[tuple[str, ...]] = [(BARE, f"{Paired.of(rounds[BARE]).median * 1e9:,.0f}", "", "")]
+    for name in variants:
+        if name == BARE:
+            continue
+        overhead = median_paired_overhead(rounds, name, BARE).median
+        ratio = (
+            "(reference)"
+            if name == fixed
+            else (f"{median_paired_ratio(rounds, name, fixed, BARE).median:.2f}x")
+        )
+        rows.append(
+            (name, f"{Paired.of(rounds[name]).median * 1e9:,.0f}", f"{overhead * 1e9:,.0f}", ratio)
+        )
+    table(rows, ("variant", "ns/call", "overhead ns", "of the fixed limit's overhead"))
+
+
 # Deadline adherence ------------------------------------------------------------------------
 
 SLOW_FAILURE = 0.3  # seconds each failing attempt takes
@@ -1136,6 +1184,7 @@ def main() -> None:
         )
 
         tracing_section(runner)
+    adaptive_section()
     deadline_section()
     print("\nTargets")
     for what, figure, met in _targets:

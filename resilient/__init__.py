@@ -9,6 +9,7 @@ README for a tour.
 
 from typing import Any as _Any
 
+from resilient.adaptive import AIMD, AdaptiveLimit, Gradient2
 from resilient.breaker import (
     BreakerEvent,
     BreakerMetrics,
@@ -44,7 +45,15 @@ from resilient.quorum import QuorumResult, quorum, quorum_sync
 from resilient.ratelimit import MemoryRateStore, RateLimiter, RateStore
 from resilient.retry import Backoff, Retry, RetryBudget, RetryEvent, instant_retries
 from resilient.shardmap import ShardedMap
-from resilient.stages import Admission, CallObserver, CallRecord, Gate, Injector, Retrier
+from resilient.stages import (
+    Admission,
+    CallObserver,
+    CallRecord,
+    Gate,
+    Injector,
+    MeasuredAdmission,
+    Retrier,
+)
 from resilient.transport import (
     AsyncResilientTransport,
     ResilientTransport,
@@ -70,8 +79,10 @@ def __getattr__(name: str) -> _Any:
 
 
 __all__ = [
+    "AIMD",
     "DEADLINE_HEADER",
     "AdaptiveDelay",
+    "AdaptiveLimit",
     "Admission",
     "AsyncResilientTransport",
     "Backoff",
@@ -90,11 +101,13 @@ __all__ = [
     "EmptyRingError",
     "Fallback",
     "Gate",
+    "Gradient2",
     "HashRing",
     "Hedge",
     "HedgeBudget",
     "InMemoryBreakerStore",
     "Injector",
+    "MeasuredAdmission",
     "MemoryRateStore",
     "Policy",
     "QuorumError",

@@ -71,10 +71,31 @@ have to wait, ``acquire`` raises ``RuntimeError`` pointing to ``async with`` /
 blocks, so it still works there, and the check is made only on the way to
 waiting: the healthy path pays nothing for it.
 
+An adaptive limit
+-----------------
+``max_concurrent`` may be an :class:`~resilient.AdaptiveLimit` instead of a
+number: the limit then moves with the round-trip times and drops of the calls
+the bulkhead admits (see :mod:`resilient.adaptive`)::
+
+    db_bulkhead = Bulkhead(max_concurrent=AdaptiveLimit.aimd(), max_waiting=32, name="db")
+
+Each call reports how long it held its slot and how it ended: through the
+driver (``Policy(bulkhead=...)``, ``@bulkhead``, :meth:`Bulkhead.call`), through
+``with`` / ``async with``, or explicitly with :meth:`Bulkhead.acquire_ticket` and
+:meth:`Bulkhead.release_ticket`. A slot taken with plain :meth:`Bulkhead.acquire`
+and given back with :meth:`Bulkhead.release` teaches the limit nothing. When
+the limit shrinks below the calls in flight none of them is disturbed; new
+callers wait (or are refused, as ``max_waiting`` and ``max_wait`` say) until
+enough have finished. When it grows, waiters are woken at once. An adaptive
+bulkhead gives back every slot under its lock (the algorithm's update must be
+serialised), so its healthy path costs a lock and a clock reading more than a
+fixed one's; a fixed limit's healthy path is exactly what it was.
+
 Pickling and forking
 --------------------
 A bulkhead pickles as its configuration: the copy has the same limits and
-every slot free, because slots and waiters are this process's callers. A forked
+every slot free, because slots and waiters are this process's callers (an
+adaptive limit is copied fresh, back at its initial limit). A forked
 child keeps the same object but starts it afresh, every slot free and nobody
 waiting (see :mod:`resilient._fork`): the threads that held slots or waited in
 the parent do not exist there. The child's thread that forked may still give
@@ -85,15 +106,19 @@ they find every slot free.
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import copy
 import math
 import threading
 import time
+import warnings
 from collections import OrderedDict, deque
 from types import TracebackType
-from typing import Any, Final
+from typing import Any, Final, Self, cast
 
 from resilient import _driver, _fork
 from resilient._config import Duration, check_int, rebuild, to_seconds
+from resilient.adaptive import AdaptiveLimit
 from resilient.deadline import remaining
 from resilient.errors import BulkheadFull, DeadlineExceeded
 from resilient.stages import SlotPool
@@ -139,6 +164,9 @@ def _resolve(future: asyncio.Future[bool], granted: bool) -> None:
 class Bulkhead(_driver.Decorating):
     """Lets at most ``max_concurrent`` callers run at once; see the module docstring.
 
+    ``max_concurrent`` is a number, or an :class:`~resilient.AdaptiveLimit` that
+    moves with the calls' round-trip times and drops.
+
     ``max_waiting`` callers beyond those may wait for a slot, first come first
     served; more are refused with :class:`BulkheadFull`. ``max_wait`` (seconds
     or a ``timedelta``) bounds each wait; ``None`` leaves only the deadline in
@@ -166,22 +194,44 @@ class Bulkhead(_driver.Decorating):
         "_waiters",
     )
 
+    def __new__(cls, *args: object, **config: object) -> Self:
+        # An adaptive limit gets a subclass of its own, so that a fixed limit's code
+        # paths stay exactly as they are, without a branch for the adaptive case.
+        if cls is Bulkhead and not args and isinstance(config.get("max_concurrent"), AdaptiveLimit):
+            return cast(Self, _driver.Configured.__new__(_AdaptiveBulkhead, **config))
+        return super().__new__(cls, *args, **config)
+
     def __init__(
         self,
         *,
-        max_concurrent: int,
+        max_concurrent: int | AdaptiveLimit,
         max_waiting: int = 0,
         max_wait: Duration | None = None,
         name: str | None = None,
     ) -> None:
-        self._max_concurrent = check_int("max_concurrent", max_concurrent, minimum=1)
+        if isinstance(max_concurrent, AdaptiveLimit):
+            if not isinstance(self, _AdaptiveBulkhead):
+                raise TypeError(
+                    f"{type(self).__name__}, a subclass of Bulkhead, takes max_concurrent as an "
+                    "int; an AdaptiveLimit needs resilient.Bulkhead itself"
+                )
+            # Slots for the most the limit can ever be; the current limit's are free.
+            limit, capacity = max_concurrent.limit, max_concurrent.max_limit
+        else:
+            if not isinstance(max_concurrent, int) or isinstance(max_concurrent, bool):
+                raise TypeError(
+                    "max_concurrent must be an int or a resilient.AdaptiveLimit, got "
+                    f"{type(max_concurrent).__name__}: {max_concurrent!r}"
+                )
+            limit = capacity = check_int("max_concurrent", max_concurrent, minimum=1)
+        self._max_concurrent = limit
         self._max_waiting = check_int("max_waiting", max_waiting, minimum=0)
         self._max_wait = None if max_wait is None else to_seconds("max_wait", max_wait)
         if name is not None and not isinstance(name, str):
             raise TypeError(f"name must be a str or None, got {type(name).__name__}: {name!r}")
         self._name = "unnamed" if name is None else name
         # maxlen is a backstop: even racing over-releases cannot add a slot.
-        self._tokens: deque[None] = deque([None] * max_concurrent, maxlen=max_concurrent)
+        self._tokens: deque[None] = deque([None] * limit, maxlen=capacity)
         # An OrderedDict is a FIFO queue that can also drop a waiter who gives
         # up from the middle in O(1).
         self._waiters: OrderedDict[_Waiter, None] = OrderedDict()
@@ -229,8 +279,13 @@ class Bulkhead(_driver.Decorating):
 
     @property
     def max_concurrent(self) -> int:
-        """How many callers may run at once."""
+        """How many callers may run at once (with an adaptive limit: now)."""
         return self._max_concurrent
+
+    @property
+    def adaptive_limit(self) -> AdaptiveLimit | None:
+        """The :class:`~resilient.AdaptiveLimit` moving ``max_concurrent``, or ``None``."""
+        return None
 
     @property
     def max_waiting(self) -> int:
@@ -322,9 +377,42 @@ class Bulkhead(_driver.Decorating):
             with self._lock:
                 self._hand_out_tokens()
 
-    def slot_pool(self) -> SlotPool:
-        """This bulkhead's healthy path as plain objects (:class:`~resilient.stages.SlotPool`)."""
+    def slot_pool(self) -> SlotPool | None:
+        """This bulkhead's healthy path as plain objects (:class:`~resilient.stages.SlotPool`).
+
+        ``None`` for an adaptive limit, whose slots are given back through
+        :meth:`release_ticket`.
+        """
         return SlotPool(self._tokens, self._waiters, self.wake)
+
+    # -- with a ticket: what an adaptive limit learns from ----------------------
+    # (stages.MeasuredAdmission; a fixed limit learns nothing, so its tickets are 0.0)
+
+    def try_acquire_ticket(self) -> float | None:
+        """:meth:`try_acquire`, returning a ticket for :meth:`release_ticket` (``None``: no slot).
+
+        The ticket is the instant the slot was taken, on the adaptive limit's clock.
+        """
+        return 0.0 if self.try_acquire() else None
+
+    def acquire_ticket(self) -> float:
+        """:meth:`acquire`, returning a ticket for :meth:`release_ticket`."""
+        self.acquire()
+        return 0.0
+
+    async def acquire_ticket_async(self) -> float:
+        """:meth:`acquire_async`, returning a ticket for :meth:`release_ticket`."""
+        await self.acquire_async()
+        return 0.0
+
+    def release_ticket(self, ticket: object, error: BaseException | None) -> None:
+        """Give back the slot of ``ticket``, saying how its call ended (``error``, or ``None``).
+
+        An adaptive limit learns from it: the slot's hold time is the call's
+        round-trip time, and ``error`` a drop, or no sample (see
+        :class:`~resilient.AdaptiveLimit`). A fixed limit just frees the slot.
+        """
+        self.release()
 
     def wake(self) -> None:
         """Hand free slots to waiters, first come first served (after a token went back)."""
@@ -497,3 +585,244 @@ class Bulkhead(_driver.Decorating):
         error = BulkheadFull(self._name, self._max_concurrent, self._max_waiting)
         error.add_note(f"waited max_wait={self._max_wait:g} s and no slot was freed")
         return error
+
+
+# The slots an adaptive bulkhead's ``with`` blocks hold in this context, innermost
+# first: (bulkhead, ticket, the rest). __exit__ gets no value from __enter__, so the
+# ticket waits here; a block that ends in another context frees its slot unmeasured.
+_held: contextvars.ContextVar[tuple[Any, float, Any] | None] = contextvars.ContextVar(
+    "resilient_bulkhead_held", default=None
+)
+
+
+class _AdaptiveBulkhead(Bulkhead):
+    """What ``Bulkhead(max_concurrent=AdaptiveLimit(...))`` makes: a bulkhead whose limit moves.
+
+    The slots are the same tokens as a fixed bulkhead's, in a deque sized for the
+    limit's ``max_limit``. Taking one is the same lock-free ``pop()``. Giving one
+    back happens under the lock, where the algorithm learns from the call and the
+    limit changes: growing appends tokens (and wakes waiters); shrinking takes free
+    tokens away and, for slots still held, books a debt that the next releases pay
+    by not returning their token. So ``active = max_concurrent + debt - free``.
+    """
+
+    __slots__ = ("_adaptive", "_algorithm", "_clock", "_debt", "_told")
+
+    def __init__(
+        self,
+        *,
+        max_concurrent: int | AdaptiveLimit,
+        max_waiting: int = 0,
+        max_wait: Duration | None = None,
+        name: str | None = None,
+    ) -> None:
+        if not isinstance(max_concurrent, AdaptiveLimit):
+            raise TypeError(f"max_concurrent must be an AdaptiveLimit here, got {max_concurrent!r}")
+        self._debt = 0
+        self._told = False  # whether a slot given back unmeasured was warned about
+        self._adaptive = max_concurrent
+        self._algorithm = max_concurrent.algorithm
+        self._clock = max_concurrent.clock
+        super().__init__(
+            max_concurrent=max_concurrent, max_waiting=max_waiting, max_wait=max_wait, name=name
+        )
+        max_concurrent._attach(self._name)  # last: a bulkhead refused above claims nothing
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        config = {
+            "max_concurrent": copy.copy(self._adaptive),
+            "max_waiting": self._max_waiting,
+            "max_wait": self._max_wait,
+            "name": self._name,
+        }
+        return (rebuild, (Bulkhead, config))
+
+    def _after_fork_in_child(self) -> None:
+        held = self.active
+        self._debt = 0
+        super()._after_fork_in_child()
+        self._forked_slots = held
+
+    @property
+    def adaptive_limit(self) -> AdaptiveLimit:
+        """The :class:`~resilient.AdaptiveLimit` moving ``max_concurrent``."""
+        return self._adaptive
+
+    @property
+    def active(self) -> int:
+        """How many slots are taken (including ones being handed to a waiter)."""
+        return self._max_concurrent + self._debt - len(self._tokens)
+
+    def __repr__(self) -> str:
+        return (
+            f"Bulkhead(name={self._name!r}, active={self.active}, waiting={self.waiting}, "
+            f"max_concurrent={self._adaptive!r}, max_waiting={self._max_waiting})"
+        )
+
+    def slot_pool(self) -> SlotPool | None:
+        """``None``: an adaptive bulkhead's slots go back through :meth:`release_ticket`."""
+        return None
+
+    def try_acquire_ticket(self) -> float | None:
+        """:meth:`try_acquire`, returning a ticket (``None``: no slot free)."""
+        if not self._waiters:
+            try:
+                self._tokens.pop()
+            except IndexError:
+                return None
+            return self._clock()
+        return None
+
+    def acquire_ticket(self) -> float:
+        """:meth:`acquire`, returning a ticket for :meth:`release_ticket`."""
+        self.acquire()
+        return self._clock()
+
+    async def acquire_ticket_async(self) -> float:
+        """:meth:`acquire_async`, returning a ticket for :meth:`release_ticket`."""
+        await self.acquire_async()
+        return self._clock()
+
+    def release_ticket(self, ticket: object, error: BaseException | None) -> None:
+        """Give back the slot of ``ticket``; the limit learns how long the call held it and how
+        it ended (see :class:`~resilient.AdaptiveLimit` for what is a drop)."""
+        dropped: bool | None = False
+        if error is not None:
+            try:
+                dropped = self._adaptive._judge(error)
+            except BaseException:
+                self._give_back(None, None)  # a drop_on predicate that raised
+                raise
+        if dropped is None or type(ticket) is not float:
+            self._give_back(None, None)  # no sample: ignored, cancelled, or not our ticket
+        else:
+            self._give_back(ticket, dropped)
+
+    def release(self) -> None:
+        """Give back a slot, teaching the limit nothing (use :meth:`release_ticket` for that).
+
+        The first time, a ``RuntimeWarning`` says so: a limit that never hears how
+        calls went cannot adapt, and that should not go unnoticed.
+        """
+        if not self._told:
+            self._told = True
+            warnings.warn(
+                f"bulkhead {self._name!r} has an adaptive limit, but a slot was given back "
+                "with release(), which does not say how the call went, so the limit learnt "
+                "nothing from it; take and give back slots with acquire_ticket() and "
+                "release_ticket(ticket, error), or with 'with bulkhead:'",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        self._give_back(None, None)
+
+    def __enter__(self) -> None:
+        ticket = self.acquire_ticket()
+        _held.set((self, ticket, _held.get()))
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self._exit(exc)
+
+    async def __aenter__(self) -> None:
+        ticket = await self.acquire_ticket_async()
+        _held.set((self, ticket, _held.get()))
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self._exit(exc)
+
+    def _exit(self, error: BaseException | None) -> None:
+        held = _held.get()
+        if held is not None and held[0] is self:  # the innermost block: the usual case
+            _held.set(held[2])
+            self.release_ticket(held[1], error)
+            return
+        # Blocks that did not nest (a generator's, left after its caller's): ours is deeper.
+        above = []
+        while held is not None and held[0] is not self:
+            above.append(held)
+            held = held[2]
+        if held is None:  # entered in another context: the slot goes back unmeasured
+            self.release()
+            return
+        rest = held[2]
+        for entry in reversed(above):
+            rest = (entry[0], entry[1], rest)
+        _held.set(rest)
+        self.release_ticket(held[1], error)
+
+    def _give_back(self, started: float | None, dropped: bool | None) -> None:
+        """Free one slot; with ``started``, the algorithm learns from the call first."""
+        now = 0.0 if started is None else self._clock()
+        with self._lock:
+            tokens = self._tokens
+            active = self._max_concurrent + self._debt - len(tokens)
+            if active <= 0:
+                if self._forked_slots:
+                    # The forking thread giving back a slot it took before a fork.
+                    self._forked_slots -= 1
+                    return
+                raise RuntimeError(
+                    f"bulkhead {self._name!r} was released more times than it was acquired: "
+                    "no slot is taken"
+                )
+            if self._debt:
+                self._debt -= 1
+            else:
+                tokens.append(None)
+            refused = None
+            if started is not None:
+                assert dropped is not None
+                limit = self._algorithm.update(
+                    now=now, started=started, rtt=now - started, inflight=active, dropped=dropped
+                )
+                if limit != self._max_concurrent:
+                    if type(limit) is int and 1 <= limit <= self._adaptive.max_limit:
+                        self._resize(limit)
+                    else:
+                        refused = limit
+            if self._waiters:
+                self._hand_out_tokens()
+        if refused is not None:
+            raise ValueError(
+                f"the limit algorithm {self._algorithm!r} of bulkhead {self._name!r} returned "
+                f"{refused!r}, not an int from 1 to max_limit={self._adaptive.max_limit}; "
+                f"the limit stays at {self._max_concurrent}"
+            )
+
+    def _resize(self, limit: int) -> None:
+        """Move the limit to ``limit``, disturbing no call in flight. Hold the lock."""
+        grow = limit - self._max_concurrent
+        self._max_concurrent = limit
+        tokens = self._tokens
+        if grow > 0:
+            paid = min(grow, self._debt)
+            self._debt -= paid
+            for _ in range(grow - paid):
+                tokens.append(None)
+            return
+        for _ in range(-grow):
+            try:
+                tokens.pop()
+            except IndexError:
+                self._debt += 1
+
+    def _hand_out_tokens(self) -> None:
+        """Settle the debt from free tokens, then serve the waiters. Hold the lock."""
+        tokens = self._tokens
+        while self._debt:
+            try:
+                tokens.pop()
+            except IndexError:
+                break
+            self._debt -= 1
+        super()._hand_out_tokens()

@@ -32,7 +32,7 @@ from resilient import fallback as _fallback
 from resilient import hedge as _hedge
 from resilient import tracing as _tracing
 from resilient._config import Duration, rebuild, to_seconds
-from resilient.stages import Admission, CallObserver, Gate, Injector, Retrier
+from resilient.stages import Admission, CallObserver, Gate, Injector, MeasuredAdmission, Retrier
 
 if TYPE_CHECKING:
     from opentelemetry.metrics import MeterProvider
@@ -420,7 +420,15 @@ def _admission(rate_limit: Admission | None, bulkhead: Admission | None) -> Admi
         return bulkhead
     if bulkhead is None:
         return rate_limit
+    if isinstance(bulkhead, MeasuredAdmission) and _no_slot_pool(bulkhead):
+        return _RateThenMeasured(rate_limit, bulkhead)
     return _RateThenBulkhead(rate_limit, bulkhead)
+
+
+def _no_slot_pool(bulkhead: object) -> bool:
+    """Whether the driver would take ``bulkhead``'s tickets (no inline slot pool)."""
+    slot_pool = getattr(bulkhead, "slot_pool", None)
+    return not callable(slot_pool) or slot_pool() is None
 
 
 # Set (in the caller's context) when the limiter admitted a call in try_acquire but the
@@ -479,6 +487,53 @@ class _RateThenBulkhead:
     def release(self) -> None:
         try:
             self.bulkhead.release()
+        finally:
+            self.rate_limit.release()
+
+
+class _RateThenMeasured(_RateThenBulkhead):
+    """:class:`_RateThenBulkhead` over a bulkhead that learns from its calls (an adaptive
+    limit): its tickets, and with them each call's round trip and outcome, pass through."""
+
+    __slots__ = ("measured",)
+
+    def __init__(self, rate_limit: Admission, bulkhead: MeasuredAdmission) -> None:
+        super().__init__(rate_limit, bulkhead)
+        self.measured = bulkhead
+
+    def try_acquire_ticket(self) -> object | None:
+        if not self.rate_limit.try_acquire():
+            return None
+        ticket = self.measured.try_acquire_ticket()
+        if ticket is None:
+            _LIMITER_PASSED.set(True)  # the driver now waits in acquire_ticket(): slot only
+        return ticket
+
+    def acquire_ticket(self) -> object:
+        if _LIMITER_PASSED.get():
+            _LIMITER_PASSED.set(False)
+        else:
+            self.rate_limit.acquire()
+        try:
+            return self.measured.acquire_ticket()
+        except BaseException:
+            self.rate_limit.release()
+            raise
+
+    async def acquire_ticket_async(self) -> object:
+        if _LIMITER_PASSED.get():
+            _LIMITER_PASSED.set(False)
+        else:
+            await self.rate_limit.acquire_async()
+        try:
+            return await self.measured.acquire_ticket_async()
+        except BaseException:
+            self.rate_limit.release()
+            raise
+
+    def release_ticket(self, ticket: object, error: BaseException | None) -> None:
+        try:
+            self.measured.release_ticket(ticket, error)
         finally:
             self.rate_limit.release()
 

@@ -23,7 +23,8 @@ Rules every stage can rely on
   it hands it back, exactly once, to one of :meth:`Gate.on_success`,
   :meth:`Gate.on_failure` or :meth:`Gate.on_abort`. A gate must not keep it.
   Likewise every successful :meth:`Admission.try_acquire` or ``acquire`` is paired
-  with exactly one :meth:`Admission.release`, whatever the call did.
+  with exactly one :meth:`Admission.release`, whatever the call did (and each ticket
+  of a :class:`MeasuredAdmission` with exactly one ``release_ticket``).
 * **Cancellation.** ``asyncio.CancelledError``, ``KeyboardInterrupt`` and other
   ``BaseException`` that is not an ``Exception`` are no outcome: the gate hears
   :meth:`Gate.on_abort` (free any probe slot, count nothing), the retrier is not
@@ -61,6 +62,7 @@ __all__ = [
     "CallTally",
     "Gate",
     "Injector",
+    "MeasuredAdmission",
     "QuietGate",
     "Retrier",
     "SlotPool",
@@ -132,6 +134,42 @@ class Admission(Protocol):
 
     def release(self) -> None:
         """Give back a slot taken by one of the acquire methods."""
+        ...
+
+
+@runtime_checkable
+class MeasuredAdmission(Admission, Protocol):
+    """An admission stage that learns from the calls it admits: an adaptive limit.
+
+    Optional: the driver checks once, when it builds a function's driver, whether
+    its admission stage is one (and has no :class:`SlotPool` path). If so, it takes
+    slots with the ticket methods instead: :meth:`try_acquire_ticket` first, then,
+    when that returns ``None``, :meth:`acquire_ticket` or
+    :meth:`acquire_ticket_async` within the total deadline; and it hands each ticket
+    back exactly once to :meth:`release_ticket` with how the whole call ended:
+    ``None`` for a value returned, else what it raised, a ``BaseException`` that is
+    not an ``Exception`` (cancellation, an interrupt) included, which is no outcome.
+    The time between acquiring and releasing is the call's round trip, retries and
+    their waits included: the slot was held through them. The plain methods stay for
+    callers that know no tickets (they teach the stage nothing).
+    :class:`~resilient.Bulkhead` is one; with a fixed limit its tickets are ``0.0``
+    and it has a :class:`SlotPool` path, which the driver prefers.
+    """
+
+    def try_acquire_ticket(self) -> object | None:
+        """Take a slot without waiting; return its ticket, or ``None`` if none was free."""
+        ...
+
+    def acquire_ticket(self) -> object:
+        """Take a slot, blocking at most until the deadline in force; return its ticket."""
+        ...
+
+    async def acquire_ticket_async(self) -> object:
+        """Take a slot, suspending at most until the deadline in force; return its ticket."""
+        ...
+
+    def release_ticket(self, ticket: object, error: BaseException | None) -> None:
+        """Give back the slot of ``ticket``; ``error`` is what the call raised, ``None`` if none."""
         ...
 
 

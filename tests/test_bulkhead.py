@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from resilient.adaptive import AdaptiveLimit
 from resilient.bulkhead import Bulkhead
 from resilient.deadline import deadline
 from resilient.errors import BulkheadFull, DeadlineExceeded
@@ -84,6 +85,7 @@ def wait_for_waiters(bulkhead: Bulkhead, count: int) -> None:
         ({"max_concurrent": 0}, ValueError, "max_concurrent"),
         ({"max_concurrent": 2.0}, TypeError, "max_concurrent"),
         ({"max_concurrent": True}, TypeError, "max_concurrent"),
+        ({"max_concurrent": "8"}, TypeError, "an int or a resilient.AdaptiveLimit"),
         ({"max_concurrent": 1, "max_waiting": -1}, ValueError, "max_waiting"),
         ({"max_concurrent": 1, "max_waiting": "3"}, TypeError, "max_waiting"),
         ({"max_concurrent": 1, "max_wait": -0.5}, ValueError, "max_wait"),
@@ -97,6 +99,15 @@ def test_bad_configuration_names_the_parameter(
     """A bad value fails at construction with an error naming the parameter."""
     with pytest.raises(error, match=parameter):
         Bulkhead(**kwargs)
+
+
+def test_a_bad_setting_beside_an_adaptive_limit_leaves_the_limit_free() -> None:
+    """A bulkhead refused at construction does not claim the AdaptiveLimit it was given."""
+    limit = AdaptiveLimit.aimd()
+    with pytest.raises(ValueError, match="max_waiting"):
+        Bulkhead(max_concurrent=limit, max_waiting=-1)
+    assert limit.owner is None
+    assert Bulkhead(max_concurrent=limit, name="db").adaptive_limit is limit
 
 
 def test_configuration_is_readable_and_repr_shows_state() -> None:

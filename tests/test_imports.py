@@ -19,10 +19,12 @@ STAGES = {
         "resilient._config",
         "resilient._driver",
         "resilient._fork",
+        "resilient.adaptive",
         "resilient.deadline",
         "resilient.errors",
         "resilient.stages",
     },
+    "resilient.adaptive": {"resilient._config", "resilient._fork", "resilient.errors"},
     "resilient.retry": {
         "resilient._config",
         "resilient._driver",

@@ -1099,3 +1099,38 @@ def test_an_empty_chaos_list_is_no_chaos_and_resume_refuses_chaos() -> None:
     assert repr(resilient.Policy(chaos=[])) == "Policy()"
     with pytest.raises(ValueError, match="chaos"):
         resilient.Policy(chaos=[_Tagging("x", [])]).resume(lambda: 1, False)
+
+
+def test_rate_limit_and_adaptive_bulkhead_together_still_teach_the_limit() -> None:
+    """Behind a rate limiter the adaptive bulkhead still hears each call's outcome."""
+    limit = resilient.AdaptiveLimit.aimd(initial_limit=30, min_limit=1)
+    policy = resilient.Policy(
+        rate_limit=resilient.RateLimiter(rate=1000, per=1.0, burst=10),
+        bulkhead=resilient.Bulkhead(max_concurrent=limit),
+    )
+
+    def slow() -> None:
+        raise TimeoutError
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a plain release() would warn that nothing was learnt
+        with pytest.raises(TimeoutError):
+            policy.call(slow)
+    assert limit.limit == 27  # the timeout was a drop: 30 * 0.9
+
+
+async def test_rate_limit_and_adaptive_bulkhead_teach_the_limit_in_async_code() -> None:
+    """The async driver passes the tickets through the rate limiter too."""
+    limit = resilient.AdaptiveLimit.aimd(initial_limit=30, min_limit=1)
+    policy = resilient.Policy(
+        rate_limit=resilient.RateLimiter(rate=1000, per=1.0, burst=10),
+        bulkhead=resilient.Bulkhead(max_concurrent=limit),
+    )
+
+    @policy
+    async def slow() -> None:
+        raise TimeoutError
+
+    with pytest.raises(TimeoutError):
+        await slow()
+    assert limit.limit == 27

@@ -26,6 +26,7 @@ from rpc_live import live_asgi, serve
 from telemetry import attributes
 
 import resilient
+import resilient.adaptive
 from resilient.errors import BulkheadFull, CircuitOpenError, DeadlineExceeded, RateLimited
 from resilient.rpc import _protocol
 from resilient.rpc.errors import RemoteError, RemoteRateLimited
@@ -592,6 +593,55 @@ async def test_toolkit_errors_raised_by_handlers_map_to_server_codes(
     assert response.headers.get("retry-after") == retry_after
     if isinstance(raised, RateLimited) and not isinstance(raised, RemoteError):
         assert response.json()["error"]["data"]["limiter"] == "api"
+
+
+def test_an_adaptive_limit_sheds_and_learns_over_uvicorn(live_asgi: Any) -> None:
+    """Server(max_concurrent=AdaptiveLimit): handlers' outcomes move the limit, which sheds.
+
+    A handler that runs out of its deadline is a drop (the limit falls from 2 to 1);
+    one that fails with an application error teaches nothing; with the one slot held
+    by a sync handler in its worker thread, the next call is shed with -32001, and
+    that handler's success, once it returns, lets the limit grow again.
+    """
+    limit = resilient.adaptive.AdaptiveLimit.aimd(initial_limit=2, min_limit=1, max_limit=4)
+    server = Server(max_concurrent=limit)
+    entered, release = threading.Event(), threading.Event()
+
+    @server.method
+    async def too_slow() -> None:
+        raise DeadlineExceeded("the handler's dependency timed out")
+
+    @server.method
+    async def wrong() -> None:
+        raise ValueError("a bug, not overload")
+
+    @server.method
+    def hold() -> str:
+        entered.set()
+        release.wait(10)
+        return "held"
+
+    url = live_asgi(server)
+    with httpx.Client(base_url=url, timeout=10) as client:
+        assert client.post("/", json=req("too_slow")).json()["error"]["code"] == -32000
+        assert limit.limit == 1
+        assert client.post("/", json=req("wrong")).json()["error"]["code"] == -32603
+        assert limit.limit == 1
+        held: list[httpx.Response] = []
+        holder = threading.Thread(target=lambda: held.append(client.post("/", json=req("hold"))))
+        holder.start()
+        try:
+            assert entered.wait(10)
+            shed = client.post("/", json=req("hold", id=2))
+        finally:
+            release.set()
+            holder.join(10)
+    assert shed.status_code == 503
+    assert shed.json()["error"]["code"] == -32001
+    assert "max_concurrent" not in shed.json()["error"]["data"]  # it moves: not announced
+    assert held[0].json()["result"] == "held"
+    assert limit.limit == 2  # one success with the whole limit in use: +1/limit
+    assert server.max_concurrent is limit
 
 
 # Hostile input -----------------------------------------------------------------------

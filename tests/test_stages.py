@@ -191,6 +191,72 @@ def test_policy_refuses_objects_that_are_no_stage() -> None:
         resilient.Policy(breaker=object())
 
 
+class Ledger:
+    """A measured admission stage of our own: it records each ticket and how its call ended."""
+
+    def __init__(self, free: int = 1) -> None:
+        self.free = free
+        self.issued = 0
+        self.ended: list[tuple[object, BaseException | None]] = []
+
+    def try_acquire(self) -> bool:
+        raise AssertionError("the driver uses the ticket methods of a MeasuredAdmission")
+
+    acquire = acquire_async = release = try_acquire  # type: ignore[assignment]
+
+    def try_acquire_ticket(self) -> object | None:
+        if not self.free:
+            return None
+        self.free -= 1
+        self.issued += 1
+        return f"ticket-{self.issued}"
+
+    def acquire_ticket(self) -> object:
+        self.issued += 1
+        return f"waited-{self.issued}"
+
+    async def acquire_ticket_async(self) -> object:
+        return self.acquire_ticket()
+
+    def release_ticket(self, ticket: object, error: BaseException | None) -> None:
+        self.ended.append((ticket, error))
+
+
+def test_a_measured_admission_hears_each_calls_ticket_and_outcome() -> None:
+    """A MeasuredAdmission gets tickets taken and handed back once, with how the call ended."""
+    ledger = Ledger(free=1)
+    assert isinstance(ledger, resilient.stages.MeasuredAdmission)
+    policy = resilient.Policy(bulkhead=ledger, retry=resilient.Retry(attempts=2, budget=None))
+    assert policy(lambda: "ok")() == "ok"  # the one free slot: try_acquire_ticket
+    refused = ValueError("bad input")
+
+    def fails() -> None:
+        raise refused
+
+    with pytest.raises(ValueError, match="bad input"):
+        policy.call(fails)  # no slot free now: acquire_ticket
+    assert ledger.ended == [("ticket-1", None), ("waited-2", refused)]
+
+
+async def test_a_measured_admission_hears_an_async_cancellation_as_such() -> None:
+    """An async call cancelled while running hands its ticket back with the CancelledError."""
+    ledger = Ledger(free=0)
+    started = asyncio.Event()
+
+    async def hangs() -> None:
+        started.set()
+        await asyncio.sleep(30)
+
+    task = asyncio.create_task(resilient.Policy(bulkhead=ledger, retry=None).acall(hangs))
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    [(ticket, error)] = ledger.ended
+    assert ticket == "waited-1"
+    assert isinstance(error, asyncio.CancelledError)
+
+
 def test_built_in_stages_implement_the_protocols() -> None:
     """Bulkhead, CircuitBreaker and Retry are instances of the public protocols."""
     assert isinstance(resilient.Bulkhead(max_concurrent=1), resilient.Admission)
@@ -719,6 +785,25 @@ def test_a_retried_calls_arguments_are_freed_without_the_cyclic_gc(ends: str) ->
         work(payload)
     del payload
     assert calls["n"] == 2
+    assert alive() is None
+
+
+@pytest.mark.usefixtures("no_cyclic_gc")
+def test_a_failed_calls_arguments_are_freed_through_an_adaptive_bulkhead() -> None:
+    """The error handed to release_ticket is not kept: no cycle holds the call's arguments."""
+    import weakref
+
+    from resilient.adaptive import AdaptiveLimit
+
+    @resilient.Bulkhead(max_concurrent=AdaptiveLimit.aimd())
+    def work(payload: _Payload) -> None:
+        raise TimeoutError("slow")
+
+    payload = _Payload()
+    alive = weakref.ref(payload)
+    with contextlib.suppress(TimeoutError):
+        work(payload)
+    del payload
     assert alive() is None
 
 

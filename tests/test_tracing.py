@@ -535,6 +535,29 @@ def test_the_state_gauge_does_not_keep_breakers_alive(
     assert breaker_key("short-lived", "closed") not in gauge
 
 
+def test_the_limit_gauge_follows_adaptive_bulkheads_and_forgets_them(
+    meter_provider: MeterProvider, reader: InMemoryMetricReader
+) -> None:
+    """resilient.bulkhead.limit: one series per adaptive bulkhead, its current limit; no leak."""
+    from resilient.adaptive import AdaptiveLimit
+
+    resilient.Policy(meter_provider=meter_provider)  # registers the gauges on this provider
+    clock = FakeClock()
+    limit = AdaptiveLimit.aimd(initial_limit=30, min_limit=1, clock=clock)
+    bulkhead = resilient.Bulkhead(max_concurrent=limit, name="db")
+    resilient.Bulkhead(max_concurrent=5, name="fixed")  # a fixed limit is configuration
+    key = frozenset({("resilient.bulkhead", "db")})
+    gauge = points(reader)["resilient.bulkhead.limit"]
+    assert gauge[key] == 30
+    assert frozenset({("resilient.bulkhead", "fixed")}) not in gauge
+    ticket = bulkhead.acquire_ticket()
+    bulkhead.release_ticket(ticket, TimeoutError())
+    assert points(reader)["resilient.bulkhead.limit"][key] == 27
+    del bulkhead, limit
+    gc.collect()
+    assert key not in points(reader).get("resilient.bulkhead.limit", {})
+
+
 def test_instruments_are_made_once_per_provider(meter_provider: MeterProvider) -> None:
     """Two policies on one provider share instruments; a provider without weakrefs works too."""
 

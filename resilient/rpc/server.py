@@ -62,6 +62,7 @@ import msgspec
 from resilient._compat.otel import provider_globals
 from resilient._config import check_int, to_seconds
 from resilient._driver import resume_stepped
+from resilient.adaptive import AdaptiveLimit
 from resilient.bulkhead import Bulkhead
 from resilient.deadline import DEADLINE_HEADER, Scope, current, deadline_at, narrow, restore
 from resilient.errors import BulkheadFull, CircuitOpenError, DeadlineExceeded, RateLimited
@@ -159,7 +160,10 @@ class Server:
 
     ========================  ========  ===============================================
     ``max_concurrent``        100       handler calls at once (a batch entry is one);
-                                        beyond it: -32001, HTTP 503, ``Retry-After: 1``
+                                        beyond it: -32001, HTTP 503, ``Retry-After: 1``;
+                                        or an :class:`~resilient.AdaptiveLimit`
+                                        (``AdaptiveLimit.gradient2()``) that moves with
+                                        the handlers' latency
     ``max_body_size``         1 MiB     bytes of request body; beyond it: HTTP 413
     ``max_depth``             32        nesting of arrays and objects; beyond: -32600
     ``max_batch``             100       requests in a batch; beyond it: -32600
@@ -175,7 +179,7 @@ class Server:
         self,
         path: str = "/",
         *,
-        max_concurrent: int = 100,
+        max_concurrent: int | AdaptiveLimit = 100,
         max_body_size: int = 1 << 20,
         max_depth: int = 32,
         max_batch: int = 100,
@@ -187,7 +191,9 @@ class Server:
         if not isinstance(path, str) or not path.startswith("/"):
             raise ValueError(f"path must be a URL path starting with '/', got {path!r}")
         self.path = path
-        self.max_concurrent = check_int("max_concurrent", max_concurrent, minimum=1)
+        self.max_concurrent: int | AdaptiveLimit = max_concurrent
+        if not isinstance(max_concurrent, AdaptiveLimit):
+            check_int("max_concurrent", max_concurrent, minimum=1)
         self.max_body_size = check_int("max_body_size", max_body_size, minimum=1)
         self.max_depth = check_int("max_depth", max_depth, minimum=2)
         self.max_batch = check_int("max_batch", max_batch, minimum=1)
@@ -197,16 +203,17 @@ class Server:
         self.title = title
         self.version = version
         self._bulkhead = Bulkhead(max_concurrent=max_concurrent, max_waiting=0, name="rpc-server")
-        self._release = self._bulkhead.release
+        self._release = self._bulkhead.release_ticket
         self._methods: dict[str, _Method] = {}
         self._register(_Method(_DISCOVER, self._discover, idempotent=True, run_in_thread=False))
         self._document: dict[str, Any] | None = None
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._telemetry = Telemetry(tracer_provider)
         self._traces = provider_globals()[0]
-        self._overloaded = Overloaded(
-            data={"retry_after": OVERLOAD_RETRY_AFTER, "max_concurrent": max_concurrent},
-        )
+        overload: dict[str, Any] = {"retry_after": OVERLOAD_RETRY_AFTER}
+        if not isinstance(max_concurrent, AdaptiveLimit):  # an adaptive one would go stale
+            overload["max_concurrent"] = max_concurrent
+        self._overloaded = Overloaded(data=overload)
         self._too_large = _canned(
             413,
             f"the body is over max_body_size={max_body_size} bytes",
@@ -546,10 +553,12 @@ class Server:
                 data="the request arrived with no time left; the handler did not run"
             )
         args, kwargs = method.signature.bind(params)
-        if not self._bulkhead.try_acquire():
+        ticket = self._bulkhead.try_acquire_ticket()
+        if ticket is None:
             raise self._overloaded.with_traceback(None)
         if method.run_in_thread:
-            return _encode(await self._in_thread(method.fn, args, kwargs, when))
+            return _encode(await self._in_thread(method.fn, args, kwargs, when, ticket))
+        failed = None  # an adaptive limit learns from how the handler ended
         try:
             if when == _INF:
                 result = method.fn(*args, **kwargs)
@@ -563,12 +572,21 @@ class Server:
                         result = await _until(result, when)
                 finally:
                     restore(token)
+        except BaseException as exc:
+            failed = exc
+            raise
         finally:
-            self._release()
+            self._release(ticket, failed)
+            failed = None  # this frame is on its traceback
         return _encode(result)
 
     async def _in_thread(
-        self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], when: float
+        self,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        when: float,
+        ticket: float,
     ) -> Any:
         """Run a sync handler in a worker thread; its slot is freed when the thread is done."""
         executor = self._executor
@@ -580,9 +598,9 @@ class Server:
         # Copied inside the deadline scope (when there is one): the thread sees it.
         try:
             if when == _INF:
-                return await asyncio.wrap_future(self._submit(executor, fn, args, kwargs))
+                return await asyncio.wrap_future(self._submit(executor, fn, args, kwargs, ticket))
             async with deadline_at(when):
-                return await asyncio.wrap_future(self._submit(executor, fn, args, kwargs))
+                return await asyncio.wrap_future(self._submit(executor, fn, args, kwargs, ticket))
         except (SystemExit, KeyboardInterrupt) as stopped:
             # Raised in the worker thread (sys.exit() in a handler), not at this
             # process: re-raised here, it would stop the event loop and the server.
@@ -596,19 +614,22 @@ class Server:
         fn: Callable[..., Any],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
+        ticket: float,
     ) -> concurrent.futures.Future[Any]:
         try:
             future = executor.submit(contextvars.copy_context().run, fn, *args, **kwargs)
-        except BaseException:
-            self._release()
+        except BaseException as exc:
+            self._release(ticket, exc)
             raise
         # Cancelling the wait (the deadline) cannot stop a running thread: the slot
         # stays taken until the handler really returns.
-        future.add_done_callback(self._released)
+        future.add_done_callback(lambda done: self._released(ticket, done))
         return future
 
-    def _released(self, future: concurrent.futures.Future[Any]) -> None:
-        self._release()
+    def _released(self, ticket: float, future: concurrent.futures.Future[Any]) -> None:
+        # The executor's shutdown may cancel a queued handler: no outcome, as a cancellation.
+        cancelled = future.cancelled()
+        self._release(ticket, asyncio.CancelledError() if cancelled else future.exception())
 
     # rpc.discover ----------------------------------------------------------------
 

@@ -3,7 +3,9 @@
 Names, units and attributes are in the README's "Tracing and metrics" table:
 ``resilient.calls``, ``resilient.call.duration``, ``resilient.call.attempts``,
 ``resilient.retries``, ``resilient.breaker.transitions`` and the observable gauge
-``resilient.breaker.state`` (one series per live breaker and state). Instruments
+``resilient.breaker.state`` (one series per live breaker and state), and the
+observable gauge ``resilient.bulkhead.limit`` (one series per bulkhead with an
+adaptive limit, its current value, read only when a reader collects). Instruments
 are made once per provider (:func:`instruments_for`) and reused; OpenTelemetry is
 imported on first use.
 
@@ -26,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from resilient import _fork
 from resilient._compat.otel import provider_globals, proxy_meter_provider
+from resilient.adaptive import live_limits
 from resilient.breaker import BreakerState, live_breakers
 
 if TYPE_CHECKING:
@@ -120,6 +123,7 @@ class Instruments:
         "calls",
         "duration",
         "hedges",
+        "limit",
         "retries",
         "state",
         "transitions",
@@ -165,6 +169,12 @@ class Instruments:
             callbacks=[_observe_breakers],
             unit="1",
             description="1 for the state each circuit breaker is in, 0 for the others.",
+        )
+        self.limit = meter.create_observable_gauge(
+            "resilient.bulkhead.limit",
+            callbacks=[_observe_limits],
+            unit="{call}",
+            description="The current concurrency limit of each bulkhead with an adaptive limit.",
         )
         self._policies: dict[str, PolicyAttributes] = {}
 
@@ -272,3 +282,11 @@ def _observe_breakers(options: CallbackOptions) -> Iterable[Observation]:
                 1 if state is current else 0,
                 {"resilient.breaker": breaker.name, "resilient.breaker.state": state.value},
             )
+
+
+def _observe_limits(options: CallbackOptions) -> Iterable[Observation]:
+    """The adaptive limit gauge: one series per bulkhead (or RPC server) with one, by name."""
+    from opentelemetry.metrics import Observation
+
+    for limit in live_limits():
+        yield Observation(limit.limit, {"resilient.bulkhead": limit.owner or "unnamed"})
