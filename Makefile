@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: test lint typecheck unit unasync bench bench-check clean
+.PHONY: test lint typecheck unit unasync bench bench-check clean redis-server
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "resilient needs Python 3.11 or newer; set PYTHON=python3.11")'
@@ -32,7 +32,22 @@ unasync: $(VENV)/.dev
 typecheck: $(VENV)/.dev
 	$(BIN)/mypy --strict resilient
 
-unit: $(VENV)/.dev
+# The Redis tests and benchmarks start their own redis-server processes (never the system
+# service): Debian's package gives a current, maintained server; installed only when missing.
+redis-server:
+	@command -v redis-server >/dev/null 2>&1 || { \
+		echo "redis-server is not on PATH: installing Debian's redis-server package"; \
+		log=$$(mktemp); \
+		if command -v apt-get >/dev/null 2>&1 && { apt-get install -y redis-server >"$$log" 2>&1 || \
+			{ apt-get update >>"$$log" 2>&1 && apt-get install -y redis-server >>"$$log" 2>&1; }; } && \
+			command -v redis-server >/dev/null 2>&1; then rm -f "$$log"; else \
+			tail -n 20 "$$log" >&2; rm -f "$$log"; \
+			echo "could not install redis-server (it takes apt-get, as root); install Redis 6.2" \
+				"or newer so that redis-server is on PATH, then run make again" >&2; \
+			exit 1; \
+		fi; }
+
+unit: $(VENV)/.dev redis-server
 	$(BIN)/coverage erase
 	$(BIN)/coverage run -m pytest
 	$(BIN)/coverage report --fail-under=90
@@ -41,7 +56,7 @@ unit: $(VENV)/.dev
 # `make bench` fails only when a benchmark breaks; `make bench-check` also when a target is missed.
 BENCH_RESULTS := $(VENV)/bench-results.jsonl
 
-bench: $(VENV)/.bench
+bench: $(VENV)/.bench redis-server
 	@rm -f $(BENCH_RESULTS)
 	@for script in benchmarks/*.py; do \
 		case "$$script" in benchmarks/_*) continue;; esac; \

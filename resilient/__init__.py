@@ -13,8 +13,10 @@ from resilient.adaptive import AIMD, AdaptiveLimit, Gradient2
 from resilient.breaker import (
     BreakerEvent,
     BreakerMetrics,
+    BreakerSpec,
     BreakerState,
     BreakerStore,
+    BreakerStoreFactory,
     CircuitBreaker,
     InMemoryBreakerStore,
 )
@@ -43,7 +45,15 @@ from resilient.hedge import AdaptiveDelay, Hedge, HedgeBudget
 from resilient.policy import Policy
 from resilient.quorum import QuorumResult, quorum, quorum_sync
 from resilient.ratelimit import MemoryRateStore, RateLimiter, RateStore
-from resilient.retry import Backoff, Retry, RetryBudget, RetryEvent, instant_retries
+from resilient.retry import (
+    Backoff,
+    BudgetStore,
+    Retry,
+    RetryBudget,
+    RetryEvent,
+    SharedBudget,
+    instant_retries,
+)
 from resilient.shardmap import ShardedMap
 from resilient.stages import (
     Admission,
@@ -89,8 +99,11 @@ __all__ = [
     "BoundedLoadRing",
     "BreakerEvent",
     "BreakerMetrics",
+    "BreakerSpec",
     "BreakerState",
     "BreakerStore",
+    "BreakerStoreFactory",
+    "BudgetStore",
     "Bulkhead",
     "BulkheadFull",
     "CallObserver",
@@ -122,6 +135,7 @@ __all__ = [
     "RetryBudget",
     "RetryEvent",
     "ShardedMap",
+    "SharedBudget",
     "TransportBulkheadFull",
     "TransportCircuitOpen",
     "TransportDeadlineExceeded",

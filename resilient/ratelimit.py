@@ -58,7 +58,8 @@ still the one the cancelled caller's take stored).
 Clocks, pickling and forking
 ----------------------------
 ``clock`` is :func:`time.monotonic` unless injected (:class:`resilient.testing.FakeClock`
-in tests); a shared store must use a clock all its processes share. A reading earlier
+in tests); a shared store must use a clock all its processes share (Redis's own, for
+``resilient.redis.RedisRateStore``). A reading earlier
 than the latest one the limiter saw (a clock stepped back) counts as that latest one, so
 the step does not add to anyone's wait. A limiter pickles as
 its configuration: the copy starts with its full burst (a per-key view does not pickle:
@@ -96,9 +97,11 @@ _KEYS_LOCK: Final = _fork.register_lock(threading.Lock())
 class RateStore(Protocol):
     """Where a limiter keeps its one instant: the seam for state shared across processes.
 
-    All times are seconds on the limiter's clock. An implementation must make
-    :meth:`take` atomic: two callers must never both read the same instant and both
-    write it forward.
+    All times are seconds on the limiter's clock, unless the store keeps its own: a
+    store shared by hosts may ignore ``now`` and read a clock they all share, as
+    ``resilient.redis.RedisRateStore`` reads Redis ``TIME``; the waits it returns are
+    durations either way. An implementation must make :meth:`take` atomic: two callers
+    must never both read the same instant and both write it forward.
     """
 
     def take(

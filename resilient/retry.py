@@ -30,9 +30,10 @@ A block that is not a function is retried with ``for attempt in retry: with
 attempt: ...`` (``async for`` in a coroutine), under the same rules: see
 :class:`Attempts`.
 
-Public names: :class:`Retry`, :class:`Backoff`, :class:`RetryBudget`,
-:class:`RetryEvent`, :class:`RetryHook`, :class:`RetryState`, :class:`Attempt`,
-:class:`Attempts`, :func:`instant_retries`.
+Public names: :class:`Retry`, :class:`Backoff`, :class:`RetryBudget` (and its
+store seam, :class:`BudgetStore` / :class:`SharedBudget`), :class:`RetryEvent`,
+:class:`RetryHook`, :class:`RetryState`, :class:`Attempt`, :class:`Attempts`,
+:func:`instant_retries`.
 """
 
 from __future__ import annotations
@@ -85,6 +86,7 @@ __all__ = [
     "Attempt",
     "Attempts",
     "Backoff",
+    "BudgetStore",
     "ExceptionFilter",
     "Jitter",
     "ResultFilter",
@@ -93,6 +95,7 @@ __all__ = [
     "RetryEvent",
     "RetryHook",
     "RetryState",
+    "SharedBudget",
     "StopReason",
     "instant_retries",
 ]
@@ -300,6 +303,37 @@ class Backoff:
 # Retry budget -----------------------------------------------------------------------
 
 
+class SharedBudget(Protocol):
+    """A budget's counts kept elsewhere (a fleet's), as a :class:`BudgetStore` builds it.
+
+    ``calls`` is the number of calls the budget counted since it last reported them
+    (it hands each call over once). A method returns ``None`` when the shared counts
+    cannot be reached now: the budget then decides on its own counts, and hands the
+    retries it allowed meanwhile over through :meth:`RetryBudget.take_unreported`.
+    """
+
+    def try_withdraw(self, calls: int, now: float) -> bool | None:
+        """Add ``calls``, then take one retry if the shared budget allows it."""
+        ...
+
+    def available(self, calls: int, now: float) -> int | None:
+        """Add ``calls``, then say how many retries the shared budget allows now."""
+        ...
+
+
+class BudgetStore(Protocol):
+    """Where a :class:`RetryBudget` keeps its counts when they are shared (``store=``).
+
+    ``for_budget`` is called once, by the budget's constructor, and must not change
+    any shared count. A store that reports calls in the background calls the budget's
+    :meth:`RetryBudget.take_unreported` for them.
+    """
+
+    def for_budget(self, budget: RetryBudget) -> SharedBudget:
+        """The shared counts of ``budget`` (its ratio, reserve and window are its properties)."""
+        ...
+
+
 class RetryBudget:
     """A cap on retries shared by all calls through one :class:`Retry` (Finagle's design).
 
@@ -323,18 +357,31 @@ class RetryBudget:
     by :meth:`available` when it is called without ``now``.
 
     A budget pickles as its configuration: the copy starts empty, like :meth:`spawn`'s.
+
+    ``store`` (a :class:`BudgetStore`, such as ``resilient.redis.RedisBudgetStore``)
+    shares the counts with other processes: calls are still counted here, lock-free,
+    and handed to the store in batches; each retry asks the store. When the store
+    cannot be reached the budget decides on its own counts, and the store gets them
+    later. :meth:`spawn` gives a budget on the same store: spawned budgets share the
+    store's counts.
     """
 
     __slots__ = (
+        "__weakref__",
         "_clock",
         "_index",
         "_lock",
         "_min_retries_per_second",
         "_ratio",
+        "_reported_current",
         "_reserve",
         "_retries",
+        "_shared",
         "_slice_width",
         "_slices",
+        "_store",
+        "_unreported_calls",
+        "_unreported_retries",
         "_window",
     )
 
@@ -345,6 +392,7 @@ class RetryBudget:
         min_retries_per_second: float = 10,
         window: Duration = 10.0,
         clock: Callable[[], float] = time.monotonic,
+        store: BudgetStore | None = None,
     ) -> None:
         self._ratio = check_number("ratio", ratio, minimum=0.0)
         self._min_retries_per_second = check_number(
@@ -365,14 +413,26 @@ class RetryBudget:
         self._slices = _Slices()
         self._lock = threading.Lock()
         _fork.register_lock(self._lock)
+        # With a store: calls of the current slice already handed over, and the calls
+        # and locally allowed retries not yet handed over.
+        self._reported_current = 0
+        self._unreported_calls = 0
+        self._unreported_retries = 0
+        if store is not None and not callable(getattr(store, "for_budget", None)):
+            raise TypeError(
+                f"store must be a BudgetStore (with for_budget(budget)) or None, got {store!r}"
+            )
+        self._store = store
+        self._shared = None if store is None else store.for_budget(self)
 
     def spawn(self) -> RetryBudget:
-        """A new, empty budget of the same shape and clock (one per origin, say)."""
+        """A new, empty budget of the same shape, clock and store (one per origin, say)."""
         return RetryBudget(
             ratio=self._ratio,
             min_retries_per_second=self._min_retries_per_second,
             window=self._window,
             clock=self._clock,
+            store=self._store,
         )
 
     @property
@@ -395,6 +455,37 @@ class RetryBudget:
         """The clock :meth:`available` reads when not given ``now``."""
         return self._clock
 
+    @property
+    def store(self) -> BudgetStore | None:
+        """Where the counts are shared, or ``None``: this process's own."""
+        return self._store
+
+    def take_unreported(self) -> tuple[int, int]:
+        """Hand the store the calls counted and retries allowed here since the last time.
+
+        Returns ``(calls, retries)``; each is handed over once. For :class:`BudgetStore`
+        implementations, which report them in the background.
+        """
+        with self._lock:
+            return self._take_unreported()
+
+    def _take_unreported(self) -> tuple[int, int]:
+        """:meth:`take_unreported`, holding the lock."""
+        retries, self._unreported_retries = self._unreported_retries, 0
+        return self._take_calls(), retries
+
+    def _take_calls(self) -> int:
+        """The calls not yet handed to the store, handed over now. Hold the lock."""
+        current = self._slices.calls[self._slices.current]
+        calls = self._unreported_calls + max(0, current - self._reported_current)
+        self._reported_current = current
+        self._unreported_calls = 0
+        return calls
+
+    def _give_back(self, calls: int) -> None:
+        """Calls the store could not take: hand them over again next time. Hold the lock."""
+        self._unreported_calls += calls
+
     def __repr__(self) -> str:
         return (
             f"RetryBudget(ratio={self._ratio:g}, "
@@ -408,6 +499,7 @@ class RetryBudget:
             "min_retries_per_second": self._min_retries_per_second,
             "window": self._window,
             "clock": self._clock,
+            "store": self._store,
         }
         return (rebuild, (type(self), config))
 
@@ -421,17 +513,42 @@ class RetryBudget:
 
     def try_withdraw(self, now: float) -> bool:
         """Count one retry at ``now`` if the budget allows it; return whether it did."""
+        shared = self._shared
+        if shared is not None:
+            with self._lock:
+                self._advance(now)
+                calls = self._take_calls()
+            verdict = shared.try_withdraw(calls, now)  # outside the lock: a round-trip
+            if verdict is not None:
+                if verdict:
+                    with self._lock:
+                        self._retries[self._slices.current] += 1
+                return verdict
+            with self._lock:
+                self._give_back(calls)
         with self._lock:
             self._advance(now)
             if sum(self._retries) + 1 > self._allowance():
                 return False
             self._retries[self._slices.current] += 1
+            if shared is not None:
+                self._unreported_retries += 1
             return True
 
     def available(self, now: float | None = None) -> int:
         """Return how many retries the budget would allow now (for metrics and tests)."""
         if now is None:
             now = self._clock()
+        shared = self._shared
+        if shared is not None:
+            with self._lock:
+                self._advance(now)
+                calls = self._take_calls()
+            shared_room = shared.available(calls, now)
+            if shared_room is not None:
+                return shared_room
+            with self._lock:
+                self._give_back(calls)
         with self._lock:
             self._advance(now)
             room = self._allowance() - sum(self._retries)
@@ -455,6 +572,15 @@ class RetryBudget:
         passed = index - self._index
         calls = self._slices.calls
         retries = self._retries
+        if self._shared is not None:
+            # The slice ending holds calls the store has not had yet: keep them for it,
+            # unless the window has moved past them (and all before them) altogether.
+            if passed >= _BUDGET_SLICES:
+                self._unreported_calls = 0
+            else:
+                finished = calls[self._slices.current] - self._reported_current
+                self._unreported_calls += max(0, finished)
+            self._reported_current = 0
         if passed >= _BUDGET_SLICES:
             for position in range(_BUDGET_SLICES):
                 calls[position] = 0

@@ -30,6 +30,7 @@ import pytest
 
 from resilient.breaker import (
     BreakerEvent,
+    BreakerSpec,
     BreakerState,
     BreakerStore,
     CircuitBreaker,
@@ -857,6 +858,44 @@ def test_breaker_builds_its_store_from_the_factory_with_its_window() -> None:
         1,
         1,
     )
+
+
+def test_custom_factories_keep_working_and_for_breaker_gets_the_spec() -> None:
+    """The seam: plain factories get the window; for_breaker factories get the whole spec."""
+    windows: list[WindowSpec] = []
+
+    def plain(window: WindowSpec) -> InMemoryBreakerStore:
+        windows.append(window)
+        return InMemoryBreakerStore(window)
+
+    CircuitBreaker(failure_rate=0.5, window_size=7, store=plain)
+    assert windows == [WindowSpec(size=7)]
+
+    specs: list[BreakerSpec] = []
+
+    class Named:
+        def for_breaker(self, spec: BreakerSpec) -> InMemoryBreakerStore:
+            specs.append(spec)
+            return InMemoryBreakerStore(spec.window)
+
+    CircuitBreaker(name="x", reset_timeout=3, half_open_max_calls=2, store=Named())
+    assert specs[0].name == "x"
+    assert specs[0].reset_timeout == 3.0
+    assert specs[0].half_open_max_calls == 2
+    with pytest.raises(TypeError, match="for_breaker"):
+        CircuitBreaker(store=object())  # type: ignore[arg-type]
+
+
+def test_a_store_can_be_seeded_with_a_stay_from_elsewhere() -> None:
+    """A shared store's local fallback takes over the state, epoch and counts it was given."""
+    store = InMemoryBreakerStore(WindowSpec(size=4))
+    store.record(True, 0.0)
+    store._seed(OPEN, 7, 3.5, 2, 1)
+    snapshot = store.load(4.0)
+    assert (snapshot.state, snapshot.epoch, snapshot.opened_at) == (OPEN, 7, 3.5)
+    assert (snapshot.consecutive_failures, snapshot.probe_successes) == (2, 1)
+    assert snapshot.window_calls == 0  # the window stayed where it was kept
+    assert store.compare_and_set_state(7, HALF_OPEN, 5.0)
 
 
 def test_store_compare_and_set_needs_the_current_epoch_and_clears_counters() -> None:

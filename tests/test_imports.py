@@ -181,3 +181,14 @@ def test_the_walk_sees_lazy_imports() -> None:
     policy_imports = imports_of(PACKAGE / "policy.py")
     assert "resilient._compat.pybreaker" in policy_imports  # imported inside _as_gate
     assert "opentelemetry.trace" not in policy_imports  # only under TYPE_CHECKING
+
+
+def test_only_resilient_redis_imports_redis_py() -> None:
+    """redis-py is an optional extra: no module outside resilient.redis imports it or that."""
+    for path in PACKAGE.rglob("*.py"):
+        name = module_name(path)
+        if name == "resilient.redis" or name.startswith("resilient.redis."):
+            continue
+        imported = imports_of(path)
+        assert "redis" not in {target.split(".")[0] for target in imported}, name
+        assert not any(t == "resilient.redis" or t.startswith("resilient.redis.") for t in imported)

@@ -56,6 +56,7 @@ Where the state lives
 All mutable state goes through a :class:`BreakerStore` (:mod:`resilient.breaker.store`);
 the default is :class:`InMemoryBreakerStore`. The state machine here only decides;
 the store keeps state, counters and the sliding window, and makes each step atomic.
+A fleet shares one breaker through ``store=resilient.redis.RedisStore(client)``.
 """
 
 from __future__ import annotations
@@ -88,12 +89,15 @@ from resilient.breaker.store import (
     _HALF_OPEN,
     _ISOLATED,
     _OPEN,
+    BreakerSpec,
     BreakerState,
     BreakerStore,
+    BreakerStoreFactory,
     InMemoryBreakerStore,
     StoreFactory,
     StoreSnapshot,
     WindowSpec,
+    _build_store,
 )
 from resilient.errors import PROGRAMMING_ERRORS, CircuitOpenError
 from resilient.stages import QuietGate
@@ -101,8 +105,10 @@ from resilient.stages import QuietGate
 __all__ = [
     "BreakerEvent",
     "BreakerMetrics",
+    "BreakerSpec",
     "BreakerState",
     "BreakerStore",
+    "BreakerStoreFactory",
     "CircuitBreaker",
     "ExcludeRule",
     "InMemoryBreakerStore",
@@ -220,7 +226,9 @@ class CircuitBreaker(_driver.Decorating):
       change, outside any lock, in the thread that caused it. One that raises
       is logged to the ``resilient.breaker`` logger and ignored.
     * ``store`` — factory of the :class:`BreakerStore` (default
-      :class:`InMemoryBreakerStore`).
+      :class:`InMemoryBreakerStore`): called with the :class:`WindowSpec`, or, if it
+      has a ``for_breaker`` method (a :class:`BreakerStoreFactory` such as
+      ``resilient.redis.RedisStore``), given a :class:`BreakerSpec` instead.
     * ``clock`` — monotonic seconds (default :func:`time.monotonic`).
 
     Durations are seconds or :class:`datetime.timedelta`. At least one of
@@ -315,8 +323,11 @@ class CircuitBreaker(_driver.Decorating):
         half_open_max_calls = check_int("half_open_max_calls", half_open_max_calls, minimum=1)
         success_threshold = check_int("success_threshold", success_threshold, minimum=1)
         listener_tuple = _check_listeners(listeners)
-        if not callable(store):
-            raise TypeError(f"store must be a callable that builds a BreakerStore, got {store!r}")
+        if not callable(store) and not isinstance(store, BreakerStoreFactory):
+            raise TypeError(
+                "store must be a callable that builds a BreakerStore from a WindowSpec, or an "
+                f"object with for_breaker(spec) (a BreakerStoreFactory), got {store!r}"
+            )
         if not callable(clock):
             raise TypeError(f"clock must be a callable returning seconds, got {clock!r}")
 
@@ -333,7 +344,15 @@ class CircuitBreaker(_driver.Decorating):
         self._is_excluded = _exclusion_test(exclude)
         self._listeners = listener_tuple
         self._clock = clock
-        self._store: BreakerStore = store(window)
+        # The factory learns whom it serves (a shared store keys its state by the name).
+        spec = BreakerSpec(
+            name=name,
+            window=window,
+            reset_timeout=reset_seconds,
+            half_open_max_calls=half_open_max_calls,
+            clock=clock,
+        )
+        self._store: BreakerStore = _build_store(store, spec)
         # Closed with nothing to time and no window to feed: a success is a no-op.
         self._plain = slow_seconds is None and failure_rate is None
         self._total_failures = 0

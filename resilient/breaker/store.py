@@ -6,9 +6,17 @@ atomic. :class:`InMemoryBreakerStore` is the default. A store shared between
 processes (Redis, say) implements the same protocol and keeps a locally cached
 ``state`` for the breaker's fast path to read, refreshed by its own mechanism.
 
+A breaker builds its store from its ``store`` factory. A plain factory (a class
+such as :class:`InMemoryBreakerStore`, or any callable) is called with the
+:class:`WindowSpec` alone. A factory that must know more, such as which breaker
+it serves (a shared store derives its keys from the breaker's name), is a
+:class:`BreakerStoreFactory`: an object with a ``for_breaker(spec)`` method, given
+a :class:`BreakerSpec` with the breaker's name, window and timing. The breaker
+prefers ``for_breaker`` when the factory has one, so existing factories keep working.
+
 Public names: :class:`BreakerState`, :class:`BreakerStore`,
 :class:`InMemoryBreakerStore`, :class:`StoreSnapshot`, :class:`WindowSpec`,
-:data:`StoreFactory`.
+:class:`BreakerSpec`, :class:`BreakerStoreFactory`, :data:`StoreFactory`.
 """
 
 from __future__ import annotations
@@ -18,13 +26,15 @@ import math
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final, NamedTuple, Protocol, TypeAlias
+from typing import Final, NamedTuple, Protocol, TypeAlias, runtime_checkable
 
 from resilient import _fork
 
 __all__ = [
+    "BreakerSpec",
     "BreakerState",
     "BreakerStore",
+    "BreakerStoreFactory",
     "InMemoryBreakerStore",
     "StoreFactory",
     "StoreSnapshot",
@@ -63,6 +73,37 @@ class WindowSpec:
     duration: float | None = None
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BreakerSpec:
+    """What a :class:`BreakerStoreFactory` learns about the breaker it builds a store for.
+
+    ``name`` is the breaker's (a shared store derives its keys from it), ``window``
+    the shape of its sliding window, ``reset_timeout`` the seconds it stays open
+    before probing, ``half_open_max_calls`` how many probes it lets run at once, and
+    ``clock`` the clock its ``now`` arguments come from.
+    """
+
+    name: str
+    window: WindowSpec
+    reset_timeout: float
+    half_open_max_calls: int
+    clock: Callable[[], float]
+
+
+@runtime_checkable
+class BreakerStoreFactory(Protocol):
+    """A store factory told which breaker it serves: ``store=`` objects with ``for_breaker``.
+
+    The breaker calls ``for_breaker`` once, in its constructor. Building the store
+    must not change any shared state: a breaker constructed in one process must not
+    reset the breaker its fleet shares.
+    """
+
+    def for_breaker(self, spec: BreakerSpec) -> BreakerStore:
+        """Build the store of the breaker that ``spec`` describes."""
+        ...
+
+
 # A NamedTuple, not a frozen dataclass: one is built per recorded outcome, and a
 # frozen dataclass costs about three times as much to build.
 class StoreSnapshot(NamedTuple):
@@ -89,7 +130,8 @@ class BreakerStore(Protocol):
 
     The breaker decides; the store remembers, and makes each operation atomic.
     A breaker builds its store by calling its ``store`` factory with a
-    :class:`WindowSpec`. ``now`` is always the breaker's clock reading.
+    :class:`WindowSpec`, or its ``for_breaker`` with a :class:`BreakerSpec` (see
+    :class:`BreakerStoreFactory`). ``now`` is always the breaker's clock reading.
 
     ``state`` and ``consecutive_failures`` are read on every call, and
     ``opened_at`` on every rejected call, without any other operation, so they
@@ -390,6 +432,35 @@ class InMemoryBreakerStore:
                 self._probe_successes += 1
             return self._probe_successes
 
+    def _seed(
+        self,
+        state: BreakerState,
+        epoch: int,
+        opened_at: float | None,
+        consecutive_failures: int,
+        probe_successes: int,
+    ) -> None:
+        """Take over a stay from elsewhere (a shared store falling back to this one).
 
-StoreFactory: TypeAlias = Callable[[WindowSpec], BreakerStore]
-"""Builds a breaker's :class:`BreakerStore` for a window shape, e.g. ``InMemoryBreakerStore``."""
+        The window starts empty: its counts stayed where they were kept.
+        """
+        with self._lock:
+            self._epoch = epoch
+            self.opened_at = opened_at
+            self.consecutive_failures = consecutive_failures
+            self._probe_successes = probe_successes
+            self._window = self._new_window()
+            self.state = state
+
+
+def _build_store(factory: StoreFactory, spec: BreakerSpec) -> BreakerStore:
+    """A breaker's store: ``factory.for_breaker(spec)`` if it has one, else ``factory(window)``."""
+    # A class is called as it always was, even one that happens to define for_breaker.
+    if not isinstance(factory, type) and isinstance(factory, BreakerStoreFactory):
+        return factory.for_breaker(spec)
+    return factory(spec.window)
+
+
+StoreFactory: TypeAlias = "Callable[[WindowSpec], BreakerStore] | BreakerStoreFactory"
+"""Builds a breaker's store: ``InMemoryBreakerStore``, any ``factory(window)``, or a
+:class:`BreakerStoreFactory` (``for_breaker(spec)``) such as ``resilient.redis.RedisStore``."""
