@@ -828,6 +828,12 @@ class _Tickets:
         self._release = stage.release_ticket
 
     def try_acquire(self) -> list[Any] | bool:
+        # A call whose deadline passed already never reaches the dependency: refused
+        # before it takes a slot, its DeadlineExceeded teaches the stage nothing (as a
+        # drop, it would cut an adaptive limit once per late caller).
+        when = _current()
+        if when != _INF and when <= _monotonic():
+            raise _expired(None)
         ticket = self._try_acquire()
         return False if ticket is None else [ticket, None]
 

@@ -441,6 +441,14 @@ class AdaptiveLimit:
             )
         if not callable(clock):
             raise TypeError(f"clock must be a callable returning seconds, got {clock!r}")
+        sample = clock()
+        if type(sample) is not float:
+            # A bulkhead's tickets are the clock's readings, and it takes only a float
+            # for one of its own: any other would silently teach the limit nothing.
+            raise TypeError(
+                f"clock must return seconds as a float (as time.monotonic does), got "
+                f"{type(sample).__name__}: {sample!r} from {clock!r}"
+            )
         self._algorithm = algorithm
         self._clock = clock
         self._drop_on: DropFilter | Default = drop_on

@@ -780,18 +780,24 @@ class _AdaptiveBulkhead(Bulkhead):
             else:
                 tokens.append(None)
             refused = None
-            if started is not None:
-                assert dropped is not None
-                limit = self._algorithm.update(
-                    now=now, started=started, rtt=now - started, inflight=active, dropped=dropped
-                )
-                if limit != self._max_concurrent:
-                    if type(limit) is int and 1 <= limit <= self._adaptive.max_limit:
-                        self._resize(limit)
-                    else:
-                        refused = limit
-            if self._waiters:
-                self._hand_out_tokens()
+            try:
+                if started is not None:
+                    assert dropped is not None
+                    limit = self._algorithm.update(
+                        now=now,
+                        started=started,
+                        rtt=now - started,
+                        inflight=active,
+                        dropped=dropped,
+                    )
+                    if limit != self._max_concurrent:
+                        if type(limit) is int and 1 <= limit <= self._adaptive.max_limit:
+                            self._resize(limit)
+                        else:
+                            refused = limit
+            finally:  # an algorithm that raised must not keep the freed slot from a waiter
+                if self._waiters:
+                    self._hand_out_tokens()
         if refused is not None:
             raise ValueError(
                 f"the limit algorithm {self._algorithm!r} of bulkhead {self._name!r} returned "

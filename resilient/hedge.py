@@ -3,7 +3,7 @@
 A slow minority of calls sets a service's tail latency ("The Tail at Scale": a hedge
 sent after 10 ms cut BigTable's p99.9 from 1,800 ms to 74 ms for about 2% more
 requests). :class:`Hedge` starts the call; if it has not answered after ``delay``, it
-starts another attempt beside it, up to ``max_attempts`` in flight (gRPC's hedging
+starts another attempt beside it, up to ``max_attempts`` in all (gRPC's hedging
 policy, gRFC A6, caps them at 5). The first success wins and the others are
 cancelled. A failure that ``on`` calls non-fatal starts the next attempt at once; a
 fatal one ends the call and cancels the rest. All attempts run inside the call's one
@@ -271,7 +271,8 @@ class Hedge(_driver.Configured):
     * ``delay``: how long an attempt may run before the next starts: seconds (a
       number or ``timedelta``) or an :class:`AdaptiveDelay` (the default: the 95th
       percentile of recent calls, at most 50 ms).
-    * ``max_attempts``: attempts in flight at most, the first included (2 to 5).
+    * ``max_attempts``: attempts a call makes at most, the first included (2 to 5),
+      whether they were hedges after the delay or followed a non-fatal failure.
     * ``on``: which failures of an attempt are non-fatal: the next attempt starts at
       once, and the call fails only when every attempt did. Exception types or a
       predicate; by default every ``Exception`` but programming errors
@@ -284,7 +285,10 @@ class Hedge(_driver.Configured):
       attempts answered at once, or a loser that finished as it was cancelled) and
       each failure a later one replaced, so results holding resources (an HTTP
       response) are released; the winner's result and the failure raised are the
-      caller's. By default they are dropped.
+      caller's. Each discard runs to its end, even when the caller is cancelled or
+      its deadline fires meanwhile; what a discard raises goes to the event loop's
+      exception handler, never in place of the call's outcome. By default the
+      results are dropped.
     * ``clock``: monotonic seconds, injectable for tests.
 
     Use it in ``Policy(hedge=...)`` (instead of ``retry=``: a hedged call has its
@@ -419,9 +423,12 @@ class Hedge(_driver.Configured):
         tasks: list[asyncio.Task[Any]] = []
         pending: set[asyncio.Task[Any]] = set()
         failure: BaseException | None = None
-        kept = False  # whether `failure` is still to be discarded if another replaces it
+        failed: asyncio.Task[Any] | None = None  # the attempt whose failure is `failure`
+        # The attempts whose outcome went to the caller or to discard already: the
+        # finally block hands every other attempt's outcome to discard.
+        consumed: set[asyncio.Task[Any]] = set()
         may_hedge = True
-        answered = False
+        answered: asyncio.Task[Any] | None = None  # the winner, once the call has one
 
         def launch() -> None:
             task = loop.create_task(_awaited(attempt, args, kwargs))
@@ -460,16 +467,14 @@ class Hedge(_driver.Configured):
                 ]
                 if winners:
                     winner = winners[0]
-                    for task in finished:
-                        if task is not winner and discard is not None:
-                            await discard(_outcome(task))
+                    consumed.add(winner)  # the others finished go to discard (finally)
                     # The first attempt's latency, or how long it had run when a hedge
                     # won (a lower bound); a first attempt that failed says nothing.
                     if adaptive is not None and (winner is tasks[0] or tasks[0] in pending):
                         adaptive.record(clock() - started)
                     if budget is not None:
                         budget.succeeded()
-                    answered = True
+                    answered = winner
                     if listener is not None:
                         listener.won(tasks.index(winner) + 1, len(tasks))
                     return winner.result()
@@ -482,26 +487,31 @@ class Hedge(_driver.Configured):
                         )
                     error = cast(BaseException, task.exception())
                     if not isinstance(error, Exception) or not self._accepts(error):
+                        consumed.add(task)
                         raise error
-                    if kept and discard is not None:
-                        await discard(failure)
-                    failure, kept = error, True
+                    if failed is not None and failed not in consumed:
+                        consumed.add(failed)
+                        if discard is not None:
+                            await _discard_now(loop, failed, discard)
+                    failure, failed = error, task
                     if _refusal(error):
                         may_hedge = False
                     elif may_hedge and may_launch():
                         # The attempt started now will replace this failure with its own
                         # outcome: release it first (an HTTP response gives its
                         # connection back to the pool, which the next attempt may need).
+                        consumed.add(task)
                         if discard is not None:
-                            await discard(error)
-                        kept = False
+                            await _discard_now(loop, task, discard)
                         hedge()
                         next_at = clock() + delay
             assert failure is not None
+            assert failed is not None
+            consumed.add(failed)
             raise failure
         except BaseException as error:
             if (
-                not answered
+                answered is None
                 and budget is not None
                 and isinstance(error, Exception)
                 and self._accepts(error)
@@ -515,17 +525,71 @@ class Hedge(_driver.Configured):
             raise
         finally:
             failure = None
-            if pending:
+            if len(consumed) < len(tasks):
                 for task in pending:
                     task.cancel()
-                # Wait for the losers to unwind (close their connections), ignoring
-                # what they raise: the caller already has an answer or an error.
-                await asyncio.wait(pending)
-                for task in pending:
-                    if not task.cancelled():  # it finished before the cancellation reached it
-                        left = _outcome(task)
-                        if discard is not None:
-                            await discard(left)
+                left = [task for task in tasks if task not in consumed]
+                # Wait for the losers to unwind (close their connections) and hand what
+                # they and the attempts that lost or failed left behind to discard; the
+                # caller already has an answer or an error. Shielded: a caller cancelled
+                # (again) meanwhile leaves at once, and the clean-up still ends.
+                cleanup = _release_later(loop, left, discard)
+                try:
+                    await asyncio.shield(cleanup)
+                except asyncio.CancelledError:
+                    if answered is not None:  # the winner's result will reach nobody now
+                        won = [answered]
+                        cleanup.add_done_callback(lambda _: _release_later(loop, won, discard))
+                    raise
+
+
+# Clean-ups running on after their caller was cancelled: a strong reference each.
+_CLEANUPS: set[asyncio.Task[None]] = set()
+
+
+async def _clean_up(left: list[asyncio.Task[Any]], discard: Discard | None) -> None:
+    """Wait for the attempts ``left`` to end, then hand each one's outcome to ``discard``.
+
+    A failing discard does not stop the others; what it raised goes to the event
+    loop's exception handler, as the caller has its own answer already.
+    """
+    unfinished = [task for task in left if not task.done()]
+    if unfinished:
+        await asyncio.wait(unfinished)
+    for task in left:
+        if task.cancelled():
+            continue
+        outcome = _outcome(task)  # retrieves a failure, so asyncio never logs it as lost
+        if discard is None:
+            continue
+        try:
+            await discard(outcome)
+        except Exception as error:
+            asyncio.get_running_loop().call_exception_handler(
+                {
+                    "message": f"resilient.Hedge: discard={discard!r} raised on {outcome!r}",
+                    "exception": error,
+                    "task": asyncio.current_task(),
+                }
+            )
+
+
+def _release_later(
+    loop: asyncio.AbstractEventLoop, left: list[asyncio.Task[Any]], discard: Discard | None
+) -> asyncio.Task[None]:
+    """Run :func:`_clean_up` as a task of its own, which outlives a cancelled caller."""
+    cleanup = loop.create_task(_clean_up(left, discard))
+    _CLEANUPS.add(cleanup)
+    cleanup.add_done_callback(_CLEANUPS.discard)
+    return cleanup
+
+
+async def _discard_now(
+    loop: asyncio.AbstractEventLoop, task: asyncio.Task[Any], discard: Discard
+) -> None:
+    """Hand a finished attempt's outcome to ``discard`` and wait; cancelled meanwhile (the
+    deadline), the caller leaves and the discard still ends, as in the clean-up."""
+    await asyncio.shield(_release_later(loop, [task], discard))
 
 
 async def _awaited(
@@ -559,7 +623,10 @@ def _filter(on: object) -> Callable[[Exception], bool]:
         return lambda error: not isinstance(error, PROGRAMMING_ERRORS)
     if isinstance(on, type):
         if not issubclass(on, Exception):
-            raise TypeError(f"on must be an exception type, got the class {on!r}")
+            raise TypeError(
+                "on must be an exception type, Exception or a subclass of it (a cancellation "
+                f"or an interrupt always ends the call), got the class {on!r}"
+            )
         types: tuple[type[Exception], ...] = (on,)
         return lambda error: isinstance(error, types)
     if isinstance(on, tuple):

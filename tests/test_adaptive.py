@@ -33,7 +33,7 @@ from resilient.adaptive import (
     overloaded,
 )
 from resilient.bulkhead import Bulkhead
-from resilient.deadline import deadline
+from resilient.deadline import deadline, deadline_at
 from resilient.errors import BulkheadFull, CircuitOpenError, DeadlineExceeded
 from resilient.policy import Policy
 from resilient.retry import Backoff, Retry
@@ -1055,3 +1055,68 @@ def test_limit_algorithm_protocol_is_runtime_checkable() -> None:
     assert isinstance(Gradient2(), LimitAlgorithm)
     assert isinstance(Scripted(), LimitAlgorithm)
     assert not isinstance(object(), LimitAlgorithm)
+
+
+def test_calls_whose_deadline_passed_before_they_started_teach_the_limit_nothing() -> None:
+    """Late callers (their deadline gone on arrival) are refused before taking a slot.
+
+    They never reach the dependency, so their DeadlineExceeded is no drop: twenty of them
+    used to cut an AIMD limit from 50 to 6, once per late caller.
+    """
+    limit = AdaptiveLimit.aimd(initial_limit=50, min_limit=1, max_limit=100)
+    bulkhead = Bulkhead(max_concurrent=limit)
+    ran = []
+
+    @Policy(bulkhead=bulkhead)
+    def call() -> None:
+        ran.append(1)
+
+    for _ in range(20):
+        with deadline_at(time.monotonic() - 1.0), pytest.raises(DeadlineExceeded, match="start"):
+            call()
+    assert (ran, bulkhead.max_concurrent, bulkhead.available) == ([], 50, 50)
+
+
+async def test_late_async_callers_teach_the_limit_nothing_either() -> None:
+    """The async driver refuses a caller whose deadline passed before it takes a slot."""
+    bulkhead, algorithm, _ = scripted_bulkhead(limit=2)
+
+    @bulkhead
+    async def call() -> None:
+        return None
+
+    with deadline_at(time.monotonic() - 1.0), pytest.raises(DeadlineExceeded, match="start"):
+        await call()
+    assert (algorithm.samples, bulkhead.available) == ([], 2)
+    await call()  # with time left, a call is measured as before
+    assert len(algorithm.samples) == 1
+
+
+async def test_an_algorithm_that_raises_still_hands_the_freed_slot_to_a_waiter() -> None:
+    """A custom algorithm's exception reaches the releasing caller; the waiter still gets in.
+
+    The slot went back before the algorithm ran; a waiter used to be left waiting beside it.
+    """
+
+    class Broken(Scripted):
+        def update(self, **sample: Any) -> int:
+            raise ZeroDivisionError("a bug in the algorithm")
+
+    bulkhead = Bulkhead(
+        max_concurrent=AdaptiveLimit(algorithm=Broken(limit=1), clock=FakeClock()), max_waiting=1
+    )
+    ticket = bulkhead.acquire_ticket()
+    waiter = asyncio.ensure_future(bulkhead.acquire_ticket_async())
+    await asyncio.sleep(0)
+    assert bulkhead.waiting == 1
+    with pytest.raises(ZeroDivisionError):
+        bulkhead.release_ticket(ticket, None)
+    assert isinstance(await asyncio.wait_for(waiter, 2.0), float)
+    assert (bulkhead.active, bulkhead.waiting) == (1, 0)
+
+
+def test_a_clock_that_does_not_return_float_seconds_is_refused() -> None:
+    """Tickets are the clock's readings; one returning ints used to make the limit learn nothing."""
+    ticks = iter(range(0, 1000, 10))
+    with pytest.raises(TypeError, match=r"clock must return seconds as a float.*int: 0"):
+        AdaptiveLimit.aimd(clock=lambda: next(ticks))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import pickle
 import time
 from datetime import timedelta
@@ -46,6 +47,14 @@ class Dependency:
             self.cancelled.append(number)
             raise
         return f"{key} from attempt {number}"
+
+
+async def eventually(condition: Any, timeout: float = 5.0) -> None:
+    """Wait, polling, until ``condition()`` holds (generous: the machine may be busy)."""
+    give_up_at = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < give_up_at, "the condition was not reached in time"
+        await asyncio.sleep(0.005)
 
 
 class Heard:
@@ -293,6 +302,7 @@ async def test_acall_refuses_a_sync_function() -> None:
         ({"on": ()}, ValueError, "at least one exception type"),
         ({"on": (ValueError, 3)}, TypeError, "tuple of exception types"),
         ({"on": int}, TypeError, "on must be an exception type"),
+        ({"on": KeyboardInterrupt}, TypeError, "Exception or a subclass of it"),
         ({"on": 3}, TypeError, "on must be an exception type"),
         ({"budget": 10}, TypeError, "budget must be a resilient.HedgeBudget"),
         ({"clock": 1.0}, TypeError, "clock must be a callable"),
@@ -474,3 +484,213 @@ async def test_an_attempt_that_swallows_its_cancellation_is_awaited_and_discarde
 
     assert await Hedge(delay=0.01, discard=discard).wrap(stubborn)() == "fast"
     assert discarded == ["late"]
+
+
+async def test_a_failure_left_while_a_hedge_runs_is_discarded_when_the_hedge_wins() -> None:
+    """The first attempt fails once every hedge is out; the hedge wins: discard gets the failure.
+
+    It is no one's else: an HTTP failure left undiscarded holds its connection for good.
+    """
+    discarded: list[Any] = []
+
+    async def discard(left: Any) -> None:
+        discarded.append(left)
+
+    calls = 0
+
+    async def first_fails_late() -> str:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            await asyncio.sleep(0.05)
+            raise ConnectionError("attempt 1")
+        await asyncio.sleep(0.2)
+        return "from attempt 2"
+
+    hedge = Hedge(delay=0.01, max_attempts=2, budget=None, discard=discard)
+    assert await hedge.acall(first_fails_late) == "from attempt 2"
+    assert [str(left) for left in discarded] == ["attempt 1"]
+
+
+async def test_a_fatal_failure_discards_a_failure_left_from_before() -> None:
+    """A non-fatal failure kept while a hedge runs is discarded when the hedge fails fatally."""
+    discarded: list[Any] = []
+
+    async def discard(left: Any) -> None:
+        discarded.append(left)
+
+    calls = 0
+
+    async def dependency() -> str:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            await asyncio.sleep(0.05)
+            raise ConnectionError("attempt 1")
+        await asyncio.sleep(0.2)
+        raise KeyError("attempt 2")
+
+    hedge = Hedge(delay=0.01, on=ConnectionError, budget=None, discard=discard)
+    with pytest.raises(KeyError, match="attempt 2"):
+        await hedge.acall(dependency)
+    assert [str(left) for left in discarded] == ["attempt 1"]
+
+
+class Stubborn:
+    """Attempts that finish with a result even when cancelled, once ``release`` is set."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.calls = 0
+
+    async def __call__(self) -> str:
+        self.calls += 1
+        number = self.calls
+        if number > 1:
+            return f"fast {number}"
+        try:
+            await asyncio.sleep(HANG)
+        except asyncio.CancelledError:
+            await self.release.wait()
+        return f"late {number}"
+
+
+async def test_a_caller_cancelled_twice_leaves_and_the_losers_are_still_discarded() -> None:
+    """Cancelled again while the losers unwind, the caller leaves at once; what they return later
+    is still discarded, not leaked."""
+    discarded: list[Any] = []
+
+    async def discard(left: Any) -> None:
+        discarded.append(left)
+
+    release = asyncio.Event()
+    calls = 0
+
+    async def slow() -> str:
+        nonlocal calls
+        calls += 1
+        number = calls
+        try:
+            await asyncio.sleep(HANG)
+        except asyncio.CancelledError:
+            await release.wait()  # unwinds slowly, then answers anyway
+        return f"late {number}"
+
+    call = asyncio.ensure_future(Hedge(delay=0.01, budget=None, discard=discard).acall(slow))
+    await eventually(lambda: calls == 2)
+    call.cancel()
+    await asyncio.sleep(0.01)
+    assert not call.done()  # waiting for the losers to unwind
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(call, 1.0)
+    release.set()
+    await eventually(lambda: len(discarded) == 2)
+    assert sorted(discarded) == ["late 1", "late 2"]
+
+
+async def test_a_caller_cancelled_after_the_win_discards_the_winner_too() -> None:
+    """Cancelled while a loser unwinds, the caller never gets the winner's result: discard does."""
+    discarded: list[Any] = []
+
+    async def discard(left: Any) -> None:
+        discarded.append(left)
+
+    stubborn = Stubborn()
+    call = asyncio.ensure_future(Hedge(delay=0.01, budget=None, discard=discard).acall(stubborn))
+    await eventually(lambda: stubborn.calls == 2)
+    await asyncio.sleep(0.01)
+    assert not call.done()  # attempt 2 won; attempt 1 unwinds
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(call, 1.0)
+    stubborn.release.set()
+    await eventually(lambda: len(discarded) == 2)
+    assert discarded == ["late 1", "fast 2"]
+
+
+async def test_a_discard_that_raises_neither_replaces_the_answer_nor_stops_the_others() -> None:
+    """The caller keeps the winner; each leftover still reaches discard; the error is reported."""
+    discarded: list[Any] = []
+
+    async def discard(left: Any) -> None:
+        discarded.append(left)
+        raise RuntimeError("discard is broken")
+
+    reported: list[dict[str, Any]] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _, context: reported.append(context))
+    try:
+
+        class LastIsFast(Stubborn):
+            async def __call__(self) -> str:
+                if self.calls == 2:
+                    self.calls += 1
+                    return "fast 3"
+                self.calls += 1
+                number = self.calls
+                with contextlib.suppress(asyncio.CancelledError):  # answers anyway
+                    await asyncio.sleep(HANG)
+                return f"late {number}"
+
+        hedge = Hedge(delay=0.01, max_attempts=3, budget=None, discard=discard)
+        assert await hedge.acall(LastIsFast()) == "fast 3"
+    finally:
+        loop.set_exception_handler(None)
+    assert discarded == ["late 1", "late 2"]
+    assert [str(context["exception"]) for context in reported] == ["discard is broken"] * 2
+    assert "discard=" in reported[0]["message"]
+
+
+async def test_failures_of_hedges_already_out_are_discarded_but_the_last() -> None:
+    """Every attempt out before any failed: each failure another replaced goes to discard."""
+    discarded: list[Any] = []
+
+    async def discard(left: Any) -> None:
+        discarded.append(left)
+
+    calls = 0
+
+    async def dependency() -> str:
+        nonlocal calls
+        calls += 1
+        number = calls
+        await asyncio.sleep(0.1 * number)
+        raise ConnectionError(f"attempt {number}")
+
+    hedge = Hedge(delay=0.01, max_attempts=3, budget=None, discard=discard)
+    with pytest.raises(ConnectionError, match="attempt 3"):
+        await hedge.acall(dependency)
+    assert [str(left) for left in discarded] == ["attempt 1", "attempt 2"]
+
+
+async def test_a_deadline_firing_while_a_failure_is_discarded_lets_the_discard_finish() -> None:
+    """The call ends at its deadline; the discard it was awaiting still runs to its end."""
+    events: list[str] = []
+
+    async def discard(left: Any) -> None:
+        events.append(f"releasing {left}")
+        await asyncio.sleep(0.2)  # e.g. draining a response body
+        events.append(f"released {left}")
+
+    calls = 0
+
+    async def dependency() -> str:
+        nonlocal calls
+        calls += 1
+        number = calls
+        await asyncio.sleep(0.05 + 0.01 * number if number < 3 else HANG)
+        raise ConnectionError(f"attempt {number}")
+
+    policy = Policy(
+        timeout=0.1, hedge=Hedge(delay=0.01, max_attempts=3, budget=None, discard=discard)
+    )
+    with pytest.raises(resilient.DeadlineExceeded):
+        await policy(dependency)()
+    await eventually(lambda: len(events) == 4)
+    assert sorted(events) == [
+        "released attempt 1",
+        "released attempt 2",
+        "releasing attempt 1",
+        "releasing attempt 2",
+    ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import httpx
@@ -99,3 +100,36 @@ def test_the_sync_transport_refuses_to_hedge() -> None:
         ResilientTransport(hedge=Hedge())
     with pytest.raises(TypeError, match=r"hedge must be a resilient\.Hedge"):
         AsyncResilientTransport(hedge=0.05)  # type: ignore[arg-type]
+
+
+def test_a_hedge_with_its_own_discard_is_refused_not_ignored() -> None:
+    """The transport releases losing responses itself: a discard= it would not call is an error."""
+
+    async def discard(left: object) -> None:
+        return None
+
+    with pytest.raises(ValueError, match="without discard"):
+        AsyncResilientTransport(hedge=Hedge(discard=discard))
+
+
+async def test_a_failing_response_left_while_the_hedge_runs_gives_its_connection_back(
+    server: LiveServer,
+) -> None:
+    """The first GET answers 503 while the hedge (the last allowed) is in flight; the hedge wins.
+
+    The 503 is nobody's answer: its connection must go back to the pool, or the pool of two
+    serves one request at a time from then on.
+    """
+    server.plan("/", Reply(503, delay=0.3, body=b"x" * 1000), Reply(delay=0.6, body=b"won"))
+    inner = httpx.AsyncHTTPTransport(limits=httpx.Limits(max_connections=2))
+    # No retries: a wait for a free connection that timed out is the caller's to see.
+    transport = AsyncResilientTransport(inner, hedge=Hedge(delay=0.05, budget=None), retry=None)
+    async with httpx.AsyncClient(
+        transport=transport, timeout=httpx.Timeout(5.0, pool=0.5)
+    ) as client:
+        assert (await client.get(server.url("/"))).text == "won"
+        # Each held longer than the pool's wait: the two need both connections at once.
+        server.plan("/", Reply(delay=1.5), Reply(delay=1.5))
+        slow = [client.build_request("POST", server.url("/")) for _ in range(2)]  # not hedged
+        both = await asyncio.gather(*(client.send(request) for request in slow))
+    assert [response.status_code for response in both] == [200, 200]

@@ -385,6 +385,11 @@ class _Core:
             )
         if hedge is not None and not isinstance(hedge, Hedge):
             raise TypeError(f"hedge must be a resilient.Hedge or None, got {hedge!r}")
+        if hedge is not None and hedge.discard is not None:
+            raise ValueError(
+                "the transport releases the responses that lose a hedge itself; give a Hedge "
+                f"without discard, got discard={hedge.discard!r}"
+            )
         _check_factory("breaker", breaker, "resilient.CircuitBreaker")
         _check_factory("bulkhead", bulkhead, "resilient.Bulkhead")
         statuses = frozenset(retry_statuses)
