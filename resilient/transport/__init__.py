@@ -1377,26 +1377,16 @@ class AsyncResilientTransport(_Configured[httpx.AsyncBaseTransport], httpx.Async
     # unasync: end
 
     async def _hedge_attempt(self, request: httpx.Request, call: _Call) -> httpx.Response:
-        """One of a hedged request's attempts: several may run at once, so unlike
-        ``_attempt`` it keeps nothing in ``call``; the Hedge discards what loses."""
-        when = _current_deadline()
-        if when != _INF:
-            self._core.clamp(request, call, when)
-        tracer = call.tracer
-        span = None if tracer is None else HttpSpan(tracer, request, call.attempts)
-        try:
-            response = await self._transport.handle_async_request(request)
-        except BaseException as exc:
-            instead = self._core.attempt_failed(span, exc)
-            try:
-                if instead is not exc:
-                    raise instead from exc
-                raise
-            finally:
-                instead = None  # type: ignore[assignment]  # on the error's traceback
-        if span is not None:
-            span.end(response, None)
-        if response.status_code in self._core.failing_statuses:
-            raise ResponseFailure(response, request)
+        """One of a hedged request's attempts, several of which may run at once.
+
+        Each gets a record of its own, copied from the request's, for what ``_attempt``
+        writes in it: the clamped timeouts, and a failing response, which the Hedge
+        hands to ``_discard`` (or to the caller, when it is the last) instead.
+        """
+        own = _Call()
+        own.request = request
+        own.tracer = call.tracer
+        own.attempts = call.attempts
+        response = await self._attempt(request, own)
         response.request = request  # so that a losing answer can be released (_discard)
         return response
