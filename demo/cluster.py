@@ -296,9 +296,10 @@ async def lost_writes(urls: list[str], record: Record) -> tuple[int, int]:
             return best
 
         for key, acks in record.acked.items():
-            newest = max(value for _, value in acks)
-            if await held(key) < newest:
-                lost += 1
+            # A client's values grow with its versions: an acknowledged write is kept
+            # when a node holds it or a later write of its key, lost otherwise.
+            kept = await held(key)
+            lost += sum(1 for _, value in acks if value > kept)
     return lost, sum(len(acks) for acks in record.acked.values())
 
 

@@ -17,16 +17,12 @@ The demo (``demo/cluster.py``) and the cluster tests start it as a real process.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-import socket
 import sys
 from typing import Any
 
-import uvicorn
-
 from resilient.chaos import FaultMiddleware
-from resilient.rpc.kv import Node, app
+from resilient.rpc.kv import Node, app, bind, serve
 
 CONTROL = "/_faults"
 
@@ -79,17 +75,6 @@ class Controlled:
         await self.faults(scope, receive, send)
 
 
-async def serve(server: uvicorn.Server, sock: socket.socket, url: str) -> None:
-    serving = asyncio.create_task(server.serve(sockets=[sock]))
-    while not server.started:
-        if serving.done():
-            await serving
-            return
-        await asyncio.sleep(0.005)
-    print(f"ready {url}", flush=True)
-    await serving
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, required=True)
@@ -98,21 +83,14 @@ def main() -> int:
     parser.add_argument("--fail-rate", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=None)
     args = parser.parse_args()
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", args.port))
+    sock = bind("127.0.0.1", args.port)
     port = sock.getsockname()[1]
     with sock, Node(data=args.data, node_id=f"127.0.0.1:{port}") as node:
         faults = FaultMiddleware(app(node), random=args.seed)
         configure(faults, args.delay, args.fail_rate)
-        config = uvicorn.Config(
-            Controlled(faults),
-            log_level="warning",
-            access_log=False,
-            lifespan="on",
-            timeout_graceful_shutdown=2,
-        )
-        asyncio.run(serve(uvicorn.Server(config), sock, f"http://127.0.0.1:{port}"))
+        # kv.serve, not a plain uvicorn.Server: that one re-raises SIGTERM once it has
+        # shut down, so the process would die of it before the log is closed.
+        serve(Controlled(faults), sock)
     return 0
 
 

@@ -340,7 +340,7 @@ def quorum_sync(
     limit: int | None = None,
     start: int | None = None,
     hedge_after: Duration | None = None,
-    executor: concurrent.futures.Executor | None = None,
+    executor: concurrent.futures.Executor | Mapping[Any, concurrent.futures.Executor] | None = None,
     what: str = "the calls",
 ) -> QuorumResult[L, T]: ...
 @overload
@@ -351,7 +351,7 @@ def quorum_sync(
     limit: int | None = None,
     start: int | None = None,
     hedge_after: Duration | None = None,
-    executor: concurrent.futures.Executor | None = None,
+    executor: concurrent.futures.Executor | Mapping[Any, concurrent.futures.Executor] | None = None,
     what: str = "the calls",
 ) -> QuorumResult[int, T]: ...
 def quorum_sync(
@@ -361,34 +361,38 @@ def quorum_sync(
     limit: int | None = None,
     start: int | None = None,
     hedge_after: Duration | None = None,
-    executor: concurrent.futures.Executor | None = None,
+    executor: concurrent.futures.Executor | Mapping[Any, concurrent.futures.Executor] | None = None,
     what: str = "the calls",
 ) -> QuorumResult[Any, Any]:
     """The blocking twin of :func:`quorum`: each call runs in a thread of ``executor``.
 
     Without an ``executor``, one is made for this call and shut down (without waiting)
-    when it returns. Each call carries the caller's deadline into its thread. Calls
-    still running when the quorum is reached, or found impossible, cannot be cancelled:
-    they finish in their threads (:attr:`QuorumResult.unfinished`); calls not yet
-    started are cancelled.
+    when it returns. ``executor`` may also map each call's label to the executor it
+    runs in (a pool per node, say: a slow node's stragglers then hold only its own
+    threads, and calls to the others never queue behind them). Each call carries the
+    caller's deadline into its thread. Calls still running when the quorum is reached,
+    or found impossible, cannot be cancelled: they finish in their threads
+    (:attr:`QuorumResult.unfinished`); calls not yet started are cancelled.
     """
     labels, functions, count, at_once, first, hedge = _prepare(calls, k, limit, start, hedge_after)
-    if executor is not None and not isinstance(executor, concurrent.futures.Executor):
-        raise TypeError(f"executor must be a concurrent.futures.Executor, got {executor!r}")
+    pools = _executors(executor, labels)
     deadline = _current_deadline()
     clock = time.monotonic
     gather: _Gather[Any] = _Gather(labels, count, at_once, first, hedge, clock())
     if deadline <= clock():
         raise gather.error(what, expired=True)
-    pool = executor or concurrent.futures.ThreadPoolExecutor(
-        max_workers=min(at_once, len(labels)), thread_name_prefix="resilient-quorum"
-    )
+    own = None
+    if pools is None:
+        own = concurrent.futures.ThreadPoolExecutor(
+            max_workers=min(at_once, len(labels)), thread_name_prefix="resilient-quorum"
+        )
+        pools = dict.fromkeys(labels, own)
     futures: dict[concurrent.futures.Future[Any], Any] = {}
     by_label = dict(zip(labels, functions, strict=True))
     try:
         while True:
             for label in gather.launches():
-                futures[pool.submit(carry(by_label[label]))] = label
+                futures[pools[label].submit(carry(by_label[label]))] = label
             if gather.done:
                 return gather.result()
             if gather.hopeless:
@@ -415,5 +419,31 @@ def quorum_sync(
     finally:
         for future in futures:
             future.cancel()  # only those not yet started; threads cannot be interrupted
-        if executor is None:
-            pool.shutdown(wait=False, cancel_futures=True)
+        if own is not None:
+            own.shutdown(wait=False, cancel_futures=True)
+
+
+def _executors(
+    executor: object, labels: list[Any]
+) -> dict[Any, concurrent.futures.Executor] | None:
+    """The executor of each label, from one executor or a mapping; ``None``: make one."""
+    if executor is None:
+        return None
+    if isinstance(executor, concurrent.futures.Executor):
+        return dict.fromkeys(labels, executor)
+    if not isinstance(executor, Mapping):
+        raise TypeError(
+            "executor must be a concurrent.futures.Executor or a mapping of each call's "
+            f"label to one, got {executor!r}"
+        )
+    pools: dict[Any, concurrent.futures.Executor] = {}
+    for label in labels:
+        if label not in executor:
+            raise ValueError(f"executor maps no executor to the call labelled {label!r}")
+        pool = executor[label]
+        if not isinstance(pool, concurrent.futures.Executor):
+            raise TypeError(
+                f"executor[{label!r}] must be a concurrent.futures.Executor, got {pool!r}"
+            )
+        pools[label] = pool
+    return pools

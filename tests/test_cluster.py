@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import itertools
 import os
 import pathlib
@@ -654,6 +655,27 @@ async def test_cancelling_aclose_cancels_the_write_stragglers(live_asgi: Any) ->
     await cluster.aclose()  # already closed: nothing to do
 
 
+def test_a_slow_node_does_not_slow_the_blocking_client(live_asgi: Any) -> None:
+    """A replica answering 2 s late ties up only threads of its own: the blocking client's
+    writes keep returning at the fast replicas' pace, however many stragglers it left."""
+    fast = [f"{live_asgi(kv.app(kv.Node()))}/" for _ in range(2)]
+    sleepy = FaultMiddleware(
+        kv.app(kv.Node()), routes={"/": ServerFault(latency_rate=1.0, delay=2.0)}
+    )
+    slow = f"{live_asgi(sleepy, timeout_graceful_shutdown=0.1)}/"
+    options: dict[str, Any] = {"replicas": 3, "write_quorum": 2, "read_quorum": 2}
+    with ClusterClient([*fast, slow], timeout=4.0, max_threads=4, **options) as cluster:
+        slowest = 0.0
+        for i in range(20):  # five times the threads the slow node may hold
+            started = time.monotonic()
+            cluster.put(f"k{i}", i)
+            slowest = max(slowest, time.monotonic() - started)
+        # Generous for a shared machine, and well under the slow node's two seconds.
+        assert slowest < 1.0
+        assert cluster.get("k19").value == 19
+    assert cluster.stats().background == 0
+
+
 def test_blocking_calls_to_unreachable_nodes_raise_quorum_error() -> None:
     """Nothing listening: the blocking client's reads and writes raise QuorumError, quickly."""
     with ClusterClient(URLS, timeout=2.0) as cluster:
@@ -696,3 +718,53 @@ def test_replicas_slower_than_the_hedge_delay_are_asked_last() -> None:
     with ClusterClient(URLS, hedge_after=None, breaker=None) as cluster:
         cluster.observe(cluster.ring.get_n("k", 3)[0], 5.0)
         assert cluster.preference("k")[0] == cluster.ring.get_n("k", 3)
+
+
+# The demo's own parts ------------------------------------------------------------------------
+
+
+def load_demo() -> Any:
+    """demo/cluster.py as a module (the demo is a script, not a package)."""
+    spec = importlib.util.spec_from_file_location("demo_cluster", ROOT / "demo" / "cluster.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["demo_cluster"] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+async def test_the_demo_counts_every_acknowledged_write_it_lost(live_asgi: Any) -> None:
+    """The demo's 'acknowledged writes lost' counts writes, not keys: every acknowledged
+    value of a key above the newest one any node holds is lost."""
+    demo = load_demo()
+    holder = kv.Node()
+    holder.put("k", 2, {"naive": 2}, 1.0)
+    urls = [f"{live_asgi(kv.app(holder))}/", f"{live_asgi(kv.app(kv.Node()))}/"]
+    record = demo.Record("naive")
+    record.acked = {"k": [(0.0, 1), (0.0, 2), (0.0, 3), (0.0, 4)], "gone": [(0.0, 5)]}
+    # 1 and 2 are held (2 supersedes 1); 3, 4 and the only write of "gone" are lost.
+    assert await demo.lost_writes(urls, record) == (3, 5)
+
+
+def test_a_demo_node_stops_cleanly_on_sigterm(tmp_path: pathlib.Path) -> None:
+    """demo/node.py exits 0 on SIGTERM, its log closed, and keeps what it acknowledged."""
+    command = [sys.executable, str(ROOT / "demo" / "node.py"), "--port", "0"]
+    command += ["--data", str(tmp_path)]
+    for attempt in range(2):
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+        try:
+            port = Nodes._ready(proc)
+            with Client(f"http://127.0.0.1:{port}/") as direct:
+                if attempt == 0:
+                    assert direct.call("kv.put", "k", 1, {"w": 1}, 1.0) is True
+                else:
+                    assert [s["value"] for s in direct.call("kv.get", "k")] == [1]
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(10) == 0
+        finally:
+            if proc.poll() is None:  # pragma: no cover - a stuck node
+                proc.kill()
+                proc.wait()
+            assert proc.stdout is not None
+            proc.stdout.close()

@@ -330,3 +330,26 @@ def test_sync_quorum_with_an_executor_of_ones_own() -> None:
         assert pool.submit(lambda: "open").result() == "open"
         with pytest.raises(TypeError, match="executor must be"):
             quorum_sync([lambda: 1], 1, executor="pool")  # type: ignore[call-overload]
+
+
+def test_sync_quorum_runs_each_call_in_the_executor_of_its_label() -> None:
+    """With a pool per label, calls stuck in one label's pool never hold up the others."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    release = threading.Event()
+    with ThreadPoolExecutor(1) as stuck, ThreadPoolExecutor(1) as free:
+        stuck.submit(release.wait)  # the stuck pool's only thread is taken
+        try:
+            pools = {"slow": stuck, "a": free, "b": free}
+            calls = {"slow": lambda: "late", "a": lambda: 1, "b": lambda: 2}
+            with resilient.deadline(5.0):
+                result = quorum_sync(calls, 2, executor=pools)
+            assert result.results == {"a": 1, "b": 2}
+            assert result.unfinished == ("slow",)
+            with pytest.raises(ValueError, match="no executor to the call labelled 'b'"):
+                quorum_sync(calls, 1, executor={"slow": stuck, "a": free})
+            with pytest.raises(TypeError, match=r"executor\['a'\] must be"):
+                quorum_sync(calls, 1, executor={**pools, "a": "pool"})  # type: ignore[dict-item]
+        finally:
+            release.set()

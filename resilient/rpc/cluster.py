@@ -556,7 +556,9 @@ class AsyncClusterClient(_Core):
     * ``replicas`` (N, default 3), ``write_quorum`` (W, 2), ``read_quorum`` (R, 2):
       a quorum above N is refused; R + W <= N warns (reads may miss writes).
     * ``writer_id``: this client's entry in version vectors (default: random); give a
-      stable one per process to keep vectors short.
+      stable one per process to keep vectors short, and never the same one to two
+      clients at once: their blind writes would then order by their clocks, the
+      earlier dropped though acknowledged, instead of being kept as siblings.
     * ``timeout``: the longest an operation may take (default 5 s), within the
       caller's deadline.
     * ``hedge_after``: seconds before a read asks one more replica, and the recent
@@ -792,11 +794,13 @@ def _same(breaker: CircuitBreaker, origin: str) -> CircuitBreaker:
 class ClusterClient(_Core):
     """The blocking twin of :class:`AsyncClusterClient`, over threads; same options.
 
-    Each node call runs in a thread of the client's pool (``max_threads``, default
-    32), through a :class:`~resilient.rpc.Client` per node, carrying the caller's
-    deadline. Threads cannot be cancelled: read stragglers, like write stragglers,
-    finish in the pool in the background, bounded by the operation's deadline;
-    :meth:`close` waits for them and for the repairs.
+    Each node call runs in a thread of that node's own pool (``max_threads`` per
+    node, default 32), through a :class:`~resilient.rpc.Client` per node, carrying
+    the caller's deadline. Threads cannot be cancelled: read stragglers, like write
+    stragglers, finish in their pool in the background, bounded by the operation's
+    deadline; :meth:`close` waits for them and for the repairs. A pool per node is a
+    bulkhead: a slow node's stragglers hold its own threads, so calls to the other
+    replicas never queue behind them and a slow node does not slow the quorum.
     """
 
     def __init__(
@@ -847,9 +851,12 @@ class ClusterClient(_Core):
             )
             for node, breaker in self.breakers.items()
         }
-        self._pool = concurrent.futures.ThreadPoolExecutor(
-            max_workers=threads, thread_name_prefix="resilient-cluster"
-        )
+        self._pools = {
+            node: concurrent.futures.ThreadPoolExecutor(
+                max_workers=threads, thread_name_prefix="resilient-cluster"
+            )
+            for node in self.nodes
+        }
         self._lock = threading.Lock()
         self._repairs: set[concurrent.futures.Future[Any]] = set()
         self._active = 0  # node calls running in the pool
@@ -870,7 +877,7 @@ class ClusterClient(_Core):
                     start=self.read_quorum,
                     hedge_after=self.hedge_after,
                     limit=self.max_parallel,
-                    executor=self._pool,
+                    executor=self._pools,
                     what=what,
                 )
             except QuorumError as error:
@@ -907,7 +914,8 @@ class ClusterClient(_Core):
         if self._closed:
             return
         self._closed = True
-        self._pool.shutdown(wait=True)
+        for pool in self._pools.values():
+            pool.shutdown(wait=True)
         for client in self._clients.values():
             client.close()
 
@@ -951,7 +959,7 @@ class ClusterClient(_Core):
                     calls,
                     self.write_quorum,
                     limit=self.max_parallel,
-                    executor=self._pool,
+                    executor=self._pools,
                     what=what,
                 )
             except QuorumError as error:
@@ -964,7 +972,7 @@ class ClusterClient(_Core):
                 self.counters.add("repairs_skipped")
                 return
             self.counters.add("repairs")
-            future = self._pool.submit(
+            future = self._pools[node].submit(
                 contextvars.Context().run, self._repair_one, node, key, sibling
             )
             self._repairs.add(future)
