@@ -26,7 +26,7 @@ from redis_live import RedisServer, redis_server_fixture  # noqa: F401 - the fix
 
 from resilient import CircuitBreaker, CircuitOpenError
 from resilient.breaker import BreakerState
-from resilient.redis import RedisStore
+from resilient.redis import RedisBudgetStore, RedisRateStore, RedisStore
 from resilient.redis.breaker import _LOAD
 from resilient.testing import FakeClock
 
@@ -339,7 +339,7 @@ def test_reset_and_isolate_are_shared(redis_server: RedisServer) -> None:
 
 def test_bad_configuration_is_refused_at_construction() -> None:
     """Wrong clients, prefixes, names and durations fail with errors naming them."""
-    client = redis.Redis(port=1)
+    client = redis.Redis(port=1, retry=RedisRetry(NoBackoff(), 0))
     with pytest.raises(TypeError, match="client"):
         RedisStore(object())
     with pytest.raises(ValueError, match="outage"):
@@ -359,11 +359,127 @@ def test_bad_configuration_is_refused_at_construction() -> None:
     store.close()
 
 
+def test_a_client_that_would_hold_calls_on_a_dead_redis_is_refused(
+    redis_server: RedisServer,
+) -> None:
+    """redis-py's default client retries 10 times: every call meeting a dead Redis waited
+    seconds (a minute if it does not answer) before the fallback. Each store refuses it."""
+    patient = redis.Redis(port=redis_server.port)  # redis-py's defaults
+    for build in (
+        lambda: RedisStore(patient),
+        lambda: RedisBudgetStore(patient, name="b"),
+        lambda: RedisRateStore(patient, name="r"),
+        lambda: RedisStore(redis.asyncio.Redis(port=redis_server.port)),
+    ):
+        with pytest.raises(ValueError, match=r"retries each failed command \d+ times.*retry="):
+            build()
+    forever = redis.Redis(port=1, socket_timeout=None, retry=RedisRetry(NoBackoff(), 0))
+    with pytest.raises(ValueError, match=r"socket_timeout=None"):
+        RedisStore(forever)
+    # The client the stores ask for: a dead Redis costs one fast failure, then none.
+    store = make(redis_server, sync_interval=60)
+    breaker = CircuitBreaker(name="patience", failure_threshold=100, store=store)
+    trip(breaker, 1)
+    redis_server.kill()
+    started = time.monotonic()
+    trip(breaker, 5)
+    assert time.monotonic() - started < 0.5
+    assert not store.redis_available
+
+
+def test_a_breaker_without_a_name_is_refused() -> None:
+    """Unnamed breakers get 'breaker-1', 'breaker-2'... in every process: unrelated ones
+    would share one fleet state, so a RedisStore asks for a name (and starts nothing)."""
+    store = RedisStore(redis.Redis(port=1, retry=RedisRetry(NoBackoff(), 0)))
+    try:
+        threads = threading.active_count()
+        with pytest.raises(ValueError, match=r"needs a name .*'breaker-\d+'.*name=") as refused:
+            CircuitBreaker(failure_threshold=1, store=store)
+        assert "other processes" in str(refused.value)
+        assert threading.active_count() == threads
+        assert CircuitBreaker(name="breaker-1", failure_threshold=1, store=store).name == (
+            "breaker-1"
+        )  # a name chosen on purpose is the user's to share
+    finally:
+        store.close()
+
+
+def test_an_isolated_breaker_outlives_key_ttl(redis_server: RedisServer) -> None:
+    """isolate() holds until reset(): the keys' expiry, which forgets idle breakers, must
+    not quietly close a breaker an operator isolated (no call writes while isolated)."""
+    client = redis_server.client()
+    store = make(redis_server, key_ttl=0.3)
+    breaker = CircuitBreaker(name="isolated", failure_threshold=1, reset_timeout=0.1, store=store)
+    breaker.isolate()
+    assert client.pttl("resilient:breaker:{isolated}") == -1  # no expiry
+    time.sleep(0.5)
+    late = CircuitBreaker(name="isolated", failure_threshold=1, store=make(redis_server))
+    wait_for(lambda: late.stored_state is BreakerState.ISOLATED)
+    with pytest.raises(CircuitOpenError):
+        late.call(lambda: None)
+    breaker.reset()
+    assert 0 < client.pttl("resilient:breaker:{isolated}") <= 300  # forgotten when idle again
+
+
+def test_a_key_ttl_shorter_than_the_reset_timeout_is_refused() -> None:
+    """An open breaker writes nothing while it waits: keys expiring first would close it."""
+    store = RedisStore(redis.Redis(port=1, retry=RedisRetry(NoBackoff(), 0)), key_ttl=10)
+    try:
+        with pytest.raises(ValueError, match=r"key_ttl=10 s .*reset_timeout=30 s .*'slow'"):
+            CircuitBreaker(name="slow", failure_threshold=1, reset_timeout=30, store=store)
+        CircuitBreaker(name="quick", failure_threshold=1, reset_timeout=5, store=store)
+    finally:
+        store.close()
+
+
+def test_breakers_of_two_window_shapes_under_one_name_never_misread_a_window(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A deploy changing window_size (or a name shared by mistake): the hash holds one
+    shape's window at a time, counts stay true for the reader's shape, and each process
+    logs the clash once, naming both shapes."""
+    with caplog.at_level(logging.ERROR, logger="resilient.redis"):
+        sized = CircuitBreaker(
+            name="reshaped",
+            failure_threshold=None,
+            failure_rate=0.9,
+            window_size=10,
+            store=make(redis_server, sync_interval=60),
+        )
+        timed = CircuitBreaker(
+            name="reshaped",
+            failure_threshold=None,
+            failure_rate=0.9,
+            window_duration=60,
+            minimum_calls=100,
+            store=make(redis_server, sync_interval=60),
+        )
+        for _ in range(4):
+            trip(sized, 1)
+            sized.call(lambda: None)
+        trip(timed, 1)  # the time window's own count: one failure, nothing else
+        assert (timed.metrics().window_calls, timed.metrics().window_failures) == (1, 1)
+        for _ in range(9):  # the size window starts again from its own first failure
+            trip(sized, 1)
+            metrics = sized.metrics()
+            assert 0 <= metrics.window_failures <= metrics.window_calls <= 10
+        assert (metrics.window_calls, metrics.window_failures) == (9, 9)
+        trip(sized, 1)  # ten of ten
+        assert sized.stored_state is OPEN
+        trip(timed, 1)
+    clashes = [r.getMessage() for r in caplog.records if r.name == "resilient.redis"]
+    assert len(clashes) == 2  # once in each process
+    assert all("'reshaped'" in m and "window_size=10" in m for m in clashes)
+    assert all("window_duration=60.0" in m for m in clashes)
+
+
 async def test_async_client_shares_state_through_the_background_task(
     redis_server: RedisServer,
 ) -> None:
     """redis.asyncio: decisions stay local, the syncer task shares trips both ways."""
-    client = redis.asyncio.Redis(port=redis_server.port, socket_timeout=0.5)
+    client = redis.asyncio.Redis(
+        port=redis_server.port, socket_timeout=0.5, retry=RedisRetry(NoBackoff(), 0)
+    )
     try:
         store = RedisStore(client, sync_interval=0.02)
         mine = CircuitBreaker(name="aio", failure_threshold=2, store=store)
@@ -401,6 +517,89 @@ async def _until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
         await asyncio.sleep(0.01)
 
 
+async def test_async_client_with_a_key_in_trouble_keeps_redis_for_the_rest(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """redis.asyncio: a foreign key stops only its breaker's syncing, logged once, and it
+    resumes once the key is gone."""
+    sync_client = redis_server.client()
+    sync_client.set("resilient:breaker:{aio-clash}", "not a hash")
+    client = redis.asyncio.Redis(
+        port=redis_server.port, socket_timeout=0.5, retry=RedisRetry(NoBackoff(), 0)
+    )
+    try:
+        with caplog.at_level(logging.WARNING, logger="resilient.redis"):
+            store = RedisStore(client, sync_interval=0.01, retry_interval=0.05)
+            clash = CircuitBreaker(name="aio-clash", failure_threshold=1, store=store)
+            healthy = CircuitBreaker(name="aio-healthy", failure_threshold=1, store=store)
+            assert await clash.acall(_nothing) is None
+            await _sleep(0.2)
+            trip(
+                CircuitBreaker(name="aio-healthy", failure_threshold=1, store=make(redis_server)), 1
+            )
+            await _until(lambda: healthy.stored_state is OPEN)
+            assert store.redis_available
+            sync_client.delete("resilient:breaker:{aio-clash}")
+            with pytest.raises(ConnectionError):
+                await clash.acall(_refuse)
+            await _until(lambda: sync_client.hget("resilient:breaker:{aio-clash}", "st") == b"open")
+            store.close()
+        logged = [r.getMessage() for r in caplog.records if r.name == "resilient.redis"]
+        assert len(logged) == 2, logged
+        assert "WRONGTYPE" in logged[0]
+    finally:
+        await client.aclose()
+
+
+async def _nothing() -> None:
+    return None
+
+
+async def _refuse() -> None:
+    raise ConnectionError("dependency down")
+
+
+async def test_a_lease_taken_ahead_is_kept_alive_until_its_probe_uses_it(
+    redis_server: RedisServer,
+) -> None:
+    """redis.asyncio leases a probe slot before the probe comes: if the next call comes
+    later than probe_lease, the slot must still be this process's, or the fleet would
+    run two probes (a peer's, once the lease expired, and this one's)."""
+    client = redis.asyncio.Redis(
+        port=redis_server.port, socket_timeout=0.5, retry=RedisRetry(NoBackoff(), 0)
+    )
+    checker = redis_server.client()
+    try:
+        store = RedisStore(client, sync_interval=0.02, probe_lease=0.3)
+        ahead = CircuitBreaker(
+            name="aio-ahead", failure_threshold=1, reset_timeout=0.1, store=store
+        )
+        peer = CircuitBreaker(
+            name="aio-ahead", failure_threshold=1, reset_timeout=0.1, store=make(redis_server)
+        )
+        assert ahead.stored_state is CLOSED  # starts the task
+        trip(peer, 1)
+        await _until(lambda: ahead.stored_state is OPEN)
+        await _sleep(0.15)
+        with pytest.raises(CircuitOpenError):
+            ahead.before_call()  # no lease in hand yet: the task fetches one
+        await _until(lambda: checker.zcard("resilient:breaker:{aio-ahead}:probes") == 1)
+        await _sleep(0.6)  # twice the lease, and no call here meanwhile
+        with pytest.raises(CircuitOpenError):
+            peer.before_call()  # the one slot is still taken
+        checker.delete("resilient:breaker:{aio-ahead}:probes")  # as if lost while Redis was away
+        await _sleep(0.1)  # a few syncs: the task finds the lease gone and drops it
+        with pytest.raises(CircuitOpenError):
+            ahead.before_call()  # no probe on a lost lease: it asks for a new one
+        await _until(lambda: checker.zcard("resilient:breaker:{aio-ahead}:probes") == 1)
+        ticket = ahead.before_call()  # the probe, with the lease it holds
+        ahead.on_success(ticket)
+        await _until(lambda: checker.hget("resilient:breaker:{aio-ahead}", "st") == b"closed")
+        store.close()
+    finally:
+        await client.aclose()
+
+
 async def test_async_client_outage_is_local_then_resynced(redis_server: RedisServer) -> None:
     """redis.asyncio and a dead server: local decisions, one warning, then the trip is shared."""
     client = redis.asyncio.Redis(
@@ -428,7 +627,12 @@ async def test_async_client_outage_is_local_then_resynced(redis_server: RedisSer
 
 async def test_async_clients_share_the_fleet_probe_limit(redis_server: RedisServer) -> None:
     """redis.asyncio: probe slots are leased ahead by the task; three stores, one probe."""
-    clients = [redis.asyncio.Redis(port=redis_server.port, socket_timeout=0.5) for _ in range(3)]
+    clients = [
+        redis.asyncio.Redis(
+            port=redis_server.port, socket_timeout=0.5, retry=RedisRetry(NoBackoff(), 0)
+        )
+        for _ in range(3)
+    ]
     stores = [RedisStore(client, sync_interval=0.02) for client in clients]
     try:
         breakers = [
@@ -470,7 +674,9 @@ async def test_async_clients_share_the_fleet_probe_limit(redis_server: RedisServ
 def test_async_store_built_outside_a_loop_starts_its_task_in_one() -> None:
     """Breakers made at import time (no loop yet) sync once a loop uses them."""
     with RedisServer() as server:
-        client = redis.asyncio.Redis(port=server.port, socket_timeout=0.5)
+        client = redis.asyncio.Redis(
+            port=server.port, socket_timeout=0.5, retry=RedisRetry(NoBackoff(), 0)
+        )
         store = RedisStore(client, sync_interval=0.02)
         breaker = CircuitBreaker(name="import-time", failure_threshold=1, store=store)
         peer = CircuitBreaker(name="import-time", failure_threshold=1, store=make(server))
@@ -519,7 +725,7 @@ async def _async_fail() -> None:
 def _fleet_member(
     port: int, start: Any, opened: Any, attempted: Any, results: Any, index: int
 ) -> None:
-    client = redis.Redis(port=port, socket_timeout=0.5)
+    client = redis.Redis(port=port, socket_timeout=0.5, retry=RedisRetry(NoBackoff(), 0))
     breaker = CircuitBreaker(
         name="fleet",
         failure_threshold=3,
@@ -729,12 +935,44 @@ def test_a_foreign_key_of_the_wrong_type_fails_no_call(
     with caplog.at_level(logging.WARNING, logger="resilient.redis"):
         store = make(redis_server, retry_interval=0.02)
         breaker = CircuitBreaker(name="clash", failure_threshold=1, store=store)
-        wait_for(lambda: not store.redis_available)  # the syncer's pipeline met WRONGTYPE
+        wait_for(lambda: "via=local" in repr(breaker.store))  # the syncer met WRONGTYPE
         assert breaker.call(lambda: "fine") == "fine"
         trip(breaker, 1)
         assert breaker.stored_state is OPEN
-        time.sleep(0.2)  # pings succeed, scripts keep failing: still one outage
-    assert len([r for r in caplog.records if r.name == "resilient.redis"]) == 1
+        time.sleep(0.2)  # scripts on that key keep failing: still one message
+    logged = [r.getMessage() for r in caplog.records if r.name == "resilient.redis"]
+    assert len(logged) == 1
+    assert "'resilient:breaker:{clash}'" in logged[0]
+    assert "WRONGTYPE" in logged[0]
+    assert store.redis_available  # Redis is fine: only that key is not
+
+
+def test_one_foreign_key_leaves_the_stores_other_breakers_shared(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A key in trouble is no outage: the store's other breakers keep the fleet's state,
+    and the troubled one takes it back once the key is fixed."""
+    client = redis_server.client()
+    client.set("resilient:breaker:{clash}", "not a hash")
+    with caplog.at_level(logging.WARNING, logger="resilient.redis"):
+        store = make(redis_server, retry_interval=0.05)
+        clash = CircuitBreaker(name="clash", failure_threshold=1, store=store)
+        healthy = CircuitBreaker(name="healthy", failure_threshold=1, store=store)
+        wait_for(lambda: "via=local" in repr(clash.store))
+        time.sleep(0.2)  # several rounds of the syncer
+        peer = CircuitBreaker(name="healthy", failure_threshold=1, store=make(redis_server))
+        trip(peer, 1)
+        wait_for(lambda: healthy.stored_state is OPEN)  # still the fleet's state
+        assert "via=redis" in repr(healthy.store)
+        assert store.redis_available
+        client.delete("resilient:breaker:{clash}")
+        wait_for(lambda: "via=redis" in repr(clash.store))
+        trip(clash, 1)
+        assert client.hget("resilient:breaker:{clash}", "st") == b"open"
+    logged = [r.getMessage() for r in caplog.records if r.name == "resilient.redis"]
+    assert len(logged) == 2, logged  # the trouble, and its end: no outage, no flapping
+    assert "{clash}" in logged[0]
+    assert "{clash}" in logged[1]
 
 
 def test_a_resync_that_meets_a_dead_server_again_keeps_the_counts(
@@ -753,7 +991,9 @@ def test_a_resync_that_meets_a_dead_server_again_keeps_the_counts(
 
 async def test_a_forgotten_async_store_ends_its_task(redis_server: RedisServer) -> None:
     """No leaked task: an async store nobody holds any more ends its syncer task."""
-    client = redis.asyncio.Redis(port=redis_server.port, socket_timeout=0.5)
+    client = redis.asyncio.Redis(
+        port=redis_server.port, socket_timeout=0.5, retry=RedisRetry(NoBackoff(), 0)
+    )
     try:
         store = RedisStore(client, sync_interval=0.01)
         breaker = CircuitBreaker(name="forgotten-aio", store=store)

@@ -136,16 +136,16 @@ def test_retry_through_a_fleet_budget(redis_server: RedisServer) -> None:
 
 def test_spawned_budgets_share_the_store_and_pickles_keep_it() -> None:
     """spawn() keeps the store (shared counts); the store is validated at construction."""
-    store = RedisBudgetStore(redis.Redis(port=1), name="x")
+    store = RedisBudgetStore(redis.Redis(port=1, retry=RedisRetry(NoBackoff(), 0)), name="x")
     budget = RetryBudget(store=store)
     assert budget.spawn().store is store
     assert budget.store is store
     with pytest.raises(TypeError, match="BudgetStore"):
         RetryBudget(store=object())  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="name"):
-        RedisBudgetStore(redis.Redis(port=1), name=" ")
+        RedisBudgetStore(redis.Redis(port=1, retry=RedisRetry(NoBackoff(), 0)), name=" ")
     with pytest.raises(ValueError, match="braces"):
-        RedisBudgetStore(redis.Redis(port=1), name="{x}")
+        RedisBudgetStore(redis.Redis(port=1, retry=RedisRetry(NoBackoff(), 0)), name="{x}")
     assert "resilient:budget:{x}" in repr(store)
     with pytest.raises(TypeError, match="each process"):
         pickle.dumps(budget)
@@ -162,7 +162,9 @@ def test_local_budget_with_a_clock_is_unchanged() -> None:
 
 async def test_async_client_decides_on_the_last_sync(redis_server: RedisServer) -> None:
     """redis.asyncio: withdrawals decide locally on fleet counts; the task reports them."""
-    client = redis.asyncio.Redis(port=redis_server.port, socket_timeout=0.5)
+    client = redis.asyncio.Redis(
+        port=redis_server.port, socket_timeout=0.5, retry=RedisRetry(NoBackoff(), 0)
+    )
     try:
         store = RedisBudgetStore(client, name="aio", sync_interval=0.02)
         budget = RetryBudget(ratio=0.0, min_retries_per_second=0.3, window=10, store=store)
@@ -231,7 +233,9 @@ async def test_async_client_outage_keeps_the_counts(redis_server: RedisServer) -
 def test_unreported_calls_older_than_the_window_are_dropped() -> None:
     """Calls the store never got (a long outage) stop counting once the window has passed."""
     clock = FakeClock()
-    store = RedisBudgetStore(redis.Redis(port=1), name="old", sync_interval=3600)
+    store = RedisBudgetStore(
+        redis.Redis(port=1, retry=RedisRetry(NoBackoff(), 0)), name="old", sync_interval=3600
+    )
     budget = RetryBudget(window=10, clock=clock, store=store)
     for _ in range(5):
         budget.deposit(clock())

@@ -10,6 +10,8 @@ from typing import Any
 import pytest
 import redis
 import redis.asyncio
+from redis.backoff import NoBackoff
+from redis.retry import Retry as RedisRetry
 from redis_live import RedisServer, redis_server_fixture  # noqa: F401 - the fixture
 
 from resilient import RateLimited, RateLimiter
@@ -104,10 +106,10 @@ def test_configuration_errors() -> None:
     with pytest.raises(TypeError, match="sync client"):
         RedisRateStore(redis.asyncio.Redis(port=1), name="x")
     with pytest.raises(ValueError, match="name"):
-        RedisRateStore(redis.Redis(port=1), name="")
+        RedisRateStore(redis.Redis(port=1, retry=RedisRetry(NoBackoff(), 0)), name="")
     with pytest.raises(ValueError, match="prefix"):
-        RedisRateStore(redis.Redis(port=1), name="x", prefix="{")
-    store = RedisRateStore(redis.Redis(port=1), name="x")
+        RedisRateStore(redis.Redis(port=1, retry=RedisRetry(NoBackoff(), 0)), name="x", prefix="{")
+    store = RedisRateStore(redis.Redis(port=1, retry=RedisRetry(NoBackoff(), 0)), name="x")
     assert "resilient:rate:{x}" in repr(store)
     assert store.sync_request() is None
     with pytest.raises(TypeError, match="each process"):

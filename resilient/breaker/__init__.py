@@ -280,6 +280,7 @@ class CircuitBreaker(_driver.Decorating):
         store: StoreFactory = InMemoryBreakerStore,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        generated_name = name is None
         if name is None:
             name = f"breaker-{next(_names)}"
         elif not isinstance(name, str):
@@ -351,6 +352,7 @@ class CircuitBreaker(_driver.Decorating):
             reset_timeout=reset_seconds,
             half_open_max_calls=half_open_max_calls,
             clock=clock,
+            generated_name=generated_name,
         )
         self._store: BreakerStore = _build_store(store, spec)
         # Closed with nothing to time and no window to feed: a success is a no-op.

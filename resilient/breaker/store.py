@@ -80,7 +80,10 @@ class BreakerSpec:
     ``name`` is the breaker's (a shared store derives its keys from it), ``window``
     the shape of its sliding window, ``reset_timeout`` the seconds it stays open
     before probing, ``half_open_max_calls`` how many probes it lets run at once, and
-    ``clock`` the clock its ``now`` arguments come from.
+    ``clock`` the clock its ``now`` arguments come from. ``generated_name`` is true
+    when the breaker was given no name and made one up (``breaker-1``, ...): other
+    processes make up the same names for unrelated breakers, so a shared store must
+    not key state by such a name.
     """
 
     name: str
@@ -88,6 +91,7 @@ class BreakerSpec:
     reset_timeout: float
     half_open_max_calls: int
     clock: Callable[[], float]
+    generated_name: bool = False
 
 
 @runtime_checkable

@@ -5,18 +5,21 @@ expiry); both carry the breaker's name as a hash tag, so they share a cluster sl
 ARGV[1..3] are the window size (0: none), the window duration (0: none) and the
 hash's time to live in milliseconds; the rest are the operation's. Times are Redis
 ``TIME`` seconds. Every script answers ``{done, state, epoch, opened_at, consecutive,
-window_calls, window_failures, probes_in_flight, probe_successes, now}`` with floats
-as text (Lua would truncate a number to an integer on the way out).
+window_calls, window_failures, probes_in_flight, probe_successes, now, foreign}`` with
+floats as text (Lua would truncate a number to an integer on the way out); ``foreign``
+is ``''``, or the window shape another breaker of the same name left in the hash, which
+this script set aside for a window of its caller's shape.
 
 Hash fields: ``st`` state, ``ep`` epoch, ``oa`` opened at, ``cf`` consecutive failures,
-``ps`` probe successes, ``wc``/``wf`` window calls and failures; a count window keeps
+``ps`` probe successes, ``wc``/``wf`` window calls and failures, ``wk`` the window's
+shape (``none``, ``window_size=N`` or ``window_duration=S``); a count window keeps
 its ring of ``'0'``/``'1'`` in ``wr`` and its next position in ``wn``; a time window
 keeps ten buckets ``c0..c9``/``f0..f9`` and the newest bucket's number in ``wb``.
 """
 
 from __future__ import annotations
 
-__all__ = ["ACQUIRE_PROBE", "COMPARE_AND_SET", "LOAD", "RECORD", "RELEASE_PROBE"]
+__all__ = ["ACQUIRE_PROBE", "COMPARE_AND_SET", "LOAD", "RECORD", "RELEASE_PROBE", "RENEW_PROBE"]
 
 _PRELUDE = r"""
 local H, P = KEYS[1], KEYS[2]
@@ -28,6 +31,18 @@ local function fmt(x) return string.format('%.17g', x) end
 local s = {}
 local raw = redis.call('HGETALL', H)
 for i = 1, #raw, 2 do s[raw[i]] = raw[i + 1] end
+
+-- The window's shape. A breaker of another shape under this name (a deploy that changed
+-- window_size, or two breakers sharing a name by mistake) cannot read this window: it
+-- starts one of its own shape, rather than misread the other's, and the reply says so.
+local shape = 'none'
+if wdur > 0 then shape = 'window_duration=' .. ARGV[2]
+elseif wsize > 0 then shape = 'window_size=' .. ARGV[1] end
+local foreign = ''
+if s.wk ~= nil and s.wk ~= shape then
+  foreign = s.wk
+  s.wc, s.wf, s.wr, s.wn, s.wb = nil, nil, nil, nil, nil
+end
 local st = s.st or 'closed'
 local ep = tonumber(s.ep or '0')
 local cf = tonumber(s.cf or '0')
@@ -97,7 +112,13 @@ local function window_clear()
 end
 
 local function save()
-  local fields = {'st', st, 'ep', ep, 'cf', cf, 'ps', ps, 'wc', wc, 'wf', wf}
+  if foreign ~= '' then
+    -- The other shape's window goes: its fields would be misread by either shape.
+    local gone = {'wr', 'wn', 'wb'}
+    for i = 0, 9 do gone[#gone + 1] = 'c' .. i; gone[#gone + 1] = 'f' .. i end
+    redis.call('HDEL', H, unpack(gone))
+  end
+  local fields = {'st', st, 'ep', ep, 'cf', cf, 'ps', ps, 'wc', wc, 'wf', wf, 'wk', shape}
   if s.oa then
     fields[#fields + 1] = 'oa'; fields[#fields + 1] = s.oa
   else
@@ -118,12 +139,16 @@ local function save()
     end
   end
   redis.call('HSET', H, unpack(fields))
-  redis.call('PEXPIRE', H, ttl)
+  if st == 'isolated' then
+    redis.call('PERSIST', H)  -- isolate() holds until reset(): no expiry may end it
+  else
+    redis.call('PEXPIRE', H, ttl)
+  end
 end
 
 local function reply(done)
   local probes = redis.call('ZCOUNT', P, '(' .. fmt(now), '+inf')
-  return {done, st, ep, s.oa or '', cf, wc, wf, probes, ps, fmt(now)}
+  return {done, st, ep, s.oa or '', cf, wc, wf, probes, ps, fmt(now), foreign}
 end
 """
 
@@ -203,3 +228,18 @@ if succeeded then ps = ps + 1; save() end
 return reply(1)
 """
 )
+
+# ARGV[4] lease id, ARGV[5] lease seconds. Answers 1 if the lease was still held (its
+# expiry is now moved on), 0 if it had expired or was given back. No prelude: it reads
+# nothing else.
+RENEW_PROBE = r"""
+local P = KEYS[2]
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local lease, seconds = ARGV[4], tonumber(ARGV[5])
+local expiry = tonumber(redis.call('ZSCORE', P, lease) or '')
+if expiry == nil or expiry <= now then return 0 end
+redis.call('ZADD', P, string.format('%.17g', now + seconds), lease)
+redis.call('PEXPIRE', P, math.ceil(seconds * 1000) + 1000)
+return 1
+"""

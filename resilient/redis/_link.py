@@ -6,7 +6,9 @@ falling back to ``EVAL`` (which also caches it) when the server answers ``NOSCRI
 Its guard is the store's own small circuit breaker: the first Redis error or timeout
 marks Redis *down*; while down, callers never wait on Redis (their store uses local
 state), and only the background syncer tries again, once per ``retry_interval``; the
-outage is logged once when it starts and once when it ends. The syncer is a daemon
+outage is logged once when it starts and once when it ends. A script that fails over
+what its key holds (WRONGTYPE, say) is no outage: only the store of that key falls
+back (:class:`KeyTrouble`), logged once for the key. The syncer is a daemon
 thread for a sync client, an asyncio task on the loop that first used the store for an
 async client; every ``sync_interval`` it calls each participant's ``sync``.
 """
@@ -31,6 +33,7 @@ from resilient import _fork
 
 __all__ = [
     "REDIS_ERRORS",
+    "KeyTrouble",
     "Link",
     "Participant",
     "Request",
@@ -41,18 +44,38 @@ __all__ = [
     "check_prefix",
     "decode",
     "is_async_client",
+    "is_key_trouble",
 ]
 
 _logger = logging.getLogger("resilient.redis")
 
 # What counts as Redis trouble: connection loss, timeouts, a server that refuses (OOM,
-# READONLY, LOADING), a cluster moving slots. Script bugs (ResponseError) count too: a
-# store that cannot run its script must fall back rather than fail the call.
+# READONLY, LOADING), a cluster moving slots. A script failing over what its key holds
+# (ResponseError) counts too, for that key alone (KeyTrouble): a store that cannot run
+# its script must fall back rather than fail the call.
 REDIS_ERRORS: tuple[type[BaseException], ...] = (redis.exceptions.RedisError, OSError)
 
 
 class Unavailable(Exception):
     """Redis cannot be used now: the store falls back to its local state."""
+
+
+class KeyTrouble(Unavailable):
+    """Redis answered, but a script failed over what its key holds: only that store falls back.
+
+    A key of another type where a store's should be (another program's, under the same
+    prefix), or a field a script cannot read. Redis itself is fine, so the store's
+    other breakers, budgets and limits go on using it.
+    """
+
+
+def is_key_trouble(error: BaseException) -> bool:
+    """Whether ``error`` is about one key's contents rather than about Redis."""
+    if not isinstance(error, redis.exceptions.ResponseError):
+        return False
+    # WRONGTYPE, or a Lua runtime error in our script (Redis 7: "user_script:N: ...",
+    # Redis 6: "Error running script ..."); OOM, READONLY, BUSY... are about Redis.
+    return str(error).startswith(("WRONGTYPE", "user_script:", "Error running script"))
 
 
 def decode(value: object) -> str:
@@ -94,7 +117,7 @@ class Request(NamedTuple):
     done: Callable[[Any], object]
     """Called with the script's reply."""
     failed: Callable[[], object]
-    """Called when the script could not run (Redis is marked down already)."""
+    """Called when the script could not run (Redis is marked down, or its key is in trouble)."""
 
 
 class Participant(Protocol):
@@ -122,6 +145,39 @@ def check_client(client: object) -> None:
         raise TypeError(
             "client must be a redis-py client (redis.Redis, redis.RedisCluster, "
             f"redis.asyncio.Redis or redis.asyncio.RedisCluster), got {client!r}"
+        )
+    if isinstance(client, redis.Redis | redis.asyncio.Redis):
+        _check_patience(client)
+
+
+def _check_patience(client: Any) -> None:
+    """``ValueError`` for a client that retries failed commands or never times out.
+
+    Each store falls back to local state on the first error, but only once the client
+    gives up: redis-py's default retries a command 10 times (4 s against a refused
+    port, a minute against one that does not answer), and every call that meets the
+    dead Redis meanwhile waits as long. (A cluster client's own retries find a failed
+    over primary, so they are left alone.)
+    """
+    get_retry = getattr(client, "get_retry", None)
+    retry = get_retry() if get_retry is not None else None
+    retries = 0
+    if retry is not None:
+        get_retries = getattr(retry, "get_retries", None)
+        retries = get_retries() if get_retries is not None else getattr(retry, "_retries", 0)
+    kwargs = getattr(getattr(client, "connection_pool", None), "connection_kwargs", None)
+    problems = []
+    if retries:
+        problems.append(f"retries each failed command {retries} times")
+    if isinstance(kwargs, dict) and "socket_timeout" in kwargs and kwargs["socket_timeout"] is None:
+        problems.append("waits for a reply for ever (socket_timeout=None)")
+    if problems:
+        raise ValueError(
+            f"the Redis client {' and '.join(problems)}: the calls that meet a dead Redis would "
+            "wait for all of it before the store falls back to local state; give the store a "
+            "client of its own with short timeouts and no retries, e.g. redis.Redis(..., "
+            "socket_timeout=0.1, socket_connect_timeout=0.1, "
+            "retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0))"
         )
 
 
@@ -170,6 +226,8 @@ class Link:
         self._retry_at = 0.0
         # An outage was logged and no script has worked since: its end is not logged yet.
         self.outage_logged = False
+        # Keys whose scripts fail over what they hold (logged once each, until one works).
+        self._troubled: set[str] = set()
         self._lock = _fork.register_lock(threading.Lock())
         self._participants: weakref.WeakSet[Any] = weakref.WeakSet()
         self._thread: threading.Thread | None = None
@@ -198,6 +256,41 @@ class Link:
             self.retry_interval,
         )
 
+    def key_failed(self, keys: Sequence[str], error: BaseException) -> None:
+        """A script failed over what its key holds: log it once; Redis stays up."""
+        key = keys[0]
+        with self._lock:
+            if key in self._troubled:
+                return
+            self._troubled.add(key)
+        _logger.warning(
+            "Redis refused a script on key %r for %s (%s: %s): the key holds data this store "
+            "cannot read (another program's under the same prefix, say), so this one uses "
+            "local state, retrying every %g s; delete the key or choose another prefix",
+            key,
+            self.what,
+            type(error).__name__,
+            error,
+            self.retry_interval,
+        )
+
+    def key_worked(self, keys: Sequence[str]) -> None:
+        """A script on a key in trouble ran: log its end (once)."""
+        key = keys[0]
+        with self._lock:
+            if key not in self._troubled:
+                return
+            self._troubled.discard(key)
+        _logger.warning("Redis runs the scripts on key %r again for %s", key, self.what)
+
+    def _failed_run(self, keys: Sequence[str], error: BaseException) -> Unavailable:
+        """Mark Redis down, or only the key in trouble; the exception to raise."""
+        if is_key_trouble(error):
+            self.key_failed(keys, error)
+            return KeyTrouble()
+        self.failed(error)
+        return Unavailable()
+
     def recovered(self) -> None:
         """The syncer reached a Redis that was down (only it tries one): use it again.
 
@@ -225,10 +318,11 @@ class Link:
         try:
             reply = script.run(self.client, keys, args)
         except REDIS_ERRORS as error:
-            self.failed(error)
-            raise Unavailable from error
+            raise self._failed_run(keys, error) from error
         if self.outage_logged:
             self.worked()
+        if self._troubled:
+            self.key_worked(keys)
         return reply
 
     async def arun(self, script: Script, keys: Sequence[str], args: Sequence[object]) -> Any:
@@ -238,10 +332,11 @@ class Link:
         try:
             reply = await script.arun(self.client, keys, args)
         except REDIS_ERRORS as error:
-            self.failed(error)
-            raise Unavailable from error
+            raise self._failed_run(keys, error) from error
         if self.outage_logged:
             self.worked()
+        if self._troubled:
+            self.key_worked(keys)
         return reply
 
     # The syncer -----------------------------------------------------------------------
@@ -311,11 +406,13 @@ class Link:
                 except REDIS_ERRORS as error:
                     reply = error
             if isinstance(reply, Exception):
-                self.failed(reply)
+                self._failed_run(request.keys, reply)
                 request.failed()
             else:
                 if self.outage_logged:
                     self.worked()
+                if self._troubled:
+                    self.key_worked(request.keys)
                 request.done(reply)
 
     async def atick(self) -> None:

@@ -34,9 +34,10 @@ synchronous decisions, so with one the breaker decides on its local state, and t
 syncer, an asyncio task started on the loop that first uses the breaker, does the Redis
 side every ``sync_interval``: it reports the interval's outcomes and transitions, takes
 the shared state back, and leases probe slots ahead for calls that asked for one. The
-fleet then agrees within ``sync_interval`` rather than at once (a first probe waits up
-to one interval for its lease); the probe limit still holds across the fleet, and the
-event loop never waits on Redis.
+fleet then agrees within two ``sync_interval`` rather than at once (one for the trip to
+reach Redis, one for the others to read it; and each process's breaker emits its own
+event for a trip it made itself), a first probe waits up to one interval for its lease;
+the probe limit still holds across the fleet, and the event loop never waits on Redis.
 
 Public names: :class:`RedisStore`, :class:`SharedBreakerStore`.
 """
@@ -44,6 +45,7 @@ Public names: :class:`RedisStore`, :class:`SharedBreakerStore`.
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import threading
 import uuid
@@ -60,6 +62,7 @@ from resilient.breaker.store import (
 )
 from resilient.redis import _breaker_lua as lua
 from resilient.redis._link import (
+    KeyTrouble,
     Link,
     Request,
     Script,
@@ -72,6 +75,8 @@ from resilient.redis._link import (
 
 __all__ = ["RedisStore", "SharedBreakerStore"]
 
+_logger = logging.getLogger("resilient.redis")
+
 _CLOSED: Final = BreakerState.CLOSED
 _OPEN: Final = BreakerState.OPEN
 _HALF_OPEN: Final = BreakerState.HALF_OPEN
@@ -83,13 +88,15 @@ _CAS: Final = Script(lua.COMPARE_AND_SET)
 _RECORD: Final = Script(lua.RECORD)
 _ACQUIRE: Final = Script(lua.ACQUIRE_PROBE)
 _RELEASE: Final = Script(lua.RELEASE_PROBE)
+_RENEW: Final = Script(lua.RENEW_PROBE)
 
 
 class RedisStore:
     """A :class:`~resilient.BreakerStoreFactory` that keeps each breaker's state in Redis.
 
     >>> import redis
-    >>> store = RedisStore(redis.Redis(socket_timeout=0.1))  # doctest: +SKIP
+    >>> quick = redis.retry.Retry(redis.backoff.NoBackoff(), 0)
+    >>> store = RedisStore(redis.Redis(socket_timeout=0.1, retry=quick))  # doctest: +SKIP
     >>> payments = CircuitBreaker(name="payments", store=store)  # doctest: +SKIP
 
     One ``RedisStore`` serves any number of breakers (each keyed by its name) and runs
@@ -106,12 +113,16 @@ class RedisStore:
       its own breaker, seeded with the last shared state; ``"open"``: each process opens
       its breaker when Redis is lost and probes on its own after ``reset_timeout``.
     * ``key_ttl`` — seconds a breaker's keys live after their last write (default one
-      day): breakers that are gone do not stay in Redis for ever.
+      day): breakers that are gone do not stay in Redis for ever. It must exceed each
+      breaker's ``reset_timeout``; an isolated breaker's keys never expire (``isolate()``
+      holds until ``reset()``).
 
     Give the client short timeouts (``socket_timeout=0.1``, ``socket_connect_timeout=0.1``)
-    and no retries of its own (``retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0)``;
-    redis-py's default retries a failed command for seconds): a timeout marks Redis down
-    at once, and only the call that met it paid it.
+    and no retries of its own (``retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0)``):
+    a timeout marks Redis down at once, and only the calls that met it paid it. A
+    ``redis.Redis`` or ``redis.asyncio.Redis`` that retries (redis-py's default does, 10
+    times) or has ``socket_timeout=None`` is refused with ``ValueError``: every call that
+    met a dead Redis would wait for all of it.
     """
 
     __slots__ = ("__weakref__", "_key_ttl_ms", "_link", "_outage", "_prefix", "_probe_lease")
@@ -162,7 +173,23 @@ class RedisStore:
 
     def for_breaker(self, spec: BreakerSpec) -> SharedBreakerStore:
         """Build the store of one breaker (no Redis command is sent)."""
+        if spec.generated_name:
+            # Every process numbers its unnamed breakers alike: 'breaker-1' here and
+            # 'breaker-1' there are unrelated breakers that would share one state.
+            raise ValueError(
+                f"a breaker on a RedisStore needs a name (it got the generated {spec.name!r}): "
+                "the name keys the state the fleet shares, and other processes generate the "
+                "same names for unrelated breakers; pass CircuitBreaker(name=...)"
+            )
         check_name("breaker", spec.name)
+        if self._key_ttl_ms <= spec.reset_timeout * 1000:
+            # An open breaker writes nothing while it waits out reset_timeout.
+            raise ValueError(
+                f"key_ttl={self._key_ttl_ms / 1000:g} s of this RedisStore is not longer than "
+                f"reset_timeout={spec.reset_timeout:g} s of breaker {spec.name!r}: its open "
+                "state would expire from Redis before it probes, closing it for the fleet; "
+                "raise key_ttl"
+            )
         kind = _AsyncSharedBreakerStore if self._link.is_async else SharedBreakerStore
         store = kind(self, spec)
         self._link.join(store)
@@ -225,6 +252,7 @@ class SharedBreakerStore:
         "_count_failure",
         "_count_success",
         "_epoch",
+        "_foreign_seen",
         "_keys",
         "_leases",
         "_link",
@@ -236,6 +264,7 @@ class SharedBreakerStore:
         "_probe_lease",
         "_probe_limit",
         "_reset_timeout",
+        "_resync_at",
         "_seeded",
         "_sequence",
         "_token",
@@ -285,6 +314,8 @@ class SharedBreakerStore:
         self._local = InMemoryBreakerStore(window)
         self._outage = self._async
         self._seeded = 0  # the local store's epoch when it was last seeded
+        self._foreign_seen = False  # a breaker of another window shares the name: logged
+        self._resync_at = 0.0  # with its key in trouble, resynced once per retry_interval
 
     def __repr__(self) -> str:
         where = "local" if self._outage else "redis"
@@ -304,6 +335,9 @@ class SharedBreakerStore:
         # Redis time -> this process's clock: as long ago as Redis says it was.
         opened_at = local_now - (redis_now - float(opened_text)) if opened_text else None
         state = _STATES[decode(reply[1])]
+        if not self._foreign_seen and len(reply) > 10 and reply[10]:
+            self._foreign_seen = True
+            self._log_foreign(decode(reply[10]))
         snapshot = StoreSnapshot(
             state,
             int(reply[2]),
@@ -325,6 +359,26 @@ class SharedBreakerStore:
                 self.opened_at = opened_at
                 self.state = state  # last: a reader that sees it sees the rest
         return int(reply[0]) == 1, snapshot
+
+    def _log_foreign(self, foreign: str) -> None:
+        """Another configuration shares this breaker's name: say so, once per process."""
+        window = self._window
+        if window.duration is not None:
+            mine = f"window_duration={window.duration!r}"
+        elif window.size is not None:
+            mine = f"window_size={window.size}"
+        else:
+            mine = "no window"
+        _logger.error(
+            "circuit breaker %r: Redis holds its state with %s, but this process's breaker "
+            "of that name has %s; a window of one shape cannot be read as another, so each "
+            "resets the other's window and failure rates are counted from scratch. Give "
+            "every breaker of one name the same window_size/window_duration, or different "
+            "names",
+            self.name,
+            "no window" if foreign == "none" else foreign,
+            mine,
+        )
 
     def _call(self, script: Script, *args: object) -> tuple[bool, StoreSnapshot]:
         sequence = next(self._sequence)
@@ -426,14 +480,18 @@ class SharedBreakerStore:
         return Request(script, self._keys, (*self._args, *extra), done, failed)
 
     def _resync(self) -> None:
+        if self._link.clock() < self._resync_at:
+            return
         successes, failures = self._take_pending()
         try:
             _, shared = self._call(_LOAD)
             news = self._news(shared, successes, failures)
             if news is not None:
                 self._call(news[0], *news[1])
-        except Unavailable:
+        except Unavailable as trouble:
             self._restore_pending(successes, failures)
+            if isinstance(trouble, KeyTrouble):  # Redis is up: pace the tries here
+                self._resync_at = self._link.clock() + self._link.retry_interval
             return
         with self._lock:
             self._outage = False
@@ -608,6 +666,8 @@ class _AsyncSharedBreakerStore(SharedBreakerStore):
                         self._mirror()
             return
         self._opened_for_outage = False
+        if link.clock() < self._resync_at:
+            return
         successes, failures = self._take_pending()
         try:
             sequence = next(self._sequence)
@@ -618,8 +678,10 @@ class _AsyncSharedBreakerStore(SharedBreakerStore):
                 sequence = next(self._sequence)
                 reply = await link.arun(news[0], self._keys, (*self._args, *news[1]))
                 _, shared = self._apply(reply, sequence)
-        except Unavailable:
+        except Unavailable as trouble:
             self._restore_pending(successes, failures)
+            if isinstance(trouble, KeyTrouble):  # Redis is up: pace the tries here
+                self._resync_at = link.clock() + link.retry_interval
             return
         if self._local._epoch == decided:
             self._adopt(shared)
@@ -627,17 +689,28 @@ class _AsyncSharedBreakerStore(SharedBreakerStore):
         await self._trade_leases(shared)
 
     async def _trade_leases(self, shared: StoreSnapshot) -> None:
-        """Give back the leases of finished probes; take one ahead if a probe waits for it."""
+        """Give back the leases of finished probes; take one ahead if a probe waits for it.
+
+        A lease in hand is renewed at every sync until a probe uses it: the next call
+        may come later than ``probe_lease``, and the slot must still be this process's.
+        """
         with self._lock:
             releases, self._releases = self._releases, []
             if shared.state is not _HALF_OPEN:
                 releases += self._granted  # a lease for a stay that is over
                 self._granted = []
+            held = list(self._granted)
             wanted, self._wanted = self._wanted and shared.state is _HALF_OPEN, False
         link, keys, args = self._link, self._keys, self._args
         try:
             for lease in releases:
                 await link.arun(_RELEASE, keys, (*args, -1, 0, lease))
+            for lease in held:
+                reply = await link.arun(_RENEW, keys, (*args, lease, repr(self._probe_lease)))
+                if int(reply) != 1:
+                    with self._lock:  # expired (Redis was away, say): no longer ours
+                        if lease in self._granted:
+                            self._granted.remove(lease)
             if wanted:
                 lease = self._lease_id()
                 reply = await link.arun(

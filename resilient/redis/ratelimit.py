@@ -28,7 +28,15 @@ from typing import Any, Final
 
 from resilient._config import Duration, to_seconds
 from resilient.ratelimit import MemoryRateStore
-from resilient.redis._link import Link, Script, Unavailable, check_client, check_prefix, decode
+from resilient.redis._link import (
+    Link,
+    Script,
+    Unavailable,
+    check_client,
+    check_prefix,
+    decode,
+    is_async_client,
+)
 
 __all__ = ["RedisRateStore"]
 
@@ -88,6 +96,12 @@ class RedisRateStore:
         retry_interval: Duration = 1.0,
         _link: Link | None = None,
     ) -> None:
+        if is_async_client(client):
+            raise TypeError(
+                "RedisRateStore needs a sync client (redis.Redis or redis.RedisCluster): "
+                "a RateLimiter decides synchronously, and an admission must ask Redis; "
+                f"got {client!r}"
+            )
         check_client(client)
         if not isinstance(name, str) or not name.strip():
             raise ValueError(f"name must be a non-empty str, got {name!r}: it keys the limit")
@@ -101,12 +115,6 @@ class RedisRateStore:
                 sync_interval=to_seconds("retry_interval", retry_interval, allow_zero=False),
                 retry_interval=to_seconds("retry_interval", retry_interval, allow_zero=False),
             )
-            if _link.is_async:
-                raise TypeError(
-                    "RedisRateStore needs a sync client (redis.Redis or redis.RedisCluster): "
-                    "a RateLimiter decides synchronously, and an admission must ask Redis; "
-                    f"got {client!r}"
-                )
         self._link = _link
         self._local = MemoryRateStore()
 
