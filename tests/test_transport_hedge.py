@@ -26,6 +26,21 @@ async def test_a_slow_get_is_hedged_and_the_fast_answer_wins(server: LiveServer)
     assert response.text == "fast"
     assert time.monotonic() - began < 2.0
     assert [seen.method for seen in server.seen] == ["GET", "GET"]
+    assert response.extensions["resilient"]["attempts"] == 2  # the report counts the hedge
+
+
+async def test_each_hedge_keeps_the_callers_timeouts_and_the_deadline(server: LiveServer) -> None:
+    """A hedge sent later is clamped to what the deadline leaves, from the caller's timeouts."""
+    server.plan("/", Reply(delay=3.0), Reply(delay=3.0), Reply(delay=3.0))
+    transport = AsyncResilientTransport(
+        hedge=Hedge(delay=0.05, max_attempts=3, budget=None), timeout=0.5
+    )
+    began = time.monotonic()
+    async with httpx.AsyncClient(transport=transport, timeout=httpx.Timeout(10.0)) as client:
+        with pytest.raises(httpx.TimeoutException):
+            await client.get(server.url("/"))
+    assert time.monotonic() - began < 2.0
+    assert len(server.seen) == 3
 
 
 async def test_a_post_is_never_hedged(server: LiveServer) -> None:

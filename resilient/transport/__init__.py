@@ -258,6 +258,7 @@ class _Call:
     request: httpx.Request
     attempts = 0
     waited = 0.0
+    hedges = 0  # a hedged request's attempts started (see _hedge_attempt)
     error: BaseException | None = None
     # The caller's own timeouts, kept by the first attempt that clamps them.
     timeouts: Mapping[str, float | None] | None = None
@@ -1383,10 +1384,15 @@ class AsyncResilientTransport(_Configured[httpx.AsyncBaseTransport], httpx.Async
         writes in it: the clamped timeouts, and a failing response, which the Hedge
         hands to ``_discard`` (or to the caller, when it is the last) instead.
         """
+        if call.timeouts is None:
+            call.timeouts = request.extensions.get("timeout") or _NO_TIMEOUTS
+        # The request's record counts the attempts, for its report and its metrics.
+        call.hedges += 1
         own = _Call()
         own.request = request
         own.tracer = call.tracer
-        own.attempts = call.attempts
+        own.timeouts = call.timeouts
+        own.attempts = call.attempts = call.hedges
         response = await self._attempt(request, own)
         response.request = request  # so that a losing answer can be released (_discard)
         return response
