@@ -55,6 +55,19 @@ compare, write it back), so the limiter itself never reads or writes state;
 :meth:`RateStore.give_back` is a compare-and-set too (the instant moves back only if it is
 still the one the cancelled caller's take stored).
 
+A store whose state is behind a network may also decide asynchronously, so that async
+callers do not hold their event loop for a round trip: it adds two coroutine methods,
+``take_async`` and ``give_back_async``, with the contracts of :meth:`~RateStore.take`
+and :meth:`~RateStore.give_back` (both or neither: ``TypeError`` otherwise). In code
+running on an event loop a limiter on such a store then decides only by awaiting them:
+:meth:`~RateLimiter.acquire_async` (``async with``, decorated async functions) awaits
+``take_async``, and :meth:`~RateLimiter.try_acquire`, which cannot await, takes nothing
+and answers ``False``, meaning "ask ``acquire_async``" (the driver does, so a decorated
+async function is admitted as usual). Off the loop the limiter calls the sync methods as
+ever; a store that has no sync path (``resilient.redis.RedisRateStore`` on an
+``redis.asyncio`` client) raises ``TypeError`` from ``take``, saying to use a sync client
+there. Stores without them (the in-memory one) are unchanged and cost nothing more.
+
 Clocks, pickling and forking
 ----------------------------
 ``clock`` is :func:`time.monotonic` unless injected (:class:`resilient.testing.FakeClock`
@@ -74,9 +87,9 @@ import asyncio
 import math
 import threading
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable
 from types import TracebackType
-from typing import Any, Final, Protocol, runtime_checkable
+from typing import Any, Final, Protocol, cast, runtime_checkable
 
 from resilient import _driver, _fork
 from resilient._config import Duration, check_int, check_number, rebuild, to_seconds
@@ -93,6 +106,20 @@ _SLACK: Final = 1e-9
 _KEYS_LOCK: Final = _fork.register_lock(threading.Lock())
 
 
+class _Deferred(Exception):
+    """Raised by a limiter's own ``take`` on an event loop when its store decides by awaiting.
+
+    Caught at once by the limiter (``try`` costs nothing until it raises): never seen by
+    callers.
+    """
+
+
+_Take = Callable[[float, float, float, float], tuple[float, float]]
+# What acquire and acquire_async read after a _Deferred: a negative wait, which no take
+# returns, tested only on the slow path (wait > 0 needs a test there anyway).
+_DEFERRED_TURN: Final = (-1.0, math.nan)
+
+
 @runtime_checkable
 class RateStore(Protocol):
     """Where a limiter keeps its one instant: the seam for state shared across processes.
@@ -102,6 +129,12 @@ class RateStore(Protocol):
     ``resilient.redis.RedisRateStore`` reads Redis ``TIME``; the waits it returns are
     durations either way. An implementation must make :meth:`take` atomic: two callers
     must never both read the same instant and both write it forward.
+
+    Optionally (both or neither, outside the ``isinstance`` check) a store may decide
+    without blocking an event loop: ``async def take_async(now, interval, tolerance,
+    max_wait)`` and ``async def give_back_async(reserved, interval)``, with the contracts
+    of :meth:`take` and :meth:`give_back`. A limiter on it awaits them in async code
+    (see "The state store seam" in the module docstring).
     """
 
     def take(
@@ -204,6 +237,7 @@ class RateLimiter(_driver.Decorating):
         "_burst",
         "_clock",
         "_drivers",
+        "_give_back_async",
         "_given_store",
         "_interval",
         "_key",
@@ -215,6 +249,7 @@ class RateLimiter(_driver.Decorating):
         "_rate",
         "_store",
         "_take",
+        "_take_async",
         "_tolerance",
         "_wait",
     )
@@ -274,7 +309,22 @@ class RateLimiter(_driver.Decorating):
             )
         self._given_store = store
         self._store: RateStore = MemoryRateStore() if store is None else store
-        self._take = self._store.take
+        take_async = getattr(self._store, "take_async", None)
+        give_back_async = getattr(self._store, "give_back_async", None)
+        if (take_async is None) != (give_back_async is None) or not (
+            take_async is None or (callable(take_async) and callable(give_back_async))
+        ):
+            raise TypeError(
+                "store must define both take_async and give_back_async (to decide in "
+                f"async code by awaiting) or neither, got {type(self._store).__name__}: "
+                f"{self._store!r} with take_async={take_async!r}, "
+                f"give_back_async={give_back_async!r}"
+            )
+        self._take_async: Callable[..., Awaitable[tuple[float, float]]] | None = take_async
+        self._give_back_async: Callable[..., Awaitable[None]] | None = give_back_async
+        # On the healthy path the store's own method; with an async-capable store, a
+        # wrapper that defers to acquire_async on an event loop (see _take_or_defer).
+        self._take: _Take = self._store.take if take_async is None else self._take_or_defer
         self._max_keys = check_int("max_keys", max_keys, minimum=1)
         self._keys: ShardedMap[Hashable, RateLimiter] | None = None
         self._key: tuple[Hashable] | None = None  # set on a view made by for_key
@@ -392,8 +442,15 @@ class RateLimiter(_driver.Decorating):
     # -- the Admission stage ---------------------------------------------------
 
     def try_acquire(self) -> bool:
-        """Take an admission if one is free now; never wait. Returns whether one was taken."""
-        return self._take(self._now(), self._interval, self._tolerance, 0.0)[0] <= 0.0
+        """Take an admission if one is free now; never wait. Returns whether one was taken.
+
+        With a store that decides asynchronously (see "The state store seam"), on an
+        event loop this takes nothing and returns ``False``: "await :meth:`acquire_async`".
+        """
+        try:
+            return self._take(self._now(), self._interval, self._tolerance, 0.0)[0] <= 0.0
+        except _Deferred:
+            return False
 
     def acquire(self) -> None:
         """Take an admission: refuse with ``RateLimited``, or (``wait=True``) sleep for it.
@@ -402,8 +459,18 @@ class RateLimiter(_driver.Decorating):
         :class:`~resilient.DeadlineExceeded` at once with ``wait=True`` when the turn
         would come after the deadline in force.
         """
-        wait, reserved = self._turn()
+        try:
+            wait, reserved = self._turn(self._take)
+        except _Deferred:
+            wait, reserved = _DEFERRED_TURN
         if wait:
+            if wait < 0.0:
+                # On an event loop, with an async-capable store: its sync take, which
+                # blocks for a round trip, or says (TypeError) that it has no sync path.
+                # Outside the handler, so that its errors do not chain to _Deferred.
+                wait, reserved = self._turn(self._store.take)
+                if not wait:
+                    return
             if asyncio._get_running_loop() is not None:
                 self._store.give_back(reserved, self._interval)
                 raise RuntimeError(
@@ -422,14 +489,51 @@ class RateLimiter(_driver.Decorating):
         """Take an admission like :meth:`acquire`, suspending this task while it waits.
 
         A task cancelled while waiting gives its turn back; ``CancelledError`` propagates.
+        With a store that decides asynchronously, the decision and the giving back are
+        awaited (``take_async``, ``give_back_async``), so the loop never blocks on them.
         """
-        wait, reserved = self._turn()
+        try:
+            wait, reserved = self._turn(self._take)
+        except _Deferred:
+            wait, reserved = _DEFERRED_TURN
         if wait:
+            if wait < 0.0:  # outside the handler: errors must not chain to _Deferred
+                await self._acquire_deferred()
+                return
             try:
                 await _driver.async_sleep(wait)
             except BaseException:
                 self._store.give_back(reserved, self._interval)
                 raise
+
+    async def _acquire_deferred(self) -> None:
+        """:meth:`acquire_async` on a store that decides by awaiting."""
+        # Deferred only when the store has both (checked at construction).
+        take_async = cast("Callable[..., Awaitable[tuple[float, float]]]", self._take_async)
+        give_back_async = cast("Callable[..., Awaitable[None]]", self._give_back_async)
+        if not self._wait:
+            retry_after, _ = await take_async(self._now(), self._interval, self._tolerance, 0.0)
+            if retry_after > 0.0:
+                raise RateLimited(self._name, retry_after)
+            return
+        left = remaining()
+        wait, reserved = await take_async(self._now(), self._interval, self._tolerance, left)
+        if wait > left:
+            raise self._late(wait, left)
+        if wait:
+            try:
+                await _driver.async_sleep(wait)
+            except BaseException:
+                await give_back_async(reserved, self._interval)
+                raise
+
+    def _take_or_defer(
+        self, now: float, interval: float, tolerance: float, max_wait: float
+    ) -> tuple[float, float]:
+        """The ``take`` of a limiter whose store can await: defer on a loop, else decide."""
+        if asyncio._get_running_loop() is not None:
+            raise _Deferred  # a new one each time: a reused one would grow its traceback
+        return self._store.take(now, interval, tolerance, max_wait)
 
     def release(self) -> None:
         """Nothing to give back: an admission is spent when taken (the Admission contract)."""
@@ -444,21 +548,24 @@ class RateLimiter(_driver.Decorating):
         self._latest_now = now
         return now
 
-    def _turn(self) -> tuple[float, float]:
+    def _turn(self, take: _Take) -> tuple[float, float]:
         """Take an admission now or reserve a later one: ``(seconds to wait, reserved)``."""
         if not self._wait:
-            retry_after, reserved = self._take(self._now(), self._interval, self._tolerance, 0.0)
+            retry_after, reserved = take(self._now(), self._interval, self._tolerance, 0.0)
             if retry_after > 0.0:
                 raise RateLimited(self._name, retry_after)
             return 0.0, reserved
         left = remaining()
-        wait, reserved = self._take(self._now(), self._interval, self._tolerance, left)
+        wait, reserved = take(self._now(), self._interval, self._tolerance, left)
         if wait > left:
-            raise DeadlineExceeded(
-                f"rate limiter {self._name!r} would admit this call in {wait:.3f} s, after "
-                f"the deadline in force ({left:.3f} s left), so it did not wait"
-            )
+            raise self._late(wait, left)
         return wait, reserved
+
+    def _late(self, wait: float, left: float) -> DeadlineExceeded:
+        return DeadlineExceeded(
+            f"rate limiter {self._name!r} would admit this call in {wait:.3f} s, after "
+            f"the deadline in force ({left:.3f} s left), so it did not wait"
+        )
 
     def __enter__(self) -> None:
         self.acquire()

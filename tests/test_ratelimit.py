@@ -822,3 +822,234 @@ def test_positional_configuration_is_refused() -> None:
     """RateLimiter takes keywords only."""
     with pytest.raises(TypeError, match="keyword arguments only"):
         RateLimiter(10, 1.0)  # type: ignore[misc]
+
+
+# -- the async seam: stores that decide by awaiting ------------------------------------
+
+
+class AsyncMemoryStore:
+    """The in-memory store behind the optional async methods, counting each kind of call.
+
+    With ``sync=False`` it has no sync path, as a store on an async-only client has none.
+    """
+
+    def __init__(self, *, sync: bool = True) -> None:
+        self.inner = MemoryRateStore()
+        self.sync = sync
+        self.calls: list[str] = []
+
+    def take(
+        self, now: float, interval: float, tolerance: float, max_wait: float
+    ) -> tuple[float, float]:
+        self.calls.append("take")
+        if not self.sync:
+            raise TypeError("this store has an async client only: use a sync client")
+        return self.inner.take(now, interval, tolerance, max_wait)
+
+    def give_back(self, reserved: float, interval: float) -> None:
+        self.calls.append("give_back")
+        self.inner.give_back(reserved, interval)
+
+    def for_key(self, key: Hashable) -> AsyncMemoryStore:
+        return AsyncMemoryStore(sync=self.sync)
+
+    async def take_async(
+        self, now: float, interval: float, tolerance: float, max_wait: float
+    ) -> tuple[float, float]:
+        self.calls.append("take_async")
+        await asyncio.sleep(0)  # a round trip: other tasks run meanwhile
+        return self.inner.take(now, interval, tolerance, max_wait)
+
+    async def give_back_async(self, reserved: float, interval: float) -> None:
+        self.calls.append("give_back_async")
+        await asyncio.sleep(0)
+        self.inner.give_back(reserved, interval)
+
+
+async def test_acquire_async_awaits_the_store_and_limits_as_in_memory() -> None:
+    """acquire_async on an async store admits the burst, then refuses with the same retry_after."""
+    clock = FakeClock()
+    store = AsyncMemoryStore()
+    on_store = limiter(clock, rate=4, per=2.0, burst=2, store=store, name="api")
+    in_memory = limiter(clock, rate=4, per=2.0, burst=2)
+    for limit in (on_store, in_memory):
+        await limit.acquire_async()
+        async with limit:
+            pass
+    caught = []
+    for limit in (on_store, in_memory):
+        with pytest.raises(RateLimited) as refused:
+            await limit.acquire_async()
+        caught.append(refused.value)
+    assert caught[0].retry_after == pytest.approx(caught[1].retry_after) == pytest.approx(0.5)
+    assert caught[0].name == "api"
+    assert caught[0].__context__ is None  # no internal exception chained to the refusal
+    assert set(store.calls) == {"take_async"}  # the loop never waited on a sync take
+    clock.advance(0.5)
+    await on_store.acquire_async()
+
+
+async def test_try_acquire_on_the_loop_defers_to_acquire_async() -> None:
+    """On a loop try_acquire takes nothing and says False; a decorated function is admitted."""
+    store = AsyncMemoryStore()
+    limit = limiter(FakeClock(), rate=1, per=60, burst=2, store=store)
+    assert limit.try_acquire() is False
+    assert store.calls == []  # nothing taken: the burst is whole
+
+    @limit
+    async def work() -> str:
+        return "done"
+
+    assert [await work(), await work()] == ["done", "done"]
+    with pytest.raises(RateLimited):
+        await work()
+    assert store.calls == ["take_async"] * 3
+
+
+def test_off_the_loop_an_async_capable_store_is_used_through_its_sync_methods() -> None:
+    """In threads (no loop) the limiter calls take as ever, also through the driver."""
+    store = AsyncMemoryStore()
+    limit = limiter(FakeClock(), rate=1, per=60, burst=2, store=store)
+    assert limit.try_acquire()
+    limit.acquire()
+    with pytest.raises(RateLimited):
+        limit.call(lambda: None)  # the driver's try_acquire, then acquire: refused
+    assert store.calls == ["take"] * 4
+
+
+async def test_sync_use_on_the_loop_takes_the_sync_path_of_a_store_that_has_one() -> None:
+    """A sync function on the loop: try_acquire defers, then acquire blocks on the sync take."""
+    store = AsyncMemoryStore()
+    limit = limiter(FakeClock(), rate=1, per=60, burst=1, store=store)
+    assert limit.call(lambda: "ok") == "ok"
+    assert store.calls == ["take"]
+
+
+async def test_a_sync_wait_on_the_loop_is_refused_with_an_async_capable_store(
+    record_waits: list[float],
+) -> None:
+    """wait=True, sync acquire on the loop: RuntimeError, as in memory, and the turn goes back."""
+    clock = FakeClock()
+    store = AsyncMemoryStore()
+    limit = limiter(clock, rate=1, wait=True, store=store)
+    limit.acquire()
+    with pytest.raises(RuntimeError, match="block this thread's running event loop"):
+        limit.acquire()
+    assert store.calls == ["take", "take", "give_back"]
+    clock.advance(1.0)
+    await limit.acquire_async()  # the refused turn came back: no wait
+    assert record_waits == []
+    assert store.calls[-1] == "take_async"
+
+
+async def test_a_store_without_a_sync_path_refuses_sync_use_with_its_reason() -> None:
+    """An async-only store: sync acquire (on the loop or not) raises its TypeError; async works."""
+    store = AsyncMemoryStore(sync=False)
+    limit = limiter(FakeClock(), rate=1, per=60, burst=1, store=store)
+    with pytest.raises(TypeError, match="use a sync client") as refused:
+        limit.acquire()
+    assert refused.value.__context__ is None
+    with pytest.raises(TypeError, match="use a sync client"):
+        limit.call(lambda: None)  # try_acquire defers, acquire refuses
+    assert limit.try_acquire() is False
+    await limit.acquire_async()
+    with pytest.raises(RateLimited):
+        await limit.acquire_async()
+
+    def in_a_thread() -> BaseException | None:
+        try:
+            limit.try_acquire()
+        except TypeError as error:
+            return error
+        return None
+
+    error = await asyncio.to_thread(in_a_thread)
+    assert isinstance(error, TypeError)
+    assert "use a sync client" in str(error)
+
+
+async def test_wait_true_on_an_async_store_waits_its_turn(record_waits: list[float]) -> None:
+    """Ten tasks, burst 1, wait=True: one passes, nine wait 0.1 s ... 0.9 s, all awaited."""
+    store = AsyncMemoryStore()
+    limit = limiter(FakeClock(), rate=10, wait=True, store=store)
+    await asyncio.gather(*(limit.acquire_async() for _ in range(10)))
+    assert sorted(record_waits) == pytest.approx([0.1 * n for n in range(1, 10)])
+    assert set(store.calls) == {"take_async"}
+
+
+async def test_an_async_store_wait_past_the_deadline_raises_at_once(
+    record_waits: list[float],
+) -> None:
+    """A turn 1 s away under a 0.5 s deadline: DeadlineExceeded, no sleep, no turn reserved."""
+    clock = FakeClock()
+    limit = limiter(clock, rate=1, wait=True, store=AsyncMemoryStore(), name="slow")
+    await limit.acquire_async()
+    with deadline(0.5), pytest.raises(DeadlineExceeded, match="'slow' would admit"):
+        await limit.acquire_async()
+    assert record_waits == []
+    clock.advance(1.0)
+    await limit.acquire_async()  # the refused caller reserved nothing: no wait now
+    assert record_waits == []
+
+
+async def test_a_task_cancelled_waiting_on_an_async_store_gives_back_by_awaiting() -> None:
+    """The cancelled waiter's turn goes back through give_back_async; the next caller gets it."""
+    clock = FakeClock()
+    store = AsyncMemoryStore()
+    limit = limiter(clock, rate=1, wait=True, store=store)
+    await limit.acquire_async()
+    waiter = asyncio.create_task(limit.acquire_async())
+    for _ in range(3):
+        await asyncio.sleep(0)  # it takes its turn (1 s away) and sleeps
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert store.calls[-1] == "give_back_async"
+    clock.advance(1.0)
+    limit_now = limiter(clock, rate=1, store=store)  # the same instant, wait=False
+    await limit_now.acquire_async()
+    with pytest.raises(RateLimited):
+        await limit_now.acquire_async()
+
+
+async def test_keyed_limits_on_an_async_store_are_awaited_per_key() -> None:
+    """for_key views keep the async path: each key its own burst."""
+    limit = limiter(FakeClock(), rate=1, per=60, burst=1, store=AsyncMemoryStore(sync=False))
+    await limit.for_key("a").acquire_async()
+    await limit.for_key("b").acquire_async()
+    with pytest.raises(RateLimited):
+        await limit.for_key("a").acquire_async()
+    assert limit.for_key("a").try_acquire() is False
+
+
+def test_a_store_with_half_of_the_async_seam_is_refused() -> None:
+    """take_async without give_back_async (or not callable) is a TypeError naming both."""
+
+    class HalfAsync(MemoryRateStore):
+        async def take_async(self, *args: float) -> tuple[float, float]:
+            raise AssertionError("never called")
+
+    class NotCallable(MemoryRateStore):
+        take_async = 1
+        give_back_async = 2
+
+    for store in (HalfAsync(), NotCallable()):
+        with pytest.raises(TypeError, match="both take_async and give_back_async"):
+            RateLimiter(rate=1, store=store)
+
+
+async def test_a_policy_with_a_bulkhead_awaits_an_async_store_then_takes_a_slot() -> None:
+    """Policy(rate_limit=, bulkhead=) in async code: the limiter awaits its store, then the slot."""
+    store = AsyncMemoryStore(sync=False)
+    bulkhead = Bulkhead(max_concurrent=1)
+    limit = limiter(FakeClock(), rate=1, per=60, burst=1, store=store)
+    policy = Policy(rate_limit=limit, bulkhead=bulkhead, retry=None)
+
+    async def work() -> str:
+        return "ran"
+
+    assert await policy.acall(work) == "ran"
+    with pytest.raises(RateLimited):
+        await policy.acall(work)
+    assert bulkhead.available == 1
+    assert store.calls == ["take_async", "take_async"]

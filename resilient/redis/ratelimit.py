@@ -12,9 +12,17 @@ Every admission is a round-trip: an exact fleet-wide limit must ask the one plac
 counts. When Redis is down (an error or a timeout), the store falls back to an
 in-process :class:`~resilient.MemoryRateStore`, logs once, and goes back to Redis when
 the syncer finds it again: during the outage each process applies the limit on its own.
-The limiter decides synchronously (``try_acquire``, also in async code), so this store
-needs a sync client (``redis.Redis`` or ``redis.RedisCluster``); in async code each
-admission then holds the event loop for one round-trip (about 120 µs on one host).
+
+The client may be sync (``redis.Redis``, ``redis.RedisCluster``) or async
+(``redis.asyncio.Redis``, ``redis.asyncio.RedisCluster``). With a sync client every
+decision is a blocking call, also in async code, where each admission then holds the
+event loop for its round trip (about 120 µs on one host). With an async client the store
+offers the seam's coroutine methods (``take_async``, ``give_back_async``): the limiter
+awaits the same script in ``acquire_async``, so the loop runs other tasks meanwhile,
+and ``try_acquire`` on the loop answers ``False`` ("await ``acquire_async``"), which is
+what the driver of a decorated async function does. Such a store has no sync path: its
+``take`` raises ``TypeError`` (sync code needs a store on a sync client of its own). A
+task cancelled while its script is in flight may have spent one admission of the limit.
 
 Public names: :class:`RedisRateStore`.
 """
@@ -79,13 +87,22 @@ class RedisRateStore:
 
     >>> limit = RateLimiter(rate=100, store=RedisRateStore(client, name="api"))  # doctest: +SKIP
 
-    ``name`` keys the limit (every process using it shares it); ``prefix`` starts the key
-    (default ``"resilient:"``); ``retry_interval`` is how often a Redis that is down is
-    tried again (default 1.0 s). Every limiter sharing a name should have the same
-    ``rate``, ``per`` and ``burst``.
+    ``client`` is a redis-py client, sync or async (an async one's store is decided by
+    awaiting, in async code only; see the module docstring), with a socket timeout and
+    no retries of its own. ``name`` keys the limit (every process using it shares it);
+    ``prefix`` starts the key (default ``"resilient:"``); ``retry_interval`` is how often
+    a Redis that is down is tried again (default 1.0 s). Every limiter sharing a name
+    should have the same ``rate``, ``per`` and ``burst``.
     """
 
     __slots__ = ("__weakref__", "_key", "_link", "_local", "_name", "_prefix")
+
+    def __new__(cls, client: Any, *args: Any, **kwargs: Any) -> RedisRateStore:
+        # An async client's store is the subclass with the seam's coroutine methods (and
+        # no sync path); the limiter looks for them, so a sync client's store has none.
+        if cls is RedisRateStore and is_async_client(client):
+            cls = _AsyncRedisRateStore
+        return object.__new__(cls)
 
     def __init__(
         self,
@@ -96,12 +113,6 @@ class RedisRateStore:
         retry_interval: Duration = 1.0,
         _link: Link | None = None,
     ) -> None:
-        if is_async_client(client):
-            raise TypeError(
-                "RedisRateStore needs a sync client (redis.Redis or redis.RedisCluster): "
-                "a RateLimiter decides synchronously, and an admission must ask Redis; "
-                f"got {client!r}"
-            )
         check_client(client)
         if not isinstance(name, str) or not name.strip():
             raise ValueError(f"name must be a non-empty str, got {name!r}: it keys the limit")
@@ -162,12 +173,66 @@ class RedisRateStore:
 
     def for_key(self, key: Hashable) -> RedisRateStore:
         """The store of one key's own limit: ``{prefix}rate:{name[key]}``."""
-        return RedisRateStore(
+        return type(self)(
             self._link.client, name=f"{self._name}[{key!r}]", prefix=self._prefix, _link=self._link
         )
+
+    def close(self) -> None:
+        """Stop the background syncer, if an outage started one (the client stays open)."""
+        self._link.close()
 
     def sync_request(self) -> None:
         """Nothing to report: every admission went to Redis (the syncer only finds it again)."""
 
-    async def async_sync(self) -> None:  # pragma: no cover - a sync client only
-        """Never called: this store takes sync clients only."""
+    async def async_sync(self) -> None:  # pragma: no cover - never joins a syncer
+        """Nothing to report: every admission went to Redis (the syncer only finds it again)."""
+
+
+class _AsyncRedisRateStore(RedisRateStore):
+    """``RedisRateStore`` on an async client: decides by awaiting, has no sync path."""
+
+    __slots__ = ()
+
+    def take(
+        self, now: float, interval: float, tolerance: float, max_wait: float
+    ) -> tuple[float, float]:
+        """Refused: a sync caller cannot await the async client's round trip."""
+        raise self._no_sync_path()
+
+    def give_back(self, reserved: float, interval: float) -> None:
+        """Refused, as :meth:`take`."""
+        raise self._no_sync_path()
+
+    def _no_sync_path(self) -> TypeError:
+        return TypeError(
+            f"{self!r} has an async client (redis.asyncio), so a rate limiter on it decides "
+            "only in async code: 'await limiter.acquire_async()', 'async with limiter:' or "
+            "an async function it decorates; for sync code give the limiter a "
+            "RedisRateStore on a sync client (redis.Redis) of the same name"
+        )
+
+    async def take_async(
+        self, now: float, interval: float, tolerance: float, max_wait: float
+    ) -> tuple[float, float]:
+        """The script of :meth:`RedisRateStore.take`, awaited (``now``: outages only)."""
+        link = self._link
+        if link.up:
+            limit = -1.0 if math.isinf(max_wait) else max_wait
+            try:
+                reply = await link.arun(
+                    _TAKE, self._key, (repr(interval), repr(tolerance), repr(limit))
+                )
+            except Unavailable:
+                pass
+            else:
+                return float(decode(reply[0])), float(decode(reply[1]))
+        if not link.syncing:
+            link.ensure_syncer()  # a task on this loop: it finds Redis again
+        return self._local.take(now, interval, tolerance, max_wait)
+
+    async def give_back_async(self, reserved: float, interval: float) -> None:
+        """:meth:`RedisRateStore.give_back`, awaited."""
+        self._local.give_back(reserved, interval)
+        if self._link.up:
+            with contextlib.suppress(Unavailable):
+                await self._link.arun(_GIVE_BACK, self._key, (repr(reserved), repr(interval)))
