@@ -72,6 +72,23 @@ def test_every_injection_raises_a_fresh_exception_that_says_it_was_injected() ->
     ]
 
 
+def test_notes_already_on_the_instance_given_do_not_pile_up() -> None:
+    """A template with a note of its own: each injected copy has that note and one of chaos."""
+    template = ConnectionError("backend down")
+    template.add_note("configured in the game-day plan")
+    call = chaos.Fault(rate=1.0, exception=template)(lambda: None)
+    raised = []
+    for _ in range(3):
+        with pytest.raises(ConnectionError) as info:
+            call()
+        raised.append(info.value)
+    assert template.__notes__ == ["configured in the game-day plan"]
+    for error in raised:
+        assert len(error.__notes__) == 2
+        assert error.__notes__[0] == "configured in the game-day plan"
+        assert error.__notes__[1].startswith("injected by chaos.Fault")
+
+
 def test_a_factory_is_called_per_injection_and_a_class_gets_a_message() -> None:
     """A zero-arg factory makes each exception; a class is built with a message naming chaos."""
     made: list[int] = []

@@ -80,6 +80,28 @@ def test_injected_status_carries_retry_after_and_keeps_the_connection(
         assert len(client._transport._pool.connections) == 1  # type: ignore[attr-defined]
 
 
+async def test_a_client_gone_before_the_injected_answer_gets_none() -> None:
+    """The body ends in http.disconnect: nothing is sent (an ASGI server may raise on it)."""
+    app = FaultMiddleware(hello, routes={"/": ServerFault(status_rate=1.0)})
+    messages = [
+        {"type": "http.request", "body": b"part", "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop(0)
+
+    async def send(message: dict[str, Any]) -> None:
+        if not messages:  # as the ASGI spec lets a server do after a disconnect
+            raise ConnectionResetError("the client disconnected")
+        sent.append(message)
+
+    await app({"type": "http", "path": "/x", "method": "POST"}, receive, send)
+    assert sent == []
+    assert app.injected["status"] == 1
+
+
 def test_latency_per_prefix_and_the_longest_prefix_wins(
     server_url: str, app: FaultMiddleware
 ) -> None:
@@ -139,6 +161,7 @@ def test_a_seed_reproduces_which_requests_fail() -> None:
         ({"status_rate": 0.1, "status": 302}, ValueError, "at least 400"),
         ({"status_rate": 0.1, "status": 700}, ValueError, "4xx or 5xx"),
         ({"retry_after": 1}, ValueError, "give status_rate too"),
+        ({"status": 500}, ValueError, "status=500 is answered only to a share status_rate"),
         ({"status_rate": 0.1, "retry_after": -1}, ValueError, "retry_after must be at least 0"),
         ({"latency_rate": 0.5}, ValueError, "go together"),
         ({"delay": 0.5}, ValueError, "go together"),

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import select
 import socket
+import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -145,6 +148,18 @@ def test_upstream_toxics_and_per_connection_rates(proxy: FaultProxy) -> None:
     assert proxy.toxics == ()
 
 
+@pytest.mark.parametrize(("stream", "reaches_server"), [("upstream", False), ("downstream", True)])
+def test_a_toxic_acts_on_the_direction_it_names(
+    proxy: FaultProxy, server: LiveServer, stream: str, reaches_server: bool
+) -> None:
+    """A black hole upstream swallows the request; downstream, the server answers into it."""
+    proxy.blackhole(stream=stream)
+    with httpx.Client(timeout=0.3) as client, pytest.raises(httpx.ReadTimeout):
+        client.get(url(proxy, "/swallowed"))
+    time.sleep(0.1)  # a request that got through has been seen by now
+    assert [seen.path for seen in server.seen] == (["/swallowed"] if reaches_server else [])
+
+
 def test_enabled_false_lets_everything_through(server: LiveServer) -> None:
     """A switched-off proxy ignores its toxics."""
     flag = threading.Event()
@@ -197,25 +212,33 @@ def test_a_running_proxy_refuses_to_start_again(proxy: FaultProxy) -> None:
 
 
 def test_a_port_in_use_is_reported_by_start(proxy: FaultProxy) -> None:
-    """start() raises the bind error instead of a proxy that does not listen."""
+    """start() raises the bind error naming the address, not a proxy that never listens."""
     taken = FaultProxy(upstream=proxy.upstream, port=proxy.port)
     with pytest.raises(OSError, match="address already in use"):
         taken.start()
     assert taken._thread is None
+    nowhere = FaultProxy(upstream=proxy.upstream, host="no-such-host.invalid")
+    with pytest.raises(OSError, match=r"cannot listen on no-such-host\.invalid:0"):
+        nowhere.start()
 
 
 async def test_the_async_form_runs_in_the_current_loop(server: LiveServer) -> None:
-    """async with: the proxy serves from the test's own loop; the toxic applies there too."""
+    """async with: the proxy serves from the test's own loop; the toxic applies there too.
+
+    stop() there is refused (it stops only threads it started), not a silent no-op.
+    """
     async with FaultProxy(upstream=("127.0.0.1", server.port)) as proxy:
         with pytest.raises(RuntimeError, match="already running"):
             await proxy.__aenter__()
+        with pytest.raises(RuntimeError, match="when the async with block ends"):
+            proxy.stop()
         async with httpx.AsyncClient() as client:
             proxy.latency(delay=0.2)
             started = time.monotonic()
             assert (await client.get(url(proxy))).text == "ok"
             assert time.monotonic() - started >= 0.15
     assert proxy.connections == 0
-    assert not [task for task in asyncio.all_tasks() if "_serve" in repr(task)]
+    assert not [task for task in asyncio.all_tasks() if "FaultProxy." in repr(task)]
 
 
 async def test_the_async_resilient_transport_cancels_at_the_attempt_timeout(
@@ -295,3 +318,247 @@ def test_toxics_describe_themselves() -> None:
     toxic.remove()
     toxic.remove()
     assert "not started" in repr(proxy)
+
+
+# Raw TCP: the timing of chunks, half-closes, many connections ------------------------
+
+
+class Upstream:
+    """A raw TCP server on 127.0.0.1: each connection runs ``handler(conn)`` in a thread.
+
+    Stopping closes the listener and every connection it accepted.
+    """
+
+    def __init__(self, handler: Any) -> None:
+        self.handler = handler
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = self.listener.getsockname()
+        self.conns: list[socket.socket] = []
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.conns.append(conn)
+            threading.Thread(target=self._run, args=(conn,), daemon=True).start()
+
+    def _run(self, conn: socket.socket) -> None:
+        try:
+            self.handler(conn)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def __enter__(self) -> Upstream:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() below
+        self.listener.close()
+        for conn in self.conns:
+            conn.close()
+        self.thread.join(5)
+
+
+def read_all(sock: socket.socket) -> bytes:
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
+def three_chunks(conn: socket.socket) -> None:
+    """Answer each request with three chunks 50 ms apart, then hang up."""
+    conn.recv(100)
+    for number in range(3):
+        conn.sendall(b"chunk%d;" % number)
+        time.sleep(0.05)
+
+
+def test_a_reply_in_several_chunks_is_one_latency_late_not_several() -> None:
+    """Latency counts from each chunk's arrival (Toxiproxy's pipelining), not one after another.
+
+    Three chunks sent 50 ms apart through a 0.5 s latency arrive by about 0.6 s; held
+    one after another they took 1 s (the second and third waited for the first).
+    """
+    with Upstream(three_chunks) as upstream, FaultProxy(upstream=upstream.address) as proxy:
+        proxy.latency(delay=0.5)
+        with socket.create_connection(proxy.address, timeout=5) as sock:
+            started = time.monotonic()
+            sock.sendall(b"go")
+            data = read_all(sock)
+            took = time.monotonic() - started
+    assert data == b"chunk0;chunk1;chunk2;"
+    assert 0.48 <= took < 0.85
+
+
+def test_jitter_never_reorders_the_chunks() -> None:
+    """Chunks 5 ms apart with ±90 ms of jitter still arrive whole and in order."""
+
+    def numbered(conn: socket.socket) -> None:
+        conn.recv(100)
+        for number in range(20):
+            conn.sendall(b"%02d," % number)
+            time.sleep(0.005)
+
+    expected = b"".join(b"%02d," % number for number in range(20))
+    with Upstream(numbered) as upstream, FaultProxy(upstream=upstream.address, random=4) as proxy:
+        proxy.latency(delay=0.1, jitter=0.09)
+        with socket.create_connection(proxy.address, timeout=5) as sock:
+            sock.sendall(b"go")
+            assert read_all(sock) == expected
+
+
+def test_a_reset_comes_after_the_data_that_arrived_before_it() -> None:
+    """Under latency, a reset added mid-answer lets the held chunk through first, then RSTs."""
+    reset_added = threading.Event()
+
+    def two_parts(conn: socket.socket) -> None:
+        conn.recv(100)
+        conn.sendall(b"first")
+        reset_added.wait(5)
+        conn.sendall(b"second")
+        time.sleep(1.0)
+
+    with Upstream(two_parts) as upstream, FaultProxy(upstream=upstream.address) as proxy:
+        proxy.latency(delay=0.4)
+        with socket.create_connection(proxy.address, timeout=5) as sock:
+            sock.sendall(b"go")
+            time.sleep(0.1)  # "first" is in the proxy, held by the latency
+            proxy.reset_peer()
+            reset_added.set()
+            assert sock.recv(100) == b"first"
+            with pytest.raises(ConnectionResetError):
+                sock.recv(100)
+
+
+def test_a_half_closed_client_gets_the_whole_answer() -> None:
+    """The client's FIN reaches the server; the server's answer then arrives whole.
+
+    Once both ways have ended the proxy closes only after its buffer has gone out:
+    aborting there dropped the tail of the answer while the client saw a clean end.
+    Small socket buffers on both sides of the client's connection keep that tail in
+    the proxy's own buffer when the server hangs up.
+    """
+    size = 150_000
+
+    def until_eof_then_answer(conn: socket.socket) -> None:
+        while conn.recv(65536):
+            pass  # the request ends with the client's half-close
+        conn.sendall(b"x" * size)
+
+    with (
+        Upstream(until_eof_then_answer) as upstream,
+        FaultProxy(upstream=upstream.address) as proxy,
+    ):
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.settimeout(10)
+            sock.connect(proxy.address)
+            deadline = time.monotonic() + 5
+            while not (links := [link for link in proxy._links if link.client]):
+                assert time.monotonic() < deadline
+                time.sleep(0.005)
+            assert links[0].client is not None
+            links[0].client.get_extra_info("socket").setsockopt(
+                socket.SOL_SOCKET, socket.SO_SNDBUF, 4096
+            )
+            sock.sendall(b"request")
+            sock.shutdown(socket.SHUT_WR)
+            time.sleep(0.2)  # the server answers and hangs up while the client is not reading
+            got = len(read_all(sock))
+        assert got == size
+        deadline = time.monotonic() + 5
+        while proxy.connections and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert proxy.connections == 0
+
+
+def test_stop_with_many_connections_in_every_state_leaves_nothing_open() -> None:
+    """Idle, half-closed, delayed and just-accepted connections: stop() ends every one.
+
+    Each client socket then reads an end (EOF or reset) at once, and so does each of
+    the upstream's: no socket is left for the garbage collector to close. (Connections
+    accepted just before stop() used to be left open when their task had not run yet;
+    three rounds of a burst make that race show.)
+    """
+    release = threading.Event()
+    upstream_ends: list[int] = []
+
+    def hold(conn: socket.socket) -> None:
+        try:
+            while conn.recv(65536):
+                conn.sendall(b"echo")
+        finally:
+            upstream_ends.append(1)  # the proxy's side ended (a FIN, or a reset)
+        release.wait(10)  # a half-closed client's connection stays open the other way
+
+    clients: list[socket.socket] = []
+    with Upstream(hold) as upstream:
+        before = len(proxy_threads())
+        try:
+            for round in range(3):
+                proxy = FaultProxy(upstream=upstream.address).start()
+                proxy.latency(delay=5.0)
+                settled = [socket.create_connection(proxy.address, timeout=5) for _ in range(12)]
+                for number, sock in enumerate(settled):
+                    if number % 3 == 0:
+                        sock.sendall(b"held by the latency")
+                    elif number % 3 == 1:
+                        sock.shutdown(socket.SHUT_WR)
+                deadline = time.monotonic() + 5
+                while proxy.connections < 12 and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                assert proxy.connections == 12
+                # And a burst the proxy has had no time to serve yet.
+                burst = [socket.create_connection(proxy.address, timeout=5) for _ in range(20)]
+                proxy.stop()
+                clients += settled + burst
+                assert proxy.connections == 0
+                assert len(proxy_threads()) == before
+                ended, _, _ = select.select(settled + burst, [], [], 3.0)
+                assert len(ended) == 32, f"round {round}: {32 - len(ended)} left open"
+            deadline = time.monotonic() + 5
+            while len(upstream_ends) < len(upstream.conns) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert len(upstream_ends) == len(upstream.conns)
+        finally:
+            release.set()
+            for sock in clients:
+                sock.close()
+
+
+def test_a_client_that_resets_mid_answer_ends_the_connection_on_both_sides() -> None:
+    """An endless answer, a client that reads a little then resets: the server is cut off too.
+
+    The proxy's writer fails while its reader is still queueing the server's data; both
+    stop, the upstream connection closes, and nothing stays open in the proxy.
+    """
+    upstream_ended = threading.Event()
+
+    def endless(conn: socket.socket) -> None:
+        conn.recv(100)
+        try:
+            while True:
+                conn.sendall(b"y" * 65536)
+        except OSError:
+            upstream_ended.set()
+
+    with Upstream(endless) as upstream, FaultProxy(upstream=upstream.address) as proxy:
+        proxy.latency(delay=0.01)  # chunks wait in the proxy's queue, as under any toxic
+        sock = socket.create_connection(proxy.address, timeout=5)
+        sock.sendall(b"go")
+        assert sock.recv(65536)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()  # a TCP RST
+        assert upstream_ended.wait(5)
+        deadline = time.monotonic() + 5
+        while proxy.connections and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert proxy.connections == 0

@@ -181,6 +181,7 @@ def test_a_429_carries_retry_after_and_counts_add_up() -> None:
         ({"status_rate": 0.1, "status": 200}, ValueError, "status must be at least 400"),
         ({"status_rate": 0.1, "status": 600}, ValueError, "4xx or 5xx"),
         ({"retry_after": 1}, ValueError, "give status_rate too"),
+        ({"status": 429}, ValueError, "status=429 is answered only to a share status_rate"),
         ({"status_rate": 0.1, "retry_after": 1.5}, TypeError, "retry_after must be an int"),
         ({"latency_rate": 0.1}, ValueError, "needs delay"),
         ({"delay": 0.1}, ValueError, "give latency_rate too"),

@@ -120,7 +120,17 @@ def _exception_factory(exception: object) -> Callable[[], BaseException]:
             ) from None
         if type(trial) is not type(template):  # pragma: no cover - a broken __reduce__
             raise TypeError(f"exception={template!r} does not copy as itself; pass a factory")
-        return lambda: copy.copy(template)
+
+        def fresh() -> BaseException:
+            error = copy.copy(template)
+            # A shallow copy shares the template's list of notes: give each its own, or
+            # every injection's note piles up on the template and on all later copies.
+            notes = getattr(template, "__notes__", None)
+            if isinstance(notes, list):
+                error.__notes__ = list(notes)
+            return error
+
+        return fresh
     if isinstance(exception, type) and issubclass(exception, BaseException):
         kind = exception
         message = f"injected by resilient.chaos.Fault: {kind.__name__}"

@@ -67,6 +67,11 @@ class ServerFault:
         status = check_int("status", self.status, minimum=400)
         if status > 599:
             raise ValueError(f"status must be a 4xx or 5xx status code, got {status!r}")
+        if status != 503 and not self.status_rate:
+            raise ValueError(
+                f"status={status!r} is answered only to a share status_rate of the requests; "
+                "give status_rate too (1.0 for every request)"
+            )
         if self.retry_after is not None:
             check_int("retry_after", self.retry_after, minimum=0)
             if not self.status_rate:
@@ -195,7 +200,9 @@ class FaultMiddleware:
     async def _answer(fault: ServerFault, receive: Receive, send: Send) -> None:
         while True:  # drain the body, so the connection can serve the next request
             message = await receive()
-            if message["type"] != "http.request" or not message.get("more_body", False):
+            if message["type"] == "http.disconnect":
+                return  # the client is gone: an answer now is an error in the server
+            if not message.get("more_body", False):
                 break
         body = json.dumps(
             {"detail": f"injected by resilient.chaos.FaultMiddleware: {fault.status}"}

@@ -14,7 +14,9 @@ included::
 
 The toxics (each a method returning a :class:`Toxic` handle):
 
-* :meth:`~FaultProxy.latency` holds each chunk ``delay`` seconds (± ``jitter``);
+* :meth:`~FaultProxy.latency` holds each chunk ``delay`` seconds (± ``jitter``)
+  from when it arrived; chunks are pipelined, in order, as Toxiproxy's are, so an
+  answer that comes in several chunks is one ``delay`` late, not several;
 * :meth:`~FaultProxy.timeout` drops the data and keeps the sockets open (a
   black hole); with ``after``, closes the connection that many seconds later;
 * :meth:`~FaultProxy.reset_peer` resets the connection (``SO_LINGER`` 0, so the
@@ -33,7 +35,10 @@ that flows, so an idle connection is touched only when data moves. ``enabled=``
 It runs either in its own event loop in a background thread (``with proxy:``, or
 ``start()`` and ``stop()``), for sync tests, or in the running loop (``async with
 proxy:``). Stopping closes the listener and every connection and ends all its
-tasks (and its thread). Sleeps are real (``asyncio.sleep``): this is a network,
+tasks (and its thread); :meth:`~FaultProxy.stop` is for the thread form only. A
+connection whose two directions have ended (each half-close passed on) is closed
+once what the proxy holds for it has gone out. A reset toxic resets after the data
+that arrived before it. Sleeps are real (``asyncio.sleep``): this is a network,
 not a test double, and :func:`resilient.testing.record_sleeps` does not touch it.
 A proxy that cannot reach its upstream resets the client's connection.
 """
@@ -57,8 +62,29 @@ __all__ = ["FaultProxy", "Toxic"]
 
 _STREAMS: Final = ("downstream", "upstream")
 _CHUNK: Final = 64 * 1024
-# One piece of the data and the pause before it is written.
+# How many chunks a direction holds between reading and writing (each at most _CHUNK
+# bytes): enough for a latency toxic to keep a stream moving, bounded so a slow reader
+# still pushes back on a fast writer.
+_QUEUED: Final = 32
+# One piece of the data and the pause before it is written (after the previous piece).
 Pieces = list[tuple[float, bytes]]
+
+
+class _Chunk:
+    """One read's worth of data on its way: when it may go out first, and its pieces.
+
+    ``due`` starts as the loop time the data arrived; a latency toxic moves it later.
+    The pieces' pauses come after that, one after the other (bandwidth, slicer).
+    ``reset``: instead of the data, reset the connection when the chunk is due, so
+    what came before it is delivered first.
+    """
+
+    __slots__ = ("due", "pieces", "reset")
+
+    def __init__(self, due: float, data: bytes) -> None:
+        self.due = due
+        self.pieces: Pieces = [(0.0, data)]
+        self.reset = False
 
 
 class Toxic:
@@ -77,7 +103,7 @@ class Toxic:
         stream: str,
         rate: float,
         settings: dict[str, Any],
-        shape: Callable[[_Link, Pieces], Pieces],
+        shape: Callable[[_Link, _Chunk], None],
     ) -> None:
         self._proxy = proxy
         self.kind = kind
@@ -111,24 +137,40 @@ class Toxic:
         return f"<Toxic {self.kind} {self.stream} rate={self.rate:g} {settings}>"
 
 
+def _abort(writer: asyncio.StreamWriter) -> None:
+    """Drop the connection now, unless it is already closing with nothing left to send."""
+    transport = writer.transport
+    if not transport.is_closing() or transport.get_write_buffer_size():
+        transport.abort()
+
+
 class _Link:
-    """One proxied connection: its two writers, timers, and which toxics hit it."""
+    """One proxied connection: the client's socket, the two writers, timers, toxics' draws."""
 
-    __slots__ = ("client", "decided", "timers", "upstream")
+    __slots__ = ("client", "decided", "sock", "timers", "upstream")
 
-    def __init__(self, client: asyncio.StreamWriter) -> None:
-        self.client = client
+    def __init__(self, sock: socket.socket) -> None:
+        # The accepted socket, closed by the proxy if no transport ever takes it over.
+        self.sock = sock
+        self.client: asyncio.StreamWriter | None = None
         self.upstream: asyncio.StreamWriter | None = None
         self.decided: dict[Toxic, bool] = {}
         self.timers: dict[Toxic, asyncio.TimerHandle] = {}
 
     def writers(self) -> list[asyncio.StreamWriter]:
-        return [self.client] if self.upstream is None else [self.client, self.upstream]
+        return [writer for writer in (self.client, self.upstream) if writer is not None]
 
     def close(self) -> None:
-        """End the connection politely (FIN on both sides)."""
+        """End the connection politely (FIN on both sides, after what is buffered)."""
         for writer in self.writers():
             writer.close()
+
+    async def finish(self) -> None:
+        """Close politely and wait until what was written has gone out."""
+        self.close()
+        for writer in self.writers():
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
 
     def reset(self) -> None:
         """End the connection with a TCP RST on both sides: linger on, timeout zero."""
@@ -137,7 +179,7 @@ class _Link:
             if sock is not None:
                 with contextlib.suppress(OSError):
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            writer.transport.abort()
+            _abort(writer)
 
     def later(self, toxic: Toxic, seconds: float, action: Callable[[], None]) -> None:
         """Run ``action`` in ``seconds``, once per toxic, if the toxic is still in force."""
@@ -155,7 +197,7 @@ class _Link:
             timer.cancel()
         self.timers.clear()
         for writer in self.writers():
-            writer.transport.abort()
+            _abort(writer)
 
 
 def _parse_upstream(upstream: object) -> tuple[str, int]:
@@ -216,7 +258,7 @@ class FaultProxy:
         self._dice = Dice(enabled=enabled, random=random)
         self._lock = threading.Lock()
         self._toxics: tuple[Toxic, ...] = ()
-        self._server: asyncio.Server | None = None
+        self._listener: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._links: set[_Link] = set()
@@ -256,15 +298,18 @@ class FaultProxy:
         stream: str = "downstream",
         rate: float = 1.0,
     ) -> Toxic:
-        """Hold each chunk ``delay`` seconds, plus or minus up to ``jitter`` (never below 0)."""
+        """Hold each chunk ``delay`` seconds (± up to ``jitter``, never below 0) from its arrival.
+
+        Chunks keep their order: one whose jitter would let it overtake the one
+        before goes out right after it.
+        """
         seconds = to_seconds("delay", delay, allow_zero=False)
         spread = to_seconds("jitter", jitter)
         dice = self._dice
 
-        def shape(link: _Link, pieces: Pieces) -> Pieces:
+        def shape(link: _Link, chunk: _Chunk) -> None:
             wait = seconds + (dice.uniform(-spread, spread) if spread else 0.0)
-            first, *rest = pieces
-            return [(first[0] + max(wait, 0.0), first[1]), *rest]
+            chunk.due += max(wait, 0.0)
 
         return self._add("latency", stream, rate, {"delay": seconds, "jitter": spread}, shape)
 
@@ -278,10 +323,10 @@ class FaultProxy:
         """
         seconds = None if after is None else to_seconds("after", after)
 
-        def shape(link: _Link, pieces: Pieces) -> Pieces:
+        def shape(link: _Link, chunk: _Chunk) -> None:
             if seconds is not None:
                 link.later(toxic, seconds, link.close)
-            return []
+            chunk.pieces = []
 
         toxic = self._add("timeout", stream, rate, {"after": seconds}, shape)
         return toxic
@@ -299,12 +344,11 @@ class FaultProxy:
         """
         seconds = to_seconds("after", after)
 
-        def shape(link: _Link, pieces: Pieces) -> Pieces:
+        def shape(link: _Link, chunk: _Chunk) -> None:
             if seconds == 0.0:
-                link.reset()
-                return []
-            link.later(toxic, seconds, link.reset)
-            return pieces
+                chunk.pieces, chunk.reset = [], True
+            else:
+                link.later(toxic, seconds, link.reset)
 
         toxic = self._add("reset_peer", stream, rate, {"after": seconds}, shape)
         return toxic
@@ -316,14 +360,14 @@ class FaultProxy:
         per_second = check_int("bytes_per_second", bytes_per_second, minimum=1)
         step = max(1, per_second // 20)
 
-        def shape(link: _Link, pieces: Pieces) -> Pieces:
+        def shape(link: _Link, chunk: _Chunk) -> None:
             shaped: Pieces = []
-            for pause, data in pieces:
+            for pause, data in chunk.pieces:
                 for start in range(0, len(data), step):
                     piece = data[start : start + step]
                     shaped.append((pause + len(piece) / per_second, piece))
                     pause = 0.0
-            return shaped
+            chunk.pieces = shaped
 
         return self._add("bandwidth", stream, rate, {"bytes_per_second": per_second}, shape)
 
@@ -347,9 +391,9 @@ class FaultProxy:
         gap = to_seconds("delay", delay)
         dice = self._dice
 
-        def shape(link: _Link, pieces: Pieces) -> Pieces:
+        def shape(link: _Link, chunk: _Chunk) -> None:
             shaped: Pieces = []
-            for pause, data in pieces:
+            for pause, data in chunk.pieces:
                 start = 0
                 while start < len(data):
                     length = average
@@ -357,7 +401,7 @@ class FaultProxy:
                         length = round(dice.uniform(average - spread, average + spread))
                     shaped.append((pause if start == 0 else gap, data[start : start + length]))
                     start += length
-            return shaped
+            chunk.pieces = shaped
 
         settings = {"size": average, "variation": spread, "delay": gap}
         return self._add("slicer", stream, rate, settings, shape)
@@ -373,7 +417,7 @@ class FaultProxy:
         stream: str,
         rate: float,
         settings: dict[str, Any],
-        shape: Callable[[_Link, Pieces], Pieces],
+        shape: Callable[[_Link, _Chunk], None],
     ) -> Toxic:
         toxic = Toxic(self, kind, _check_stream(stream), check_rate("rate", rate), settings, shape)
         with self._lock:
@@ -386,17 +430,34 @@ class FaultProxy:
 
     # Forwarding ------------------------------------------------------------------------
 
-    def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.accepted += 1
-        task = asyncio.get_running_loop().create_task(self._serve(reader, writer))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    def _accept(self, listener: socket.socket) -> None:
+        """Accept what is waiting (the listener is readable); each socket is ours at once."""
+        loop = asyncio.get_running_loop()
+        for _ in range(64):  # a burst at a time, so the open connections are served too
+            try:
+                sock, _ = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
+                continue
+            sock.setblocking(False)
+            # Known at once, so stopping closes it even if its task never gets to run.
+            link = _Link(sock)
+            self._links.add(link)
+            self.accepted += 1
+            task = loop.create_task(self._serve(link))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        link = _Link(writer)
-        self._links.add(link)
+    async def _serve(self, link: _Link) -> None:
         pipes: list[asyncio.Task[None]] = []
         try:
+            with contextlib.suppress(OSError):
+                link.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            try:
+                reader, link.client = await asyncio.open_connection(sock=link.sock)
+            except OSError:  # pragma: no cover - the client's socket broke at once
+                return
             try:
                 upstream_reader, upstream_writer = await asyncio.open_connection(*self.upstream)
             except OSError:
@@ -404,47 +465,80 @@ class FaultProxy:
                 return
             link.upstream = upstream_writer
             loop = asyncio.get_running_loop()
-            pipes = [
-                loop.create_task(self._pipe(link, reader, upstream_writer, "upstream")),
-                loop.create_task(self._pipe(link, upstream_reader, writer, "downstream")),
-            ]
+            for source, sink, stream in (
+                (reader, upstream_writer, "upstream"),
+                (upstream_reader, link.client, "downstream"),
+            ):
+                # Reading and writing apart, so a held chunk does not hold the next one's read.
+                queue: asyncio.Queue[_Chunk | None] = asyncio.Queue(_QUEUED)
+                pipes.append(loop.create_task(self._read(link, source, queue, stream)))
+                pipes.append(loop.create_task(self._write(link, queue, sink)))
             await asyncio.gather(*pipes)
+            await link.finish()  # both ways ended: deliver what is buffered, then close
         finally:
             for pipe in pipes:
                 pipe.cancel()
             if pipes:
                 await asyncio.gather(*pipes, return_exceptions=True)
             link.end()
+            if link.client is None:
+                link.sock.close()
             self._links.discard(link)
 
-    async def _pipe(
+    async def _read(
         self,
         link: _Link,
         reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
+        queue: asyncio.Queue[_Chunk | None],
         stream: str,
     ) -> None:
+        """Read one direction, apply its toxics as each chunk arrives, queue it; ``None`` last."""
+        loop = asyncio.get_running_loop()
         try:
-            while True:
-                data = await reader.read(_CHUNK)
-                if not data:
-                    if writer.can_write_eof() and not writer.is_closing():
-                        writer.write_eof()  # half-close: the other direction goes on
-                    return
-                pieces: Pieces = [(0.0, data)]
+            while data := await reader.read(_CHUNK):
+                chunk = _Chunk(loop.time(), data)
                 if self._toxics and self._dice.on():
                     for toxic in self._toxics:
                         if toxic.stream == stream and self._hits(link, toxic):
-                            pieces = toxic._shape(link, pieces)
-                            if not pieces:
+                            toxic._shape(link, chunk)
+                            if not chunk.pieces:
                                 break
-                for pause, piece in pieces:
+                if chunk.pieces or chunk.reset:
+                    await queue.put(chunk)
+        except OSError:
+            link.reset()  # one side broke: the other learns it the same way
+        await queue.put(None)
+
+    async def _write(
+        self, link: _Link, queue: asyncio.Queue[_Chunk | None], writer: asyncio.StreamWriter
+    ) -> None:
+        """Write each queued chunk when it is due; at the end, pass the half-close on."""
+        loop = asyncio.get_running_loop()
+        chunk: _Chunk | None = None
+        try:
+            while (chunk := await queue.get()) is not None:
+                if (wait := chunk.due - loop.time()) > 0.0:
+                    await asyncio.sleep(wait)
+                if chunk.reset:
+                    break
+                for pause, piece in chunk.pieces:
                     if pause > 0.0:
                         await asyncio.sleep(pause)
                     writer.write(piece)
                     await writer.drain()
         except OSError:
-            link.reset()  # one side broke: the other learns it the same way
+            pass  # this side broke: reset below, so the other learns it the same way
+        else:
+            if chunk is None:  # the reader is done
+                try:
+                    if writer.can_write_eof() and not writer.is_closing():
+                        writer.write_eof()  # half-close: the other direction goes on
+                except OSError:
+                    link.reset()
+                return
+        link.reset()
+        while await queue.get() is not None:  # let the reader finish (the reset ends it)
+            pass
 
     def _hits(self, link: _Link, toxic: Toxic) -> bool:
         decided = link.decided.get(toxic)
@@ -455,24 +549,51 @@ class FaultProxy:
     # Running ---------------------------------------------------------------------------
 
     async def _open(self) -> None:
-        if self._server is not None:
+        if self._listener is not None:
             raise RuntimeError("this FaultProxy is already running; stop it first")
-        self._loop = asyncio.get_running_loop()
-        self._server = await asyncio.start_server(self._accept, self.host, self._listen_port)
-        self.port = self._server.sockets[0].getsockname()[1]
+        loop = asyncio.get_running_loop()
+        listener: socket.socket | None = None
+        try:
+            found = await loop.getaddrinfo(
+                self.host, self._listen_port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            )
+            family, kind, proto, _, address = found[0]
+            # Accepting on our own (not asyncio.start_server, nor sock_accept): a connection
+            # is ours from the moment it is accepted, so stopping can close every one.
+            listener = socket.socket(family, kind, proto)
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind(address)
+            listener.listen(128)
+            listener.setblocking(False)
+        except OSError as error:
+            if listener is not None:
+                listener.close()
+            reason = (error.strerror or str(error)).lower()
+            raise OSError(
+                error.errno,
+                f"FaultProxy cannot listen on {self.host}:{self._listen_port}: {reason} "
+                "(check host=; give another port=, or port=0 for a free one)",
+            ) from error
+        loop.add_reader(listener.fileno(), self._accept, listener)
+        self._listener = listener
+        self._loop = loop
+        self.port = listener.getsockname()[1]
 
     async def _close(self) -> None:
-        server, self._server = self._server, None
-        if server is None:
+        listener, self._listener = self._listener, None
+        if listener is None:
             return
-        server.close()
+        asyncio.get_running_loop().remove_reader(listener.fileno())
+        listener.close()  # connections not yet accepted are reset by the kernel
         for link in list(self._links):
             link.end()
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await server.wait_closed()
+        for link in self._links:  # accepted, but their task never ran
+            link.sock.close()
+        self._links.clear()
         self._loop = None
 
     async def __aenter__(self) -> FaultProxy:
@@ -491,7 +612,7 @@ class FaultProxy:
 
     def start(self) -> FaultProxy:
         """Run the proxy in an event loop of its own, in a background thread; return it."""
-        if self._server is not None or self._thread is not None:
+        if self._listener is not None or self._thread is not None:
             raise RuntimeError("this FaultProxy is already running; stop it first")
         ready: concurrent.futures.Future[None] = concurrent.futures.Future()
         thread = threading.Thread(
@@ -524,6 +645,11 @@ class FaultProxy:
         """Stop a proxy started with :meth:`start`: close every socket, end its thread."""
         thread, loop, stopping = self._thread, self._loop, self._stopping
         if thread is None:
+            if self._listener is not None:
+                raise RuntimeError(
+                    "this FaultProxy runs in your event loop (async with), not in a thread of "
+                    "its own: it stops when the async with block ends"
+                )
             return
         if loop is not None and stopping is not None:
             with contextlib.suppress(RuntimeError):  # the loop already ended

@@ -80,6 +80,11 @@ class _Plan:
         self.status = check_int("status", status, minimum=400)
         if self.status > 599:
             raise ValueError(f"status must be a 4xx or 5xx status code, got {status!r}")
+        if self.status != 503 and self.status_rate == 0.0:
+            raise ValueError(
+                f"status={status!r} is answered only to a share status_rate of the requests; "
+                "give status_rate too (1.0 for every request)"
+            )
         if retry_after is not None:
             retry_after = check_int("retry_after", retry_after, minimum=0)
             if self.status_rate == 0.0:
