@@ -232,13 +232,16 @@ class AdaptiveDelay:
 
     def spawn(self) -> AdaptiveDelay:
         """A new delay with these settings and no samples (the httpx transport's per origin)."""
-        return AdaptiveDelay(
-            quantile=self.quantile,
-            max_delay=self.max_delay,
-            min_delay=self.min_delay,
-            window=self.window,
-            min_samples=self.min_samples,
-        )
+        return rebuild(type(self), self._config())
+
+    def _config(self) -> dict[str, Any]:
+        return {
+            "quantile": self.quantile,
+            "max_delay": self.max_delay,
+            "min_delay": self.min_delay,
+            "window": self.window,
+            "min_samples": self.min_samples,
+        }
 
     def __repr__(self) -> str:
         return (
@@ -247,14 +250,7 @@ class AdaptiveDelay:
         )
 
     def __reduce__(self) -> tuple[Any, ...]:
-        config = {
-            "quantile": self.quantile,
-            "max_delay": self.max_delay,
-            "min_delay": self.min_delay,
-            "window": self.window,
-            "min_samples": self.min_samples,
-        }
-        return (rebuild, (type(self), config))
+        return (rebuild, (type(self), self._config()))  # as its settings: no samples
 
 
 HedgeFilter = type[Exception] | tuple[type[Exception], ...] | Callable[[Exception], bool]
