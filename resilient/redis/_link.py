@@ -45,6 +45,7 @@ __all__ = [
     "decode",
     "is_async_client",
     "is_key_trouble",
+    "unpicklable",
 ]
 
 _logger = logging.getLogger("resilient.redis")
@@ -202,6 +203,14 @@ def check_prefix(prefix: object) -> str:
 
 
 _tokens = itertools.count(1)
+
+
+def unpicklable(store: object) -> TypeError:
+    """The error a store raises when pickled: it holds a client, which belongs to one process."""
+    return TypeError(
+        f"a {type(store).__name__} holds a Redis client, which cannot be pickled; build one in "
+        "each process from a client of its own (the shared state stays in Redis)"
+    )
 
 
 class Link:

@@ -50,7 +50,7 @@ import os
 import threading
 import uuid
 from collections.abc import Sequence
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, NoReturn
 
 from resilient import _fork
 from resilient._config import Duration, to_seconds
@@ -71,6 +71,7 @@ from resilient.redis._link import (
     check_name,
     check_prefix,
     decode,
+    unpicklable,
 )
 
 __all__ = ["RedisStore", "SharedBreakerStore"]
@@ -152,11 +153,8 @@ class RedisStore:
             retry_interval=to_seconds("retry_interval", retry_interval, allow_zero=False),
         )
 
-    def __reduce__(self) -> tuple[Any, ...]:
-        raise TypeError(
-            "a RedisStore holds a Redis client, which cannot be pickled; build one in each "
-            "process from a client of its own (the shared state stays in Redis)"
-        )
+    def __reduce__(self) -> NoReturn:
+        raise unpicklable(self)
 
     def __repr__(self) -> str:
         return f"RedisStore(client={self._link.client!r}, prefix={self._prefix!r})"

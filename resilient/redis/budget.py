@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import threading
 import weakref
-from typing import Any, Final
+from typing import Any, Final, NoReturn
 
 from resilient import _fork
 from resilient._config import Duration, to_seconds
@@ -38,6 +38,7 @@ from resilient.redis._link import (
     check_name,
     check_prefix,
     decode,
+    unpicklable,
 )
 from resilient.retry import RetryBudget
 
@@ -129,11 +130,8 @@ class RedisBudgetStore:
             retry_interval=to_seconds("retry_interval", retry_interval, allow_zero=False),
         )
 
-    def __reduce__(self) -> tuple[Any, ...]:
-        raise TypeError(
-            "a RedisBudgetStore holds a Redis client, which cannot be pickled; build one in each "
-            "process from a client of its own (the shared state stays in Redis)"
-        )
+    def __reduce__(self) -> NoReturn:
+        raise unpicklable(self)
 
     def __repr__(self) -> str:
         return f"RedisBudgetStore(name={self._name!r}, key={self._key!r})"

@@ -32,7 +32,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Hashable
-from typing import Any, Final
+from typing import Any, Final, NoReturn
 
 from resilient._config import Duration, to_seconds
 from resilient.ratelimit import MemoryRateStore
@@ -44,6 +44,7 @@ from resilient.redis._link import (
     check_prefix,
     decode,
     is_async_client,
+    unpicklable,
 )
 
 __all__ = ["RedisRateStore"]
@@ -129,11 +130,8 @@ class RedisRateStore:
         self._link = _link
         self._local = MemoryRateStore()
 
-    def __reduce__(self) -> tuple[Any, ...]:
-        raise TypeError(
-            "a RedisRateStore holds a Redis client, which cannot be pickled; build one in each "
-            "process from a client of its own (the shared state stays in Redis)"
-        )
+    def __reduce__(self) -> NoReturn:
+        raise unpicklable(self)
 
     def __repr__(self) -> str:
         return f"RedisRateStore(name={self._name!r}, key={self._key[0]!r})"
