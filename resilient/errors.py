@@ -10,7 +10,12 @@ anything the toolkit itself decided to raise. The tree::
     ├── RateLimited             (.retry_after seconds, .name of the limiter)
     ├── QuorumError             (.needed, .answered, .reasons: which calls answered, why
     │                            the others did not; resilient.quorum, the cluster client)
-    └── EmptyRingError          (also a builtin LookupError; in resilient.hashring)
+    ├── EmptyRingError          (also a builtin LookupError; in resilient.hashring)
+    ├── RPCError                (resilient.rpc.errors, whose docstring draws its subtree:
+    │                            ProtocolError, RemoteError and the remote refusals; the KV
+    │                            node's StorageFailed and StoreFull are RemoteErrors)
+    └── LogError                (resilient.rpc.kv: a KV node's data directory is unusable)
+        └── LogCorrupted        (also a builtin ValueError; .path, .line, .offset)
 
 When retries run out the caller gets the *last original exception*, not a
 wrapper; what happened is attached to it with :meth:`BaseException.add_note`.

@@ -334,14 +334,18 @@ class Policy(_driver.Configured):
             attempt_timeout=self.attempt_timeout,
         )
         listener = None
+        site = None
         if self._telemetry is not None:
-            listener = _tracing.HedgeEvents(_name_of(self, fn), self._telemetry)
+            name = _name_of(self, fn)
+            if observer is None:  # this policy's own record: it counts the hedges too
+                site = _tracing.HedgedCallSite(name, self._telemetry, self.timeout)
+            listener = _tracing.HedgeEvents(name, self._telemetry, site=site)
         return _driver.build(
             hedge.wrap(attempt, listener=listener),
             asynchronous=True,
             admission=_admission(self.rate_limit, self.bulkhead),
             timeout=self.timeout,
-            observer=self._observer(fn) if observer is None else observer,
+            observer=site if observer is None else observer,
         )
 
     def resume(
@@ -541,7 +545,7 @@ class _RateThenMeasured(_RateThenBulkhead):
 def _injectors(chaos: Iterable[Injector] | None) -> tuple[Injector, ...]:
     if chaos is None:
         return ()
-    if isinstance(chaos, Injector):
+    if isinstance(chaos, Injector) and not isinstance(chaos, type):
         return (chaos,)
     if isinstance(chaos, (str, bytes)) or not isinstance(chaos, Iterable):
         raise TypeError(
@@ -550,7 +554,8 @@ def _injectors(chaos: Iterable[Injector] | None) -> tuple[Injector, ...]:
         )
     injectors = tuple(chaos)
     for injector in injectors:
-        if not isinstance(injector, Injector):
+        # A class has its wrap() too (unbound): the stage is an instance of it.
+        if not isinstance(injector, Injector) or isinstance(injector, type):
             raise TypeError(
                 "each chaos stage must be a resilient.chaos stage or an Injector "
                 f"(a wrap(fn, asynchronous) method), got {injector!r}"

@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import inspect
 import math
 import time
 from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
@@ -409,7 +410,10 @@ def quorum_sync(
                 label = futures.pop(future)
                 error = future.exception()
                 if error is None:
-                    gather.succeeded(label, future.result())
+                    result = future.result()
+                    if inspect.isawaitable(result):
+                        _refuse_awaitable(label, result)
+                    gather.succeeded(label, result)
                 elif isinstance(error, Exception):
                     gather.failed(label, error)
                 else:  # pragma: no cover - a thread's KeyboardInterrupt is not a failed call
@@ -421,6 +425,17 @@ def quorum_sync(
             future.cancel()  # only those not yet started; threads cannot be interrupted
         if own is not None:
             own.shutdown(wait=False, cancel_futures=True)
+
+
+def _refuse_awaitable(label: Any, result: Any) -> None:
+    """An async call given to quorum_sync: its answer was never awaited, so refuse it."""
+    if inspect.iscoroutine(result):
+        result.close()  # no "never awaited" warning on top of this error
+    raise TypeError(
+        f"quorum_sync's call {label!r} returned an awaitable ({result!r}), not its answer: "
+        "quorum_sync runs blocking calls in threads; for async calls, await "
+        "resilient.quorum(...) instead"
+    )
 
 
 def _executors(

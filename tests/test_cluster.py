@@ -468,6 +468,7 @@ URLS = [f"http://127.0.0.1:{port}/" for port in (1, 2, 3, 4, 5)]
         ({"max_parallel": 0}, ValueError, "max_parallel must be at least 1"),
         ({"retry": 3}, TypeError, "retry must be a resilient.Retry"),
         ({"breaker": 3}, TypeError, "breaker must be a callable"),
+        ({"breaker": CircuitBreaker(name="one")}, TypeError, "expects a factory"),
         ({"breaker": lambda node: "x"}, TypeError, "must return a resilient.CircuitBreaker"),
         ({"nodes": [URLS[0], URLS[0], URLS[1]]}, ValueError, "twice"),
     ],

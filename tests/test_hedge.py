@@ -453,6 +453,50 @@ async def test_hedges_are_span_events_and_counted(
     assert hedges[frozenset({policy_name, ("resilient.hedge.outcome", "won")})] == 1
 
 
+async def test_a_hedged_calls_span_and_metrics_count_every_attempt_it_started(
+    tracer_provider: TracerProvider,
+    exporter: InMemorySpanExporter,
+    meter_provider: MeterProvider,
+    reader: InMemoryMetricReader,
+) -> None:
+    """resilient.attempts and resilient.call.attempts count the hedges, not just the first.
+
+    A nested hedged call inside an attempt counts its own attempts, not its caller's.
+    """
+    inner = Policy(
+        hedge=Hedge(delay=0.01, max_attempts=3, budget=None),
+        name="inner",
+        tracer_provider=tracer_provider,
+        meter_provider=meter_provider,
+    )
+    outer = Policy(
+        hedge=Hedge(delay=0.01, max_attempts=3, budget=None),
+        name="outer",
+        tracer_provider=tracer_provider,
+        meter_provider=meter_provider,
+    )
+    assert await outer(Dependency(HANG, 0))() == "k from attempt 2"
+    failing = Dependency(ConnectionError)
+    with pytest.raises(ConnectionError):
+        await outer(failing)()
+    assert failing.started == 3
+    patient = Policy(  # never hedges here: its one attempt is the inner call
+        hedge=Hedge(delay=HANG),
+        name="outer",
+        tracer_provider=tracer_provider,
+        meter_provider=meter_provider,
+    )
+    assert await patient(inner(Dependency(HANG, HANG, 0)))() == "k from attempt 3"
+    spans: dict[str, list[Any]] = {}
+    for span in exporter.get_finished_spans():
+        assert span.attributes is not None
+        spans.setdefault(span.name, []).append(span.attributes["resilient.attempts"])
+    assert spans == {"outer": [2, 3, 1], "inner": [3]}
+    attempts = points(reader)["resilient.call.attempts"]
+    assert attempts[frozenset({("resilient.policy", "outer")})] == (3, 6)
+    assert attempts[frozenset({("resilient.policy", "inner")})] == (1, 3)
+
+
 async def test_on_takes_a_tuple_or_a_predicate() -> None:
     """`on` as a tuple of types or a predicate decides what starts the next attempt."""
     by_types = Hedge(delay=HANG, on=(ConnectionError, TimeoutError))

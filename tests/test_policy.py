@@ -18,6 +18,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import NoOpTracerProvider
 
 import resilient
+import resilient.chaos
 from resilient._compat.pybreaker import PyBreakerOpenError
 
 
@@ -1074,9 +1075,11 @@ async def test_chaos_injectors_wrap_async_calls() -> None:
     assert seen == ["only"]
 
 
-@pytest.mark.parametrize("chaos", ["fault", 3, [object()], [None]])
+@pytest.mark.parametrize(
+    "chaos", ["fault", 3, [object()], [None], _Tagging, [_Tagging], [resilient.chaos.Fault]]
+)
 def test_chaos_refuses_what_is_not_an_injector(chaos: Any) -> None:
-    """A string, a number or a list holding a non-injector is refused, naming chaos."""
+    """A string, a number, a stage's class (not an instance), or a list holding one is refused."""
     with pytest.raises(TypeError, match="chaos"):
         resilient.Policy(chaos=chaos)
 

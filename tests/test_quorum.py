@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import pickle
 import threading
 import time
+import warnings
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -353,3 +355,20 @@ def test_sync_quorum_runs_each_call_in_the_executor_of_its_label() -> None:
                 quorum_sync(calls, 1, executor={**pools, "a": "pool"})  # type: ignore[dict-item]
         finally:
             release.set()
+
+
+def test_sync_quorum_refuses_async_calls_instead_of_returning_coroutines() -> None:
+    """A call returning a coroutine is the caller's mistake: a TypeError, not a result.
+
+    Its coroutine is closed, so no "never awaited" warning follows the error.
+    """
+
+    async def lookup() -> str:
+        return "never awaited"
+
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
+        with pytest.raises(TypeError, match=r"returned an awaitable.*resilient\.quorum"):
+            quorum_sync({"a": lambda: lookup(), "b": lambda: lookup()}, k=1)
+        gc.collect()
+    assert not [w for w in warned if issubclass(w.category, RuntimeWarning)]

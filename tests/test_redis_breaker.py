@@ -356,6 +356,7 @@ def test_bad_configuration_is_refused_at_construction() -> None:
     with pytest.raises(pickle.PicklingError, match="store") as refused:
         pickle.dumps(CircuitBreaker(name="pickled", store=store))
     assert "each process" in str(refused.value.__cause__)
+    assert "each process" in str(refused.value)  # what to do, in the message itself
     store.close()
 
 

@@ -451,8 +451,8 @@ class CircuitBreaker(_driver.Decorating):
             except Exception as exc:
                 raise pickle.PicklingError(
                     f"circuit breaker {self._name!r} cannot be pickled: its {parameter} "
-                    f"{value!r} is not picklable; use a module-level function or class "
-                    "instead of a lambda or closure"
+                    f"{value!r} is not picklable ({exc}); if it is a lambda or closure, use "
+                    "a module-level function or class instead"
                 ) from exc
         return (rebuild, (type(self), dict(self._config)))
 

@@ -4,7 +4,8 @@
 stages already have, so a fleet of processes shares one state where one is wanted:
 
 * :class:`RedisStore` — ``CircuitBreaker(name="payments", store=RedisStore(client))``:
-  one breaker for the fleet, read from a local copy on the healthy path.
+  one breaker for the fleet, read from a local copy on the healthy path (each breaker's
+  store, ``breaker.store``, is the :class:`SharedBreakerStore` it builds).
 * :class:`RedisBudgetStore` — ``RetryBudget(store=RedisBudgetStore(client, name="api"))``:
   Finagle's retry budget counted across the fleet.
 * :class:`RedisRateStore` — ``RateLimiter(rate=..., store=RedisRateStore(client, name="api"))``:

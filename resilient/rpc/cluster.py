@@ -371,6 +371,13 @@ class _Core:
         if self.retry is not None and not isinstance(self.retry, Retry):
             raise TypeError(f"retry must be a resilient.Retry or None, got {retry!r}")
         factory = default_node_breaker if isinstance(breaker, Default) else breaker
+        if isinstance(factory, CircuitBreaker):  # callable too, as a decorator
+            raise TypeError(
+                "breaker expects a factory (a callable taking a node URL and returning a "
+                f"resilient.CircuitBreaker), not a breaker: got {breaker!r}. Pass "
+                "breaker=lambda node: CircuitBreaker(name=node, ...) so that each node "
+                "gets its own"
+            )
         if factory is not None and not callable(factory):
             raise TypeError(
                 "breaker must be a callable taking a node URL and returning a "

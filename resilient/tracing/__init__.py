@@ -28,7 +28,8 @@ Internal API (used by :mod:`resilient.policy` and :mod:`resilient.transport`)
   the metric instruments of one meter provider (``record_call``, ``record_retry``,
   ``record_transition``), and :func:`~resilient.tracing.metrics.instruments_for`.
 * :class:`CallSite` and :class:`Call` — one decorated function, one call's recorder.
-* :class:`HedgeEvents` — a hedged Policy's listener: span events and counts of hedges.
+* :class:`HedgeEvents` — a hedged Policy's listener: span events and counts of hedges;
+  :class:`HedgedCallSite` — a hedged Policy's call site, whose records count the hedges.
 * :func:`breaker_state_changed` — subscribed to every circuit breaker's state changes.
 * :func:`error_type` and :func:`outcome_of` — the values of ``error.type`` and
   ``resilient.outcome``; :func:`circuit_open_event` — a breaker's refusal on a span.
@@ -39,6 +40,7 @@ explicit provider is given), not by ``import resilient``.
 
 from __future__ import annotations
 
+import contextvars
 import math
 import sys
 import time
@@ -64,6 +66,7 @@ __all__ = [
     "Call",
     "CallSite",
     "HedgeEvents",
+    "HedgedCallSite",
     "Telemetry",
     "breaker_state_changed",
     "circuit_open_event",
@@ -86,6 +89,11 @@ OUTCOMES: Final = (
 _perf_counter = time.perf_counter
 _monotonic = time.monotonic
 _INF = math.inf
+# The record of the hedged call running in this context (see HedgedCallSite): the
+# Hedge's listener adds each attempt it starts to it.
+_HEDGED_CALL: contextvars.ContextVar[Call | None] = contextvars.ContextVar(
+    "resilient.tracing.hedged_call", default=None
+)
 
 
 # The API modules Call needs, bound on first use (a Call with a span implies they are).
@@ -282,7 +290,23 @@ class CallSite:
         instruments = telemetry.instruments()
         if tracer is None and instruments is None:
             return None
-        return Call(self, tracer, instruments)
+        return self._record(self, tracer, instruments)
+
+    # What begin() records a call with (HedgedCallSite's records do one thing more).
+    _record: type[Call]
+
+
+class HedgedCallSite(CallSite):
+    """A hedged Policy's call site: its record counts every attempt the Hedge starts.
+
+    The driver around a :class:`~resilient.Hedge` sees one attempt, the hedge; the
+    hedge's :class:`HedgeEvents` finds this call's record through a context variable
+    set here (and reset by :meth:`Call.end`) and adds each attempt it starts, so the
+    span's ``resilient.attempts`` and the ``resilient.call.attempts`` histogram say
+    how many attempts the call made.
+    """
+
+    __slots__ = ()
 
 
 class Call:
@@ -364,6 +388,26 @@ class Call:
             instruments.record_call(self.site.name, outcome, seconds, self.attempts)
 
 
+class _HedgedCall(Call):
+    """A hedged call's record: findable by the Hedge's listener while the call runs."""
+
+    __slots__ = ("hedged",)
+
+    def __init__(self, site: CallSite, tracer: Tracer | None, instruments: Instruments | None):
+        super().__init__(site, tracer, instruments)
+        self.hedged: Token[Call | None] | None = _HEDGED_CALL.set(self)
+
+    def end(self) -> None:
+        if self.hedged is not None:
+            _HEDGED_CALL.reset(self.hedged)
+            self.hedged = None
+        super().end()
+
+
+CallSite._record = Call
+HedgedCallSite._record = _HedgedCall
+
+
 class HedgeEvents:
     """Tracing as a :class:`~resilient.hedge.HedgeListener`: span events and counters.
 
@@ -373,13 +417,19 @@ class HedgeEvents:
     rare, so these ask the providers each time instead of being set up per call.
     """
 
-    __slots__ = ("name", "telemetry")
+    __slots__ = ("name", "site", "telemetry")
 
-    def __init__(self, name: str, telemetry: Telemetry) -> None:
+    def __init__(self, name: str, telemetry: Telemetry, site: HedgedCallSite | None = None) -> None:
         self.name = name
         self.telemetry = telemetry
+        # The call site whose records count the hedges as attempts (None: the caller,
+        # such as the httpx transport, counts its attempts itself).
+        self.site = site
 
     def hedged(self, attempt: int, elapsed: float) -> None:
+        record = _HEDGED_CALL.get()
+        if record is not None and record.site is self.site:
+            record.attempts += 1
         self._record(
             "resilient.hedge",
             {"resilient.attempt": attempt, "resilient.hedge.elapsed": elapsed},
