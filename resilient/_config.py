@@ -19,6 +19,7 @@ __all__ = [
     "check_int",
     "check_number",
     "describe",
+    "exception_types",
     "rebuild",
     "to_seconds",
 ]
@@ -99,6 +100,36 @@ def check_number(
     if not ok:
         raise ValueError(f"{name} must be {bounds}, got {value!r}")
     return number
+
+
+def exception_types(
+    name: str, value: object, *, if_empty: str = ""
+) -> tuple[type[BaseException], ...] | None:
+    """The exception types an ``on=``-style setting names, or ``None`` when it is a predicate.
+
+    ``value`` may be an exception class, a non-empty tuple of them, or any callable
+    (a predicate taking the exception); anything else raises naming ``name``.
+    ``if_empty`` is said after the error for an empty tuple.
+    """
+    if isinstance(value, type):
+        if not issubclass(value, BaseException):
+            raise TypeError(f"{name} must be an exception type, got the class {value!r}")
+        return (value,)
+    if isinstance(value, tuple):
+        if not value:
+            raise ValueError(f"{name} must name at least one exception type, got (){if_empty}")
+        for item in value:
+            if not (isinstance(item, type) and issubclass(item, BaseException)):
+                raise TypeError(
+                    f"{name} must be a tuple of exception types, got {value!r} (holding {item!r})"
+                )
+        return value
+    if not callable(value):
+        raise TypeError(
+            f"{name} must be an exception type, a tuple of them, or a predicate taking the "
+            f"exception, got {value!r}"
+        )
+    return None
 
 
 _C = TypeVar("_C")

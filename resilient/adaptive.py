@@ -75,7 +75,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from typing import Any, Final, Protocol, TypeAlias, runtime_checkable
+from typing import Any, Final, Protocol, TypeAlias, cast, runtime_checkable
 
 from resilient import _fork
 from resilient._config import (
@@ -85,6 +85,7 @@ from resilient._config import (
     check_int,
     check_number,
     describe,
+    exception_types,
     rebuild,
     to_seconds,
 )
@@ -580,30 +581,14 @@ class AdaptiveLimit:
 def _drop_predicate(drop_on: object) -> Callable[[Exception], bool]:
     if isinstance(drop_on, Default):
         return overloaded
-    if isinstance(drop_on, type):
-        if not issubclass(drop_on, BaseException):
-            raise TypeError(f"drop_on must be an exception type, got the class {drop_on!r}")
-        return _instance_of((drop_on,))
-    if isinstance(drop_on, tuple):
-        if not drop_on:
-            raise ValueError(
-                "drop_on must name at least one exception type, got (); to count no error "
-                "as a drop, pass a predicate that returns False"
-            )
-        for item in drop_on:
-            if not (isinstance(item, type) and issubclass(item, BaseException)):
-                raise TypeError(
-                    f"drop_on must be a tuple of exception types, got {drop_on!r} "
-                    f"(holding {item!r})"
-                )
-        return _instance_of(drop_on)
-    if not callable(drop_on):
-        raise TypeError(
-            "drop_on must be an exception type, a tuple of them, or a predicate taking the "
-            f"exception, got {drop_on!r}"
-        )
-    predicate: Callable[[Exception], bool] = drop_on
-    return predicate
+    types = exception_types(
+        "drop_on",
+        drop_on,
+        if_empty="; to count no error as a drop, pass a predicate that returns False",
+    )
+    if types is None:
+        return cast("Callable[[Exception], bool]", drop_on)
+    return _instance_of(types)
 
 
 class _instance_of:

@@ -46,6 +46,7 @@ from resilient._config import (
     check_int,
     check_number,
     describe,
+    exception_types,
     rebuild,
     to_seconds,
 )
@@ -617,29 +618,17 @@ def _refusal(error: Exception) -> bool:
 def _filter(on: object) -> Callable[[Exception], bool]:
     if isinstance(on, Default):
         return lambda error: not isinstance(error, PROGRAMMING_ERRORS)
-    if isinstance(on, type):
-        if not issubclass(on, Exception):
+    types = exception_types("on", on)
+    if types is None:
+        predicate = cast("Callable[[Exception], bool]", on)
+        return lambda error: bool(predicate(error))
+    for item in types:
+        if not issubclass(item, Exception):
             raise TypeError(
                 "on must be an exception type, Exception or a subclass of it (a cancellation "
-                f"or an interrupt always ends the call), got the class {on!r}"
+                f"or an interrupt always ends the call), got the class {item!r}"
             )
-        types: tuple[type[Exception], ...] = (on,)
-        return lambda error: isinstance(error, types)
-    if isinstance(on, tuple):
-        if not on:
-            raise ValueError("on must name at least one exception type, got ()")
-        for item in on:
-            if not (isinstance(item, type) and issubclass(item, Exception)):
-                raise TypeError(
-                    f"on must be a tuple of exception types, got {on!r} (holding {item!r})"
-                )
-        return lambda error: isinstance(error, on)
-    if callable(on):
-        return lambda error: bool(on(error))
-    raise TypeError(
-        "on must be an exception type, a tuple of them or a predicate taking the exception, "
-        f"got {on!r}"
-    )
+    return lambda error: isinstance(error, types)
 
 
 def refuse_sync(fn: Callable[..., Any]) -> None:
