@@ -30,6 +30,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Generator
 from typing import TYPE_CHECKING, Any, ClassVar, Final, ParamSpec, Self, TypeVar, cast
 
 from resilient import _fork
+from resilient._specialize import specialize
 from resilient.deadline import current as _current
 from resilient.deadline import narrow as _narrow
 from resilient.deadline import restore as _restore
@@ -660,7 +661,7 @@ def build(
 
     # unasync: end generated
 
-    return run_async if asynchronous else run
+    return specialize(run_async if asynchronous else run)
 
 
 def build_resume(

@@ -73,10 +73,12 @@ STAGES = {
     "resilient._config": set(),
     "resilient.stages": set(),
     "resilient._fork": set(),
+    "resilient._specialize": set(),
     # Pure: the cluster client and the KV node share it without the RPC stack.
     "resilient.rpc.versions": set(),
     "resilient._driver": {
         "resilient._fork",
+        "resilient._specialize",
         "resilient.deadline",
         "resilient.errors",
         "resilient.stages",

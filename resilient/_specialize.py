@@ -1,0 +1,302 @@
+"""A driver recompiled for the stages it was built over: absent stages cost nothing.
+
+A driver (:func:`resilient._driver.build`) is written once, as a closure over its
+stages, where an absent stage is ``None`` and a feature is a flag. Read as written,
+every call pays for every ``if stage is not None`` and flag test, present or not:
+about a nanosecond per test, which is much of a healthy call's cost. The template
+stays the one source, and :func:`specialize` recompiles its text with those names
+replaced by the constants they hold (``None``, ``True``, ``False``) and the tests
+that become constant folded, so each call runs only the lines its stages need.
+
+The result is the same function, line for line: line numbers are kept, so
+tracebacks, debuggers and coverage see the template's own lines (the compiler keeps
+a folded ``if`` as a line event). The code is cached per shape, that is, per
+template and which of its names hold ``None``, ``True``, ``False`` or anything
+else; building another driver of a known shape makes only a function object over
+the original closure's cells. A name some closure rebinds (``nonlocal``) is never
+folded. When the template's source cannot be read, or does not compile to the code
+that is running (the file changed since it was imported), the template is returned
+as it is: the same behaviour, only slower.
+"""
+
+from __future__ import annotations
+import __future__
+
+import ast
+import linecache
+import threading
+import types
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, TypeVar
+
+__all__ = ["specialize"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# What a closure variable is known to hold, for the cache key.
+_OTHER: Final = 3
+_KIND: Final = {id(None): 0, id(True): 1, id(False): 2}
+_FLAGS: Final = __future__.annotations.compiler_flag
+
+_lock = threading.Lock()
+
+
+@dataclass(frozen=True, slots=True)
+class _Template:
+    """Where a template is in its file, and what compiling it again needs."""
+
+    imports: Sequence[ast.stmt]  # the file's imports: the compiler reads them (see _inner_code)
+    lines: str  # the definition's own lines, from its file
+    offset: int  # how many lines of the file come before them
+    rebound: frozenset[str]  # names some closure of the enclosing function rebinds
+
+
+# A template's code -> how to compile it again, or None: it cannot be (see the module).
+_templates: dict[types.CodeType, _Template | None] = {}
+# (template code, the kinds of its free variables) -> the specialised code, or None.
+_compiled: dict[tuple[types.CodeType, tuple[int, ...]], types.CodeType | None] = {}
+
+
+def specialize(fn: F) -> F:
+    """``fn``, a closure, recompiled with its ``None``/``True``/``False`` free names folded."""
+    code = fn.__code__
+    cells = fn.__closure__ or ()
+    values: dict[str, object] = {}
+    kinds = []
+    for name, cell in zip(code.co_freevars, cells, strict=True):
+        try:
+            value = cell.cell_contents
+        except ValueError:  # not bound yet: nothing known
+            kinds.append(_OTHER)
+            continue
+        values[name] = value
+        kinds.append(_KIND.get(id(value), _OTHER))
+    key = (code, tuple(kinds))
+    try:
+        specialised = _compiled[key]
+    except KeyError:
+        with _lock:
+            if key not in _compiled:
+                _compiled[key] = _compile(code, values)
+            specialised = _compiled[key]
+    if specialised is None:
+        return fn
+    by_name = dict(zip(code.co_freevars, cells, strict=True))
+    result = types.FunctionType(
+        specialised,
+        fn.__globals__,
+        fn.__name__,
+        fn.__defaults__,
+        tuple(by_name[name] for name in specialised.co_freevars),
+    )
+    result.__kwdefaults__ = fn.__kwdefaults__
+    result.__qualname__ = fn.__qualname__
+    result.__doc__ = fn.__doc__
+    return result  # type: ignore[return-value]
+
+
+def _compile(code: types.CodeType, values: dict[str, object]) -> types.CodeType | None:
+    if code not in _templates:
+        _templates[code] = _template(code)
+    template = _templates[code]
+    if template is None:
+        return None
+    known = {name: value for name, value in values.items() if name not in template.rebound}
+    definition = _parse(template)
+    specialised = _inner_code(_Folder(known).visit(definition), template.imports, code)
+    if not set(specialised.co_freevars) <= set(code.co_freevars):
+        return None  # pragma: no cover - folding only removes names
+    return specialised
+
+
+def _template(code: types.CodeType) -> _Template | None:
+    """How to compile ``code`` again, if its file holds its source, unchanged."""
+    source = linecache.getlines(code.co_filename)
+    try:
+        tree = ast.parse("".join(source), code.co_filename)
+    except SyntaxError:
+        return None
+    imports = [
+        node
+        for node in tree.body
+        if isinstance(node, ast.Import)
+        or (isinstance(node, ast.ImportFrom) and node.module != "__future__")
+    ]
+    line = code.co_firstlineno
+    for outer in tree.body:
+        if not isinstance(outer, ast.FunctionDef | ast.AsyncFunctionDef):
+            continue
+        if not outer.lineno < line <= (outer.end_lineno or 0):
+            continue
+        for node in ast.walk(outer):
+            if (
+                isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+                and node.lineno == line
+                and node.name == code.co_name
+                and not _nested_scopes(node)
+            ):
+                rebound = frozenset(
+                    name
+                    for child in ast.walk(outer)
+                    if isinstance(child, ast.Nonlocal)
+                    for name in child.names
+                )
+                lines = "".join(source[line - 1 : node.end_lineno])
+                template = _Template(imports, lines, line - 2, rebound)
+                # The file may have changed since the module was imported: then the
+                # text does not compile to the code that is running.
+                if _same(_inner_code(_parse(template), imports, code), code):
+                    return template
+        return None
+    return None
+
+
+def _parse(template: _Template) -> ast.FunctionDef | ast.AsyncFunctionDef:
+    """The template's definition, parsed afresh, with the file's lines and columns."""
+    # Under an `if` the indented lines parse as they stand: their columns stay the file's.
+    block = ast.parse("if True:\n" + template.lines).body[0]
+    assert isinstance(block, ast.If)
+    definition = block.body[0]
+    assert isinstance(definition, ast.FunctionDef | ast.AsyncFunctionDef)
+    return ast.increment_lineno(definition, template.offset)
+
+
+_SCOPES: Final = (
+    *(ast.Lambda, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef),
+    *(ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp),
+)
+
+
+def _nested_scopes(definition: ast.FunctionDef | ast.AsyncFunctionDef) -> bool:
+    """Whether a scope inside ``definition`` could bind one of its free names locally."""
+    return any(isinstance(node, _SCOPES) for node in ast.walk(definition) if node is not definition)
+
+
+def _same(compiled: types.CodeType, code: types.CodeType) -> bool:
+    # Code compares by its instructions, constants, names and line table.
+    return compiled == code
+
+
+def _inner_code(
+    definition: ast.FunctionDef | ast.AsyncFunctionDef,
+    imports: Sequence[ast.stmt],
+    code: types.CodeType,
+) -> types.CodeType:
+    """Compile ``definition`` as a closure over ``code``'s free names; its code object."""
+    free: list[ast.expr] = [ast.Name(name, ast.Store()) for name in code.co_freevars]
+    outer = ast.FunctionDef(
+        name="<specialised>",
+        args=ast.arguments(
+            posonlyargs=[], args=[], vararg=None, kwonlyargs=[], kw_defaults=[], defaults=[]
+        ),
+        body=[ast.Assign(free, ast.Constant(None)), definition] if free else [definition],
+        decorator_list=[],
+        returns=None,
+        type_comment=None,
+    )
+    # The file's imports, never run: the compiler calls a function of an imported module
+    # differently (LOAD_ATTR, not LOAD_METHOD), and the code must match the template's.
+    module = ast.Module(body=[*imports, outer], type_ignores=[])
+    ast.fix_missing_locations(module)
+    compiled = compile(module, code.co_filename, "exec", flags=_FLAGS, dont_inherit=True)
+    (enclosing,) = (c for c in compiled.co_consts if isinstance(c, types.CodeType))
+    (inner,) = (c for c in enclosing.co_consts if isinstance(c, types.CodeType))
+    return inner.replace(co_qualname=code.co_qualname)
+
+
+class _Folder(ast.NodeTransformer):
+    """Replaces the known names by their constants and folds what becomes constant."""
+
+    def __init__(self, known: dict[str, object]) -> None:
+        self.known = known
+
+    def constant(self, node: ast.expr) -> ast.expr:
+        """``node`` as a constant, if it names one: only where it is tested or compared.
+
+        A known name elsewhere (called, say) stays a name: folded into dead code, a
+        constant there would make the compiler warn (``None()``).
+        """
+        if isinstance(node, ast.Name) and node.id in self.known:
+            value = self.known[node.id]
+            if value is None or value is True or value is False:
+                return ast.copy_location(ast.Constant(value), node)
+        return node
+
+    def visit_Compare(self, node: ast.Compare) -> ast.expr:
+        self.generic_visit(node)
+        if len(node.ops) != 1 or not isinstance(node.ops[0], ast.Is | ast.IsNot):
+            return node
+        left, right = self.constant(node.left), self.constant(node.comparators[0])
+        same = self._identical(left, right)
+        if same is None:
+            return node
+        return ast.copy_location(ast.Constant(same == isinstance(node.ops[0], ast.Is)), node)
+
+    def _identical(self, left: ast.expr, right: ast.expr) -> bool | None:
+        """Whether ``left is right``, when that is known."""
+        if isinstance(left, ast.Constant) and isinstance(right, ast.Constant):
+            return left.value is right.value
+        # A name holding an object that is not None, against None.
+        for name, other in ((left, right), (right, left)):
+            if (
+                isinstance(name, ast.Name)
+                and name.id in self.known
+                and isinstance(other, ast.Constant)
+                and other.value is None
+            ):
+                return False  # the known value is not None, or it would be a constant
+        return None
+
+    def visit_UnaryOp(self, node: ast.UnaryOp) -> ast.expr:
+        self.generic_visit(node)
+        operand = self.constant(node.operand)
+        if isinstance(node.op, ast.Not) and isinstance(operand, ast.Constant):
+            return ast.copy_location(ast.Constant(not operand.value), node)
+        return node
+
+    def visit_BoolOp(self, node: ast.BoolOp) -> ast.expr:
+        """Leading constants: exact in any context (``True and x`` is ``x``)."""
+        self.generic_visit(node)
+        stops = isinstance(node.op, ast.Or)  # the truth value that ends the expression
+        values = [self.constant(value) for value in node.values]
+        while values and isinstance(values[0], ast.Constant):
+            if bool(values[0].value) is stops or len(values) == 1:
+                return values[0]
+            values.pop(0)
+        if len(values) == 1:
+            return values[0]
+        node.values = values
+        return node
+
+    def visit_If(self, node: ast.If) -> ast.AST:
+        self.generic_visit(node)
+        node.test = _as_test(self.constant(node.test))
+        # A constant test stays: the compiler drops the dead branch but keeps the line.
+        return node
+
+    def visit_IfExp(self, node: ast.IfExp) -> ast.expr:
+        self.generic_visit(node)
+        test = _as_test(self.constant(node.test))
+        if isinstance(test, ast.Constant):
+            return node.body if test.value else node.orelse
+        node.test = test
+        return node
+
+
+def _as_test(node: ast.expr) -> ast.expr:
+    """``node`` read only for its truth: constants that cannot decide it are dropped."""
+    if not isinstance(node, ast.BoolOp):
+        return node
+    useless = isinstance(node.op, ast.And)  # `x and True` tests as `x`
+    values = [
+        value
+        for value in node.values
+        if not (isinstance(value, ast.Constant) and bool(value.value) is useless)
+    ]
+    if not values:
+        return ast.copy_location(ast.Constant(useless), node)
+    if len(values) == 1:
+        return values[0]
+    node.values = values
+    return node
