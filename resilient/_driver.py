@@ -343,6 +343,15 @@ def build(
         try_acquire, release, wake = tickets.try_acquire, tickets.release, tickets.release
     quiet = None if gate is None else _described(gate, "quiet")
     holder, closed = (None, None) if quiet is None else (quiet.holder, quiet.closed)
+    # A gate's refusals as plain reads (RefusingGate): its fields are read once, here.
+    refusing = None if gate is None else _described(gate, "refusing")
+    open_state = None if refusing is None else refusing.state
+    open_holder: Any = None if refusing is None else refusing.holder
+    reopens_after = 0.0 if refusing is None else refusing.reset_timeout
+    gate_clock = None if refusing is None else refusing.clock
+    refusal = None if refusing is None else refusing.error
+    gate_name = "" if refusing is None else refusing.name
+    rejections = None if refusing is None else refusing.rejections
     before_call = None if gate is None else gate.before_call
     on_success = None if gate is None else gate.on_success
     on_failure = None if gate is None else gate.on_failure
@@ -429,7 +438,15 @@ def build(
             ticket = None
         elif early and record is None and outer == _INF:
             # Nothing to undo yet (no slot, deadline or record): a refusal raises from
-            # here, through none of the handlers below, which would cost more than it.
+            # here, through none of the handlers below, which would cost more than it;
+            # and from this frame if the gate describes it, not through another one.
+            if open_state is not None and open_holder.state is open_state:
+                opened_at = open_holder.opened_at
+                if opened_at is not None:
+                    retry_after = opened_at + reopens_after - gate_clock()  # type: ignore[misc]
+                    if retry_after > 0.0:
+                        rejections[0] += 1  # type: ignore[index]
+                        raise refusal(gate_name, retry_after)  # type: ignore[misc]
             ticket = before_call()
         else:
             ticket = _LATE
@@ -578,7 +595,15 @@ def build(
             ticket = None
         elif early and record is None and outer == _INF:
             # Nothing to undo yet (no slot, deadline or record): a refusal raises from
-            # here, through none of the handlers below, which would cost more than it.
+            # here, through none of the handlers below, which would cost more than it;
+            # and from this frame if the gate describes it, not through another one.
+            if open_state is not None and open_holder.state is open_state:
+                opened_at = open_holder.opened_at
+                if opened_at is not None:
+                    retry_after = opened_at + reopens_after - gate_clock()  # type: ignore[misc]
+                    if retry_after > 0.0:
+                        rejections[0] += 1  # type: ignore[index]
+                        raise refusal(gate_name, retry_after)  # type: ignore[misc]
             ticket = before_call()
         else:
             ticket = _LATE
@@ -761,7 +786,7 @@ class _Recording:
 
 
 def _described(stage: object, method: str) -> Any:
-    """What a stage's optional ``slot_pool()`` / ``quiet()`` returns, or ``None``."""
+    """What a stage's optional ``slot_pool()`` / ``quiet()`` / ... returns, or ``None``."""
     describe = getattr(stage, method, None)
     return None if describe is None else describe()
 

@@ -269,11 +269,15 @@ class _Folder(ast.NodeTransformer):
         node.values = values
         return node
 
-    def visit_If(self, node: ast.If) -> ast.AST:
+    def visit_If(self, node: ast.If) -> ast.stmt | list[ast.stmt]:
         self.generic_visit(node)
-        node.test = _as_test(self.constant(node.test))
-        # A constant test stays: the compiler drops the dead branch but keeps the line.
-        return node
+        node.test = test = _as_test(self.constant(node.test))
+        if not isinstance(test, ast.Constant):
+            return node
+        # The dead branch goes, and with it its names: they are no longer free variables,
+        # and the frame is smaller. A `pass` on the test's line keeps its line event, as
+        # the compiler itself does for a constant test.
+        return [ast.copy_location(ast.Pass(), node), *(node.body if test.value else node.orelse)]
 
     def visit_IfExp(self, node: ast.IfExp) -> ast.expr:
         self.generic_visit(node)

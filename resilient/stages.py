@@ -43,7 +43,9 @@ healthy call makes several. So a stage may also describe its healthy path as pla
 objects the driver reads inline, with no call: an admission stage through a
 ``slot_pool()`` method returning a :class:`SlotPool`, a gate through ``quiet()``
 returning a :class:`QuietGate`, a retrier through ``tally()`` returning a
-:class:`CallTally` (each may return ``None``: no such path). The built-in
+:class:`CallTally` (each may return ``None``: no such path). A gate may describe
+its refusals the same way, through ``refusing()`` returning a :class:`RefusingGate`,
+so that rejecting a call while it is open costs no call into it either. The built-in
 :class:`~resilient.Bulkhead`, :class:`~resilient.CircuitBreaker` and
 :class:`~resilient.Retry` do; a stage without them is driven through its methods,
 with the same results.
@@ -64,6 +66,7 @@ __all__ = [
     "Injector",
     "MeasuredAdmission",
     "QuietGate",
+    "RefusingGate",
     "Retrier",
     "SlotPool",
 ]
@@ -108,6 +111,26 @@ class QuietGate:
 
     holder: Any
     closed: object
+
+
+@dataclass(frozen=True, slots=True)
+class RefusingGate:
+    """A gate's refusals, read from ``holder``'s plain attributes.
+
+    While ``holder.state is state`` and ``retry_after = holder.opened_at +
+    reset_timeout - clock()`` is above zero, :meth:`Gate.before_call` would add one
+    to ``rejections[0]`` and raise ``error(name, retry_after)``; otherwise ask it.
+    The driver reads this only where a refusal has nothing to undo (no slot taken,
+    no deadline narrowed, no record begun); elsewhere it calls ``before_call``.
+    """
+
+    holder: Any
+    state: object
+    reset_timeout: float
+    clock: Callable[[], float]
+    error: Callable[[str, float], BaseException]
+    name: str
+    rejections: list[int]
 
 
 @runtime_checkable

@@ -970,3 +970,86 @@ def test_a_resumed_failure_after_the_breaker_turned_half_open_is_no_probe() -> N
         with pytest.raises(ConnectionError, match="late"):
             resume(clock(), ConnectionError("late"))
     assert events == ["open"]  # never half_open -> open on the late failure
+
+
+class Drained:
+    """A gate of our own that describes its refusals as plain reads (RefusingGate)."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        self.state: object = "draining"
+        self.opened_at: float | None = clock()
+        self.rejections = [0]
+        self.asked = 0
+        self.clock = clock
+
+    def refusing(self) -> resilient.stages.RefusingGate:
+        return resilient.stages.RefusingGate(
+            self, "draining", 10.0, self.clock, self.refusal, "drained", self.rejections
+        )
+
+    @staticmethod
+    def refusal(name: str, retry_after: float) -> Denied:
+        return Denied(f"{name}: back in {retry_after:.1f} s")
+
+    def before_call(self) -> object:
+        self.asked += 1
+        return None
+
+    def on_success(self, ticket: object) -> None:
+        pass
+
+    def on_failure(self, ticket: object, error: Exception) -> None:
+        pass
+
+    def on_abort(self, ticket: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_a_refusing_gate_is_read_inline_and_asked_once_it_would_not_refuse(
+    asynchronous: bool,
+) -> None:
+    """While described as refusing, calls get its error and its count, the gate unasked."""
+    clock = FakeClock()
+    gate = Drained(clock)
+    policy = resilient.Policy(breaker=gate)
+
+    async def work_async() -> str:
+        return "done"
+
+    def call() -> object:
+        if asynchronous:
+            return asyncio.run(policy.acall(work_async))
+        return policy.call(lambda: "done")
+
+    clock.advance(4.0)
+    with pytest.raises(Denied, match=r"drained: back in 6\.0 s"):
+        call()
+    assert (gate.rejections, gate.asked) == ([1], 0)
+    clock.advance(6.0)  # reset_timeout passed: the gate itself decides
+    assert call() == "done"
+    gate.opened_at = None  # no time to count from: ask the gate
+    assert call() == "done"
+    gate.state = "serving"
+    assert call() == "done"
+    assert (gate.rejections, gate.asked) == ([1], 3)
+
+
+def test_an_open_breaker_rejects_inline_with_its_clock_and_counts() -> None:
+    """The breaker's RefusingGate gives the rejection before_call would: same error, same count."""
+    clock = FakeClock()
+    breaker = resilient.CircuitBreaker(failure_threshold=1, reset_timeout=30, clock=clock)
+    with pytest.raises(ConnectionError):
+        breaker.call(failing_then(None, 1))
+    clock.advance(12.0)
+    for driven in (breaker.call, resilient.Policy(breaker=breaker).call):
+        with pytest.raises(resilient.CircuitOpenError) as caught:
+            driven(lambda: "never")
+        assert caught.value.retry_after == pytest.approx(18.0)
+        assert caught.value.__context__ is None
+    with resilient.deadline(5.0), pytest.raises(resilient.CircuitOpenError):
+        breaker.call(lambda: "never")  # a deadline in force: asked through before_call
+    assert breaker.metrics().total_rejections == 3
+    clock.advance(18.0)
+    assert breaker.call(lambda: "probe") == "probe"
+    assert breaker.state is resilient.BreakerState.CLOSED

@@ -100,7 +100,7 @@ from resilient.breaker.store import (
     _build_store,
 )
 from resilient.errors import PROGRAMMING_ERRORS, CircuitOpenError
-from resilient.stages import QuietGate
+from resilient.stages import QuietGate, RefusingGate
 
 __all__ = [
     "BreakerEvent",
@@ -254,12 +254,12 @@ class CircuitBreaker(_driver.Decorating):
         "_minimum_calls",
         "_name",
         "_plain",
+        "_rejections",
         "_reset_timeout",
         "_slow_call_duration",
         "_store",
         "_success_threshold",
         "_total_failures",
-        "_total_rejections",
     )
 
     def __init__(
@@ -358,7 +358,7 @@ class CircuitBreaker(_driver.Decorating):
         # Closed with nothing to time and no window to feed: a success is a no-op.
         self._plain = slow_seconds is None and failure_rate is None
         self._total_failures = 0
-        self._total_rejections = 0
+        self._rejections = [0]  # a list: RefusingGate readers add to it too
         self._drivers: _driver.DriverCache = {}
         self._config: dict[str, Any] = {
             "name": name,
@@ -431,7 +431,7 @@ class CircuitBreaker(_driver.Decorating):
             opened_at=snapshot.opened_at,
             retry_after=self._retry_after(snapshot, now),
             total_failures=self._total_failures,
-            total_rejections=self._total_rejections,
+            total_rejections=self._rejections[0],
         )
 
     def __repr__(self) -> str:
@@ -488,6 +488,18 @@ class CircuitBreaker(_driver.Decorating):
         """
         return None if not self._plain else QuietGate(self._store, _CLOSED)
 
+    def refusing(self) -> RefusingGate:
+        """Its open state as plain reads (:class:`~resilient.stages.RefusingGate`)."""
+        return RefusingGate(
+            self._store,
+            _OPEN,
+            self._reset_timeout,
+            self._clock,
+            CircuitOpenError,
+            self._name,
+            self._rejections,
+        )
+
     def before_call(self) -> object:
         """Admit one call or raise ``CircuitOpenError``; return the ticket for the report.
 
@@ -508,7 +520,7 @@ class CircuitBreaker(_driver.Decorating):
             if opened_at is not None:
                 retry_after = opened_at + self._reset_timeout - self._clock()
                 if retry_after > 0.0:
-                    self._total_rejections += 1
+                    self._rejections[0] += 1
                     raise CircuitOpenError(self._name, retry_after)
         return self._admit()
 
@@ -558,7 +570,7 @@ class CircuitBreaker(_driver.Decorating):
                     math.inf if state is _ISOLATED else opened_at + self._reset_timeout - now
                 )
                 if retry_after > 0.0:
-                    self._total_rejections += 1
+                    self._rejections[0] += 1
                     raise CircuitOpenError(self._name, retry_after)
         snapshot = self._settle(now)
         state = snapshot.state
@@ -567,7 +579,7 @@ class CircuitBreaker(_driver.Decorating):
         if state is _HALF_OPEN and store.acquire_probe(snapshot.epoch, self._half_open_max_calls):
             started_at = None if self._slow_call_duration is None else now
             return _Ticket(started_at, snapshot.epoch)
-        self._total_rejections += 1
+        self._rejections[0] += 1
         raise CircuitOpenError(self._name, self._retry_after(snapshot, now))
 
     def _closed_ticket(self) -> object:
