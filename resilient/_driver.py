@@ -35,7 +35,7 @@ from resilient.deadline import current as _current
 from resilient.deadline import narrow as _narrow
 from resilient.deadline import restore as _restore
 from resilient.errors import DeadlineExceeded
-from resilient.stages import MeasuredAdmission
+from resilient.stages import MeasuredAdmission, RefusingGate
 
 if TYPE_CHECKING:
     from resilient.stages import Admission, CallObserver, CallRecord, Gate, Retrier
@@ -345,6 +345,8 @@ def build(
     holder, closed = (None, None) if quiet is None else (quiet.holder, quiet.closed)
     # A gate's refusals as plain reads (RefusingGate): its fields are read once, here.
     refusing = None if gate is None else _described(gate, "refusing")
+    if refusing is not None:
+        _check_refusing(gate, refusing)
     open_state = None if refusing is None else refusing.state
     open_holder: Any = None if refusing is None else refusing.holder
     reopens_after = 0.0 if refusing is None else refusing.reset_timeout
@@ -789,6 +791,29 @@ def _described(stage: object, method: str) -> Any:
     """What a stage's optional ``slot_pool()`` / ``quiet()`` / ... returns, or ``None``."""
     describe = getattr(stage, method, None)
     return None if describe is None else describe()
+
+
+def _check_refusing(gate: object, refusing: object) -> None:
+    """Refuse at build a ``refusing()`` the driver could only fail on later, while open.
+
+    Its fields are read once the gate refuses: unchecked, a mistake would surface in an
+    outage, as an AttributeError or a TypeError in place of the gate's own error.
+    """
+    what = f"{type(gate).__name__}.refusing()"
+    if not isinstance(refusing, RefusingGate):
+        raise TypeError(f"{what} returned {type(refusing).__name__}, not a RefusingGate or None")
+    holder, rejections = refusing.holder, refusing.rejections
+    if not (hasattr(holder, "state") and hasattr(holder, "opened_at")):
+        wrong = "a holder without state and opened_at"
+    elif not (callable(refusing.clock) and callable(refusing.error)):
+        wrong = "a clock or error that is not callable"
+    elif not (type(rejections) is list and len(rejections) == 1):
+        wrong = "rejections that are not a one-item list"
+    elif not isinstance(refusing.reset_timeout, int | float):
+        wrong = f"a reset_timeout that is not a number: {refusing.reset_timeout!r}"
+    else:
+        return
+    raise TypeError(f"{what} returned a RefusingGate with {wrong}")
 
 
 def _attempt_limit(now: float, total: float, attempt_timeout: float | None) -> float:

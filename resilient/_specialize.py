@@ -14,9 +14,12 @@ a folded ``if`` as a line event). The code is cached per shape, that is, per
 template and which of its names hold ``None``, ``True``, ``False`` or anything
 else; building another driver of a known shape makes only a function object over
 the original closure's cells. A name some closure rebinds (``nonlocal``) is never
-folded. When the template's source cannot be read, or does not compile to the code
-that is running (the file changed since it was imported), the template is returned
-as it is: the same behaviour, only slower.
+folded, nor one whose cell is still empty; the enclosing function must not rebind
+the others once it has called :func:`specialize` (``build`` calls it as it returns).
+When the template's source cannot be read, or does not compile to the code that is
+running (the file changed since it was imported), the template is returned as it is:
+the same behaviour, only slower. So it is when folding would change what a name
+refers to or what kind of function it is (see :func:`_same_scopes`).
 """
 
 from __future__ import annotations
@@ -24,11 +27,10 @@ import __future__
 
 import ast
 import linecache
-import threading
 import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, TypeVar
+from typing import Any, Final, TypeGuard, TypeVar
 
 __all__ = ["specialize"]
 
@@ -36,10 +38,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 # What a closure variable is known to hold, for the cache key.
 _OTHER: Final = 3
+_UNBOUND: Final = 4  # nothing known: the cell may yet be bound to anything, None too
 _KIND: Final = {id(None): 0, id(True): 1, id(False): 2}
 _FLAGS: Final = __future__.annotations.compiler_flag
-
-_lock = threading.Lock()
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,8 +54,12 @@ class _Template:
 
 
 # A template's code -> how to compile it again, or None: it cannot be (see the module).
+# Both caches are filled without a lock: two threads may compile one shape at once, to
+# equal code, and the first stored is kept. A lock held across a compile would stay held
+# in a child forked meanwhile, by a thread the child does not have.
 _templates: dict[types.CodeType, _Template | None] = {}
 # (template code, the kinds of its free variables) -> the specialised code, or None.
+# Bounded by the templates (the two drivers) times the shapes of their stages.
 _compiled: dict[tuple[types.CodeType, tuple[int, ...]], types.CodeType | None] = {}
 
 
@@ -67,8 +72,8 @@ def specialize(fn: F) -> F:
     for name, cell in zip(code.co_freevars, cells, strict=True):
         try:
             value = cell.cell_contents
-        except ValueError:  # not bound yet: nothing known
-            kinds.append(_OTHER)
+        except ValueError:  # not bound yet: nothing known, and a shape of its own
+            kinds.append(_UNBOUND)
             continue
         values[name] = value
         kinds.append(_KIND.get(id(value), _OTHER))
@@ -76,10 +81,7 @@ def specialize(fn: F) -> F:
     try:
         specialised = _compiled[key]
     except KeyError:
-        with _lock:
-            if key not in _compiled:
-                _compiled[key] = _compile(code, values)
-            specialised = _compiled[key]
+        specialised = _compiled.setdefault(key, _compile(code, values))
     if specialised is None:
         return fn
     by_name = dict(zip(code.co_freevars, cells, strict=True))
@@ -93,21 +95,58 @@ def specialize(fn: F) -> F:
     result.__kwdefaults__ = fn.__kwdefaults__
     result.__qualname__ = fn.__qualname__
     result.__doc__ = fn.__doc__
+    # Made by the `def` statement, not held by the code: copied, or the result has none.
+    result.__annotations__ = dict(fn.__annotations__)
+    result.__dict__.update(fn.__dict__)
     return result  # type: ignore[return-value]
 
 
 def _compile(code: types.CodeType, values: dict[str, object]) -> types.CodeType | None:
-    if code not in _templates:
-        _templates[code] = _template(code)
-    template = _templates[code]
-    if template is None:
+    """``code`` specialised for ``values``, or ``None``: run the template as written.
+
+    Dead branches are dropped if that changes no name's scope, else kept under their
+    constant tests (the compiler drops their code, not their names' bindings).
+    """
+    try:
+        try:
+            template = _templates[code]
+        except KeyError:
+            template = _templates.setdefault(code, _template(code))
+        if template is None:
+            return None
+        known = {name: value for name, value in values.items() if name not in template.rebound}
+        for drop in (True, False):
+            definition = _Folder(known, drop=drop).visit(_parse(template))
+            specialised = _inner_code(definition, template.imports, code)
+            if _same_scopes(specialised, code, definition):
+                return specialised
         return None
-    known = {name: value for name, value in values.items() if name not in template.rebound}
-    definition = _parse(template)
-    specialised = _inner_code(_Folder(known).visit(definition), template.imports, code)
-    if not set(specialised.co_freevars) <= set(code.co_freevars):
-        return None  # pragma: no cover - folding only removes names
-    return specialised
+    # Whatever the compiler makes of the file now (a line changed to one that no longer
+    # parses, a warning the filters make an error), building a driver must not fail.
+    except (SyntaxError, ValueError, RecursionError, Warning):
+        return None
+
+
+def _same_scopes(
+    specialised: types.CodeType,
+    code: types.CodeType,
+    definition: ast.FunctionDef | ast.AsyncFunctionDef,
+) -> bool:
+    """Whether every name the folded ``definition`` reads is in the scope it had in ``code``.
+
+    A dropped branch takes its statements with it: an assignment that made a name local
+    (its other reads would look up a global), a ``global`` or ``nonlocal`` declaration
+    (its assignments would bind a local), a ``yield`` (a generator would be a function).
+    """
+    if specialised.co_flags != code.co_flags:
+        return False
+    # Each kind of name may lose members (a name only dead code read), never gain any.
+    for kind in ("co_varnames", "co_cellvars", "co_freevars"):
+        if not set(getattr(specialised, kind)) <= set(getattr(code, kind)):
+            return False
+    # A local that lost its bindings but is still read would be read as a global.
+    lost = set(code.co_varnames) - set(specialised.co_varnames)
+    return not any(isinstance(node, ast.Name) and node.id in lost for node in ast.walk(definition))
 
 
 def _template(code: types.CodeType) -> _Template | None:
@@ -199,17 +238,24 @@ def _inner_code(
     # differently (LOAD_ATTR, not LOAD_METHOD), and the code must match the template's.
     module = ast.Module(body=[*imports, outer], type_ignores=[])
     ast.fix_missing_locations(module)
-    compiled = compile(module, code.co_filename, "exec", flags=_FLAGS, dont_inherit=True)
-    (enclosing,) = (c for c in compiled.co_consts if isinstance(c, types.CodeType))
-    (inner,) = (c for c in enclosing.co_consts if isinstance(c, types.CodeType))
+    flags = code.co_flags & _FLAGS  # the template's file's own `from __future__ import`
+    compiled = compile(module, code.co_filename, "exec", flags=flags, dont_inherit=True)
+    # By name: a Python that makes annotations lazily keeps their functions beside it.
+    (enclosing,) = (c for c in compiled.co_consts if _named(c, outer.name))
+    (inner,) = (c for c in enclosing.co_consts if _named(c, definition.name))
     return inner.replace(co_qualname=code.co_qualname)
+
+
+def _named(const: object, name: str) -> TypeGuard[types.CodeType]:
+    return isinstance(const, types.CodeType) and const.co_name == name
 
 
 class _Folder(ast.NodeTransformer):
     """Replaces the known names by their constants and folds what becomes constant."""
 
-    def __init__(self, known: dict[str, object]) -> None:
+    def __init__(self, known: dict[str, object], *, drop: bool) -> None:
         self.known = known
+        self.drop = drop  # whether a dead branch goes, or stays under its constant test
 
     def constant(self, node: ast.expr) -> ast.expr:
         """``node`` as a constant, if it names one: only where it is tested or compared.
@@ -272,7 +318,7 @@ class _Folder(ast.NodeTransformer):
     def visit_If(self, node: ast.If) -> ast.stmt | list[ast.stmt]:
         self.generic_visit(node)
         node.test = test = _as_test(self.constant(node.test))
-        if not isinstance(test, ast.Constant):
+        if not isinstance(test, ast.Constant) or not self.drop:
             return node
         # The dead branch goes, and with it its names: they are no longer free variables,
         # and the frame is smaller. A `pass` on the test's line keeps its line event, as

@@ -1056,3 +1056,85 @@ def test_lock_free_successes_racing_failures_keep_the_window_consistent(
             break
         fail(breaker)
     assert breaker.state is BreakerState.OPEN
+
+
+# The driver's inline rejection (RefusingGate) against before_call ------------------------
+
+
+def _outcome(call: Callable[[], object]) -> tuple[str, float | None]:
+    try:
+        return ("admitted", None) if call() == "ran" else ("?", None)
+    except CircuitOpenError as refused:
+        return "rejected", refused.retry_after
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_the_drivers_inline_rejection_is_before_calls_in_every_state(asynchronous: bool) -> None:
+    """Open, open past reset_timeout, isolated, half-open with its probe out: same verdict."""
+
+    async def ran_async() -> str:
+        return "ran"
+
+    def through_driver(breaker: CircuitBreaker) -> Callable[[], object]:
+        if asynchronous:
+            return lambda: asyncio.run(breaker.acall(ran_async))
+        return lambda: breaker.call(lambda: "ran")
+
+    def through_before_call(breaker: CircuitBreaker) -> Callable[[], object]:
+        return lambda: drive(breaker, lambda: "ran")
+
+    seen = []
+    for caller in (through_driver, through_before_call):
+        breaker, clock, recorder = make(failure_threshold=1, reset_timeout=30)
+        call = caller(breaker)
+        trip(breaker)
+        clock.advance(10.0)
+        verdicts = [_outcome(call)]  # open: rejected, 20 s to go
+        breaker.isolate()
+        verdicts.append(_outcome(call))  # isolated: rejected, for ever
+        breaker.reset()
+        trip(breaker)
+        clock.advance(30.0)
+        probe = breaker.before_call()  # open past reset_timeout: the probe goes out
+        verdicts.append(_outcome(call))  # half-open, its one probe taken: rejected
+        breaker.on_success(probe)
+        verdicts.append(_outcome(call))  # closed again
+        seen.append((verdicts, breaker.metrics().total_rejections, recorder.transitions()))
+    assert seen[0] == seen[1]
+    assert seen[0][0] == [
+        ("rejected", 20.0),
+        ("rejected", math.inf),
+        ("rejected", 0.0),
+        ("admitted", None),
+    ]
+
+
+def test_a_subclass_deciding_calls_itself_is_asked_by_the_driver() -> None:
+    """Overriding before_call/on_success turns off the plain-read paths that would skip them."""
+    asked: list[str] = []
+
+    class Audited(CircuitBreaker):
+        __slots__ = ()
+
+        def before_call(self) -> object:
+            asked.append("before_call")
+            return super().before_call()
+
+        def on_success(self, ticket: object) -> None:
+            asked.append("on_success")
+            super().on_success(ticket)
+
+    breaker = Audited(failure_threshold=1, reset_timeout=60)
+    assert breaker.quiet() is None
+    assert breaker.refusing() is None
+    assert breaker.call(lambda: "ok") == "ok"
+    with pytest.raises(ConnectionError):
+        breaker.call(_raise_connection_error)
+    with pytest.raises(CircuitOpenError):
+        breaker.call(lambda: "never")
+    assert asked == ["before_call", "on_success", "before_call", "before_call"]
+    assert CircuitBreaker(failure_threshold=1).refusing() is not None
+
+
+def _raise_connection_error() -> None:
+    raise ConnectionError("down")

@@ -6,7 +6,10 @@ import asyncio
 import dis
 import itertools
 import linecache
+import os
+import threading
 import traceback
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -199,3 +202,170 @@ def test_policy_drivers_are_specialised() -> None:
         assert "slices" in reads
     assert policy(work)() == 1
     assert asyncio.run(policy(awork)()) == 2
+
+
+# Second reading: what folding must not change ------------------------------------------
+
+shadowed = "the module's"  # what a local read would find if it stopped being a local
+
+
+def make_dead_binding(flag: bool) -> Callable[[], str]:
+    def run() -> str:
+        if flag:
+            shadowed = "bound"
+        try:
+            return shadowed
+        except UnboundLocalError:
+            return "unbound"
+
+    return run
+
+
+def test_a_local_bound_only_in_a_dead_branch_stays_local() -> None:
+    """Dropping the branch must not turn the name's other reads into global lookups."""
+    for flag in (False, True):
+        template = make_dead_binding(flag)
+        specialised = specialize(template)
+        assert specialised() == template() == ("bound" if flag else "unbound")
+    assert specialize(make_dead_binding(False)) is not make_dead_binding(False)
+
+
+def make_dead_yield(flag: bool) -> Callable[[], Any]:
+    def run() -> Any:
+        if flag:
+            yield "item"
+        return
+
+    return run
+
+
+def test_a_generator_whose_only_yield_is_dead_stays_a_generator() -> None:
+    template, specialised = make_dead_yield(False), specialize(make_dead_yield(False))
+    assert list(template()) == list(specialised()) == []
+    assert list(specialize(make_dead_yield(True))()) == ["item"]
+
+
+written = 0
+
+
+def make_dead_global(flag: bool) -> Callable[[], int]:
+    def run() -> int:
+        if flag:
+            global written
+        written = 1
+        return written
+
+    return run
+
+
+def test_a_global_declared_in_a_dead_branch_still_binds_the_global() -> None:
+    global written
+    written = 0
+    assert specialize(make_dead_global(False))() == 1
+    assert written == 1
+
+
+def make_late(value: object, *, before_binding: bool) -> Callable[[], str]:
+    def run() -> str:
+        return "none" if part is None else "some"
+
+    if before_binding:
+        specialised = specialize(run)  # `part` is not bound yet: nothing is known of it
+        part = value
+        return specialised
+    part = value
+    return specialize(run)
+
+
+def test_a_cell_bound_after_specialising_is_not_taken_for_a_known_object() -> None:
+    """An empty cell's shape is its own: not that of a cell known to hold an object."""
+    assert make_late("x", before_binding=False)() == "some"  # caches `part is None` -> False
+    assert make_late(None, before_binding=True)() == "none"
+
+
+def make_described(flag: bool) -> Callable[..., str]:
+    def run(first: int = 1, *, second: str = "s") -> str:
+        return f"{first}{second}" if flag else "off"
+
+    run.described = "yes"  # type: ignore[attr-defined]
+    return run
+
+
+def test_the_specialised_function_keeps_annotations_defaults_and_attributes() -> None:
+    template = make_described(True)
+    specialised = specialize(template)
+    assert specialised is not template
+    assert specialised() == "1s"
+    assert specialised.__annotations__ == template.__annotations__
+    assert specialised.__annotations__ is not template.__annotations__
+    assert specialised.__dict__ == {"described": "yes"}
+    assert (specialised.__defaults__, specialised.__kwdefaults__) == ((1,), {"second": "s"})
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda line: line.replace('raise KeyError("unchecked")', 'raise KeyError("\0")'),
+        lambda line: line.replace('raise KeyError("unchecked")', "raise KeyError(1 is 1)"),
+    ],
+    ids=["null-byte", "warning-as-error"],
+)
+def test_a_source_file_that_no_longer_compiles_cleanly_is_not_trusted(
+    monkeypatch: pytest.MonkeyPatch, edit: Callable[[str], str]
+) -> None:
+    """Whatever the compiler makes of a changed file, building a driver does not fail."""
+    template = make_failing(None)
+    edited = [edit(line) for line in linecache.getlines(__file__)]
+    monkeypatch.setattr(_specialize, "_templates", {})
+    monkeypatch.setattr(_specialize, "_compiled", {})
+    monkeypatch.setattr(linecache, "getlines", lambda filename, *rest: edited)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert specialize(template) is template
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_child_forked_while_another_thread_compiles_can_specialise(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No lock held across a compile: a forked child would find it held by nobody."""
+    from tests.test_fork import run_in_fork
+
+    monkeypatch.setattr(_specialize, "_templates", {})
+    monkeypatch.setattr(_specialize, "_compiled", {})
+    real = _specialize._compile
+    slow = make("s", True, None).__code__
+    compiling, finish = threading.Event(), threading.Event()
+
+    def blocking(code: Any, values: Any) -> Any:
+        if code is slow:
+            compiling.set()
+            finish.wait(30)
+        return real(code, values)
+
+    monkeypatch.setattr(_specialize, "_compile", blocking)
+    thread = threading.Thread(target=specialize, args=(make("s", True, None),), daemon=True)
+    thread.start()
+    try:
+        assert compiling.wait(5)
+        run_in_fork(lambda: specialize(make_failing(None)))
+    finally:
+        finish.set()
+        thread.join(5)
+
+
+def make_dead_nonlocal(flag: bool) -> tuple[Callable[[], None], Callable[[], int]]:
+    count = 0
+
+    def run() -> None:
+        if flag:
+            nonlocal count
+        count = 1
+
+    return run, lambda: count
+
+
+def test_a_nonlocal_declared_in_a_dead_branch_still_binds_the_cell() -> None:
+    run, count = make_dead_nonlocal(False)
+    specialize(run)()
+    assert count() == 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import math
 import threading
 import time
@@ -1053,3 +1054,39 @@ def test_an_open_breaker_rejects_inline_with_its_clock_and_counts() -> None:
     clock.advance(18.0)
     assert breaker.call(lambda: "probe") == "probe"
     assert breaker.state is resilient.BreakerState.CLOSED
+
+
+class Misdescribed(Drained):
+    """A gate whose refusing() describes something the driver cannot read."""
+
+    def __init__(self, clock: FakeClock, description: object) -> None:
+        super().__init__(clock)
+        self.state = "serving"  # not refusing yet: a mistake would lie in wait for an outage
+        self.description = description
+
+    def refusing(self) -> Any:
+        return self.description
+
+
+def _misdescriptions(clock: FakeClock) -> list[object]:
+    fine = Drained(clock).refusing()
+    return [
+        ("draining", 10.0),
+        dataclasses.replace(fine, holder=object()),  # no state, no opened_at
+        dataclasses.replace(fine, clock=None),  # type: ignore[arg-type]
+        dataclasses.replace(fine, rejections=None),  # type: ignore[arg-type]
+        dataclasses.replace(fine, reset_timeout="10"),  # type: ignore[arg-type]
+    ]
+
+
+@pytest.mark.parametrize(
+    "index", range(5), ids=["tuple", "holder", "clock", "rejections", "reset_timeout"]
+)
+def test_a_gate_whose_refusing_describes_nothing_readable_is_refused_when_built(
+    index: int,
+) -> None:
+    """A wrong description fails at decoration, naming refusing(), not when the gate opens."""
+    clock = FakeClock()
+    gate = Misdescribed(clock, _misdescriptions(clock)[index])
+    with pytest.raises(TypeError, match=r"Misdescribed\.refusing\(\)"):
+        resilient.Policy(breaker=gate)(lambda: "done")

@@ -484,12 +484,20 @@ class CircuitBreaker(_driver.Decorating):
         """The healthy path as plain reads of the store, or ``None`` when successes count.
 
         See :class:`~resilient.stages.QuietGate`: only a breaker that records nothing
-        on a healthy success (no failure-rate window, no slow-call timing) has one.
+        on a healthy success (no failure-rate window, no slow-call timing) has one,
+        and not a subclass that decides calls or successes in methods of its own.
         """
-        return None if not self._plain else QuietGate(self._store, _CLOSED)
+        if not self._plain or self._overrides("before_call", "on_success"):
+            return None
+        return QuietGate(self._store, _CLOSED)
 
-    def refusing(self) -> RefusingGate:
-        """Its open state as plain reads (:class:`~resilient.stages.RefusingGate`)."""
+    def refusing(self) -> RefusingGate | None:
+        """Its open state as plain reads (:class:`~resilient.stages.RefusingGate`).
+
+        ``None`` for a subclass with a ``before_call`` of its own: the driver asks it.
+        """
+        if self._overrides("before_call"):
+            return None
         return RefusingGate(
             self._store,
             _OPEN,
@@ -498,6 +506,11 @@ class CircuitBreaker(_driver.Decorating):
             CircuitOpenError,
             self._name,
             self._rejections,
+        )
+
+    def _overrides(self, *methods: str) -> bool:
+        return any(
+            getattr(type(self), name) is not getattr(CircuitBreaker, name) for name in methods
         )
 
     def before_call(self) -> object:
