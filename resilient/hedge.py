@@ -562,11 +562,12 @@ async def _clean_up(left: list[asyncio.Task[Any]], discard: Discard | None) -> N
         try:
             await discard(outcome)
         except Exception as error:
+            # No "task": the loop would run a custom handler in this task's context, which
+            # is entered already (Python 3.13.0 then fails with a RuntimeError of its own).
             asyncio.get_running_loop().call_exception_handler(
                 {
                     "message": f"resilient.Hedge: discard={discard!r} raised on {outcome!r}",
                     "exception": error,
-                    "task": asyncio.current_task(),
                 }
             )
 
