@@ -10,6 +10,10 @@ decision after a failed attempt: the deadline checks, the gate's verdicts, the
 retrier's waits, the notes on the error the caller gets. Two thin loops run it,
 one sleeping and one awaiting (the model is httpx's ``Auth.auth_flow``).
 
+The healthy path is written for every stage at once, each absent one ``None``; each
+built driver is that text recompiled with the absent stages folded away
+(:mod:`resilient._specialize`), so a call pays only for the stages it has.
+
 This module knows the stage protocols and nothing else: it imports no stage
 module, so the stages can use it for their own decorators without a cycle.
 """
